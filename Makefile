@@ -1,0 +1,35 @@
+# moshi-ttt: every target installs what it needs itself (venv, pip packages, apt packages).
+#   make demo   - the main job, offline: tiny data -> tiny base -> train -> serve -> talk to it
+#   make test   - the whole test suite (what CI runs, via .ci/run)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Extra pip args for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128"
+TORCH_PIP_ARGS ?=
+MOSHI_VERSION ?= 0.2.13
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+# torch first (a CPU build on CPU machines, the default CUDA build elsewhere), then moshi WITHOUT
+# its torch<2.10 pin (it runs on newer torch; see README), then the project and its own deps.
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
+	$(PIP) install --no-deps "moshi==$(MOSHI_VERSION)"
+	$(PIP) install -e ".[dev]"
+	@$(BIN)/python -c "import torch, moshi.models; print('torch', torch.__version__, '| moshi ok')"
+	@touch $@
+
+test: install
+	NO_TORCH_COMPILE=1 $(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/moshi-ttt bench ttt
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,125 @@
+"""Building a TTT-augmented Moshi: moshi's own LMModel, with TTT blocks attached to chosen layers.
+
+The base model is always built by moshi (`loaders.get_moshi_lm`), so its structure and weight names
+are exactly moshi's. `attach_ttt` then converts the selected layers in place. Dims of every TTT
+block are read from the layer it is attached to, never from a table.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from moshi.models import loaders
+from moshi.models.lm import LMModel
+from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer
+from torch import nn
+
+from .block import TTTBlock
+from .config import ProjectConfig, TTTConfig
+from .layer import HybridTransformerLayer, forget_streaming_children
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("transformer", "depformer")
+
+
+@dataclass
+class AttachedBlock:
+    component: str  # "transformer" (main) or "depformer"
+    layer: int
+    block: TTTBlock
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.component}.layers.{self.layer}.ttt."
+
+
+def build_base_lm(lm_kwargs: dict, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> LMModel:
+    """moshi's LMModel with random weights (or on the meta device: structure only, no memory)."""
+    return loaders.get_moshi_lm(None, lm_kwargs=dict(lm_kwargs), device=device, dtype=dtype)
+
+
+def attach_ttt(lm: LMModel, ttt: TTTConfig, norm: str | None = None) -> list[AttachedBlock]:
+    """Convert the layers selected by `ttt` into HybridTransformerLayers, in place.
+
+    Each block takes its width and heads from the layer it joins (attention's embed_dim and
+    num_heads), and lives on that layer's device and dtype (meta stays meta, uninitialised).
+    """
+    attached: list[AttachedBlock] = []
+    for component, indices in (("transformer", ttt.layers), ("depformer", ttt.depformer_layers)):
+        if not indices:
+            continue
+        tr = getattr(lm, component, None)
+        if not isinstance(tr, StreamingTransformer):
+            raise ValueError(f"model has no {component} to put TTT layers into")
+        n = len(tr.layers)
+        bad = [i for i in indices if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"TTT {component} layers {bad} out of range: it has {n} layers")
+        for i in indices:
+            layer = tr.layers[i]
+            if isinstance(layer, HybridTransformerLayer):
+                raise ValueError(f"{component}.layers.{i} already has a TTT block")
+            attn = layer.self_attn
+            ref = attn.in_projs[0]
+            weight = getattr(ref, "weight", None)
+            if weight is None:  # LoRA-wrapped base
+                weight = ref.frozen_W.weight
+            heads = ttt.num_heads or attn.num_heads
+            layer_norm = norm or _norm_name(layer)
+            block = TTTBlock(attn.embed_dim, heads, ttt, norm=layer_norm, layer_index=i,
+                             device=weight.device, dtype=weight.dtype)
+            HybridTransformerLayer.from_layer(layer, block)
+            attached.append(AttachedBlock(component, i, block))
+    forget_streaming_children(lm)
+    return attached
+
+
+def _norm_name(layer: StreamingTransformerLayer) -> str:
+    from moshi.modules.transformer import LayerNormF32, RMSNorm
+
+    n = layer.norm2
+    if isinstance(n, RMSNorm):
+        return "rms_norm_f32" if n.dtype == torch.float32 else "rms_norm"
+    if isinstance(n, LayerNormF32):
+        return "layer_norm_f32"
+    return "layer_norm"
+
+
+def ttt_blocks(lm: nn.Module) -> Iterator[AttachedBlock]:
+    """Every TTT block in a model, in order (main transformer first)."""
+    for component in COMPONENTS:
+        tr = getattr(lm, component, None)
+        if tr is None:
+            continue
+        for i, layer in enumerate(tr.layers):
+            if isinstance(layer, HybridTransformerLayer):
+                yield AttachedBlock(component, i, layer.ttt)
+
+
+def is_ttt_param(name: str) -> bool:
+    return ".ttt." in f".{name}"
+
+
+def build_ttt_lm(cfg: ProjectConfig, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> LMModel:
+    """Random-init base + fresh TTT blocks, as `cfg` says (meta device: structure only)."""
+    lm = build_base_lm(cfg.lm, device=device, dtype=dtype)
+    attach_ttt(lm, cfg.ttt, norm=cfg.lm.get("norm"))
+    return lm
+
+
+def freeze_base(lm: nn.Module, train_ttt: bool = True) -> tuple[int, int]:
+    """Base parameters frozen, TTT parameters trainable. Returns (trainable, frozen) counts."""
+    trainable = frozen = 0
+    for name, p in lm.named_parameters():
+        p.requires_grad_(is_ttt_param(name) and train_ttt)
+        if p.requires_grad:
+            trainable += p.numel()
+        else:
+            frozen += p.numel()
+    return trainable, frozen

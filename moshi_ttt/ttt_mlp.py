@@ -1,0 +1,276 @@
+"""The TTT-MLP inner learner as pure tensor functions (no modules, no state objects).
+
+Notation (see shared notes, ttt-mlp.md): B batch, H heads, T frames, HD head dim, F = expansion*HD,
+K mini-batch size. Per head the inner model is f(x) = gelu(x W1 + b1) W2 + b2 (row vectors) and the
+inner loss of frame j is l_j(W) = 1/2 || LN(f_W(k_j)) - (v_j - k_j) ||^2. (The 1/2 follows the
+reference implementation; the factor 2 of the plain squared norm is part of base_lr.)
+
+A frame at position i of a mini-batch that starts from fast weights W outputs
+    z_i = q_i + LN(f_{W_i}(q_i)),   W_i = W - s_i * sum_{j<=i} lr_j * grad l_j(W),
+with every gradient taken at W (the mini-batch start). After the last frame of a full mini-batch
+the state becomes W - s_{K-1} * sum_j lr_j grad l_j(W). Two exact ways compute this:
+
+* `minibatch_forward`: the dual form, all z_i of one mini-batch at once with lower-triangular
+  masks (training; `ttt_scan` carries the state across mini-batches);
+* `stream_step`: one frame at a time from a buffer of the current mini-batch's frames
+  (inference), with a masked commit at i = K-1 so it has no host syncs.
+
+All arithmetic here is fp32; callers cast in and out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+_GELU_K = math.sqrt(2.0 / math.pi)
+
+
+@dataclass
+class FastWeights:
+    """Per-row fast weights of one TTT layer: W1 [B,H,HD,F], b1 [B,H,1,F], W2 [B,H,F,HD],
+    b2 [B,H,1,HD]."""
+
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+
+    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.w1, self.b1, self.w2, self.b2
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
+    """d/dx of the tanh-approximated gelu (closed form, so no autograd inside the inner loop)."""
+    inner = _GELU_K * (x + 0.044715 * x.pow(3))
+    t = torch.tanh(inner)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_K * (1.0 + 3.0 * 0.044715 * x * x)
+
+
+def head_layer_norm(
+    z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Per-head LayerNorm over the last dim; weight/bias [H, HD] broadcast over [B,H,T,HD]."""
+    mu = z.mean(dim=-1, keepdim=True)
+    var = z.var(dim=-1, keepdim=True, unbiased=False)
+    zhat = (z - mu) * torch.rsqrt(var + eps)
+    return zhat * weight[:, None, :] + bias[:, None, :]
+
+
+def head_layer_norm_l2_grad(
+    z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Gradient wrt z of 1/2 ||LN(z) - target||^2 (LayerNorm backward fused with the L2 loss)."""
+    d = z.shape[-1]
+    mu = z.mean(dim=-1, keepdim=True)
+    var = z.var(dim=-1, keepdim=True, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    zhat = (z - mu) * rstd
+    w = weight[:, None, :]
+    y = zhat * w + bias[:, None, :]
+    g_hat = (y - target) * w
+    return (
+        d * g_hat
+        - g_hat.sum(dim=-1, keepdim=True)
+        - zhat * (g_hat * zhat).sum(dim=-1, keepdim=True)
+    ) * (rstd / d)
+
+
+def inner_grads(
+    w: FastWeights,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    ln_w: torch.Tensor,
+    ln_b: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-frame gradients of the inner loss at W. Returns (x2, gz1, gz2):
+    x2 = gelu(xk W1 + b1) [.., F] (the input of W2), gz1 = dl/dZ1 [.., F], gz2 = dl/dZ2 [.., HD]."""
+    z1 = xk @ w.w1 + w.b1
+    x2 = gelu_tanh(z1)
+    z2 = x2 @ w.w2 + w.b2
+    gz2 = head_layer_norm_l2_grad(z2, xv - xk, ln_w, ln_b, eps)
+    gz1 = (gz2 @ w.w2.transpose(-1, -2)) * gelu_tanh_grad(z1)
+    return x2, gz1, gz2
+
+
+def position_scale(k: int, offset: torch.Tensor | None = None, device=None) -> torch.Tensor:
+    """s_i = 1/(i+1) for positions i in a mini-batch of size k, plus an optional learned offset
+    clamped so that s_i >= 0."""
+    s = 1.0 / torch.arange(1, k + 1, device=device, dtype=torch.float32)
+    if offset is not None:
+        s = torch.clamp(s + offset[:k].float(), min=0.0)
+    return s
+
+
+def minibatch_forward(
+    w: FastWeights,
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    lr: torch.Tensor,
+    scale: torch.Tensor,
+    ln_w: torch.Tensor,
+    ln_b: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, FastWeights]:
+    """Dual form over one mini-batch of k <= K frames.
+
+    xq/xk/xv [B,H,k,HD], lr [B,H,k] (per-frame inner lr), scale [k] (s_i). Returns the outputs
+    z [B,H,k,HD] and the state after the mini-batch, W - s_{k-1} sum_j lr_j grad_j (the committed
+    state when k == K). Causal: row i of every mask is zero beyond column i.
+    """
+    k = xq.shape[-2]
+    x2, gz1, gz2 = inner_grads(w, xk, xv, ln_w, ln_b, eps)
+    causal = torch.ones(k, k, dtype=torch.bool, device=xq.device).tril()
+    # eta[i, j] = s_i * lr_j for j <= i, else 0
+    eta = torch.where(causal, scale[:, None] * lr[..., None, :], 0.0)
+    # W_i applied to q_i: q_i W1 - sum_j eta_ij (q_i . k_j) gz1_j ; b1_i = b1 - sum_j eta_ij gz1_j
+    z1 = xq @ w.w1 + w.b1 - (eta * (xq @ xk.transpose(-1, -2) + 1.0)) @ gz1
+    x2q = gelu_tanh(z1)
+    z2 = x2q @ w.w2 + w.b2 - (eta * (x2q @ x2.transpose(-1, -2) + 1.0)) @ gz2
+    out = xq + head_layer_norm(z2, ln_w, ln_b, eps)
+
+    last = eta[..., -1, :, None]  # [B,H,k,1] = s_{k-1} * lr_j
+    nxt = FastWeights(
+        w1=w.w1 - (xk * last).transpose(-1, -2) @ gz1,
+        b1=w.b1 - (last * gz1).sum(dim=-2, keepdim=True),
+        w2=w.w2 - (x2 * last).transpose(-1, -2) @ gz2,
+        b2=w.b2 - (last * gz2).sum(dim=-2, keepdim=True),
+    )
+    return out, nxt
+
+
+def ttt_scan(
+    w: FastWeights,
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    lr: torch.Tensor,
+    mini_batch_size: int,
+    ln_w: torch.Tensor,
+    ln_b: torch.Tensor,
+    eps: float,
+    token_offset: torch.Tensor | None = None,
+    checkpoint_group: int = 0,
+) -> tuple[torch.Tensor, FastWeights]:
+    """Parallel (training) form over a whole sequence [B,H,T,HD] starting from `w`.
+
+    Full mini-batches are processed in order, the state carried from one to the next; a partial
+    last mini-batch uses only its own frames (nothing is padded). With checkpoint_group > 0 and
+    autograd on, groups of that many mini-batches are activation-checkpointed, so only the fast
+    weights at group boundaries are kept for the backward pass.
+    Returns (z [B,H,T,HD], the fast weights after the last *full* mini-batch).
+    """
+    K = mini_batch_size
+    T = xq.shape[-2]
+    scale = position_scale(K, token_offset, device=xq.device)
+    n_full = T // K
+
+    def run(lo: int, hi: int, w1, b1, w2, b2, *tensors: torch.Tensor):
+        q, k_, v, r, s = tensors
+        state = FastWeights(w1, b1, w2, b2)
+        outs = []
+        for m in range(hi - lo):
+            sl = slice(m * K, (m + 1) * K)
+            z, state = minibatch_forward(
+                state, q[..., sl, :], k_[..., sl, :], v[..., sl, :], r[..., sl], s, ln_w, ln_b, eps
+            )
+            outs.append(z)
+        return (torch.cat(outs, dim=-2), *state.as_tuple())
+
+    use_ckpt = checkpoint_group > 0 and torch.is_grad_enabled()
+    group = checkpoint_group if use_ckpt else max(n_full, 1)
+    outs: list[torch.Tensor] = []
+    state = w
+    for lo in range(0, n_full, group):
+        hi = min(lo + group, n_full)
+        sl = slice(lo * K, hi * K)
+        args = (xq[..., sl, :], xk[..., sl, :], xv[..., sl, :], lr[..., sl], scale)
+        if use_ckpt:
+            res = checkpoint(run, lo, hi, *state.as_tuple(), *args, use_reentrant=False)
+        else:
+            res = run(lo, hi, *state.as_tuple(), *args)
+        outs.append(res[0])
+        state = FastWeights(*res[1:])
+    rem = T - n_full * K
+    if rem:
+        sl = slice(n_full * K, T)
+        z, _ = minibatch_forward(
+            state, xq[..., sl, :], xk[..., sl, :], xv[..., sl, :], lr[..., sl], scale[:rem],
+            ln_w, ln_b, eps,
+        )
+        outs.append(z)
+    return torch.cat(outs, dim=-2), state
+
+
+@dataclass
+class MiniBatchBuffer:
+    """What the current mini-batch has accumulated per row, K slots: the frames' keys, the W2
+    inputs and the inner-loss gradients (all taken at the mini-batch's start state), and lr."""
+
+    xk: torch.Tensor  # [B,H,K,HD]
+    x2: torch.Tensor  # [B,H,K,F]
+    gz1: torch.Tensor  # [B,H,K,F]
+    gz2: torch.Tensor  # [B,H,K,HD]
+    lr: torch.Tensor  # [B,H,K]
+
+
+def stream_step(
+    w: FastWeights,
+    buf: MiniBatchBuffer,
+    pos: torch.Tensor,
+    active: torch.Tensor,
+    xq: torch.Tensor,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    lr: torch.Tensor,
+    scale: torch.Tensor,
+    ln_w: torch.Tensor,
+    ln_b: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """One frame for every row, updating `w`, `buf` and `pos` in place. No host syncs.
+
+    xq/xk/xv [B,H,HD] and lr [B,H] are this frame's; pos [B] (long) is each row's position in its
+    mini-batch; rows with active[b] False change nothing (their output is computed but meaningless).
+    Returns z [B,H,HD], equal to `minibatch_forward`'s output for the same frame.
+    """
+    K = buf.lr.shape[-1]
+    slots = torch.arange(K, device=pos.device)
+    xq, xk, xv = xq[:, :, None], xk[:, :, None], xv[:, :, None]  # [B,H,1,HD]
+
+    # 1. this frame's gradient at the mini-batch start state, written to slot `pos` (active rows).
+    x2, gz1, gz2 = inner_grads(w, xk, xv, ln_w, ln_b, eps)
+    write = ((slots[None, :] == pos[:, None]) & active[:, None])[:, None, :]  # [B,1,K]
+    buf.xk.copy_(torch.where(write[..., None], xk, buf.xk))
+    buf.x2.copy_(torch.where(write[..., None], x2, buf.x2))
+    buf.gz1.copy_(torch.where(write[..., None], gz1, buf.gz1))
+    buf.gz2.copy_(torch.where(write[..., None], gz2, buf.gz2))
+    buf.lr.copy_(torch.where(write, lr[:, :, None], buf.lr))
+
+    # 2. output with W_pos = W - s_pos * sum_{j<=pos} lr_j grad_j  (slots beyond pos are stale).
+    valid = (slots[None, :] <= pos[:, None])[:, None, :]  # [B,1,K]
+    eta = torch.where(valid, scale[pos][:, None, None] * buf.lr, 0.0)[:, :, None, :]  # [B,H,1,K]
+    z1 = xq @ w.w1 + w.b1 - (eta * (xq @ buf.xk.transpose(-1, -2) + 1.0)) @ buf.gz1
+    x2q = gelu_tanh(z1)
+    z2 = x2q @ w.w2 + w.b2 - (eta * (x2q @ buf.x2.transpose(-1, -2) + 1.0)) @ buf.gz2
+    out = xq + head_layer_norm(z2, ln_w, ln_b, eps)
+
+    # 3. commit at the last position: a masked update (zero for every other row), not a branch.
+    commit = ((pos == K - 1) & active).to(torch.float32)
+    c = (commit[:, None, None] * scale[K - 1] * buf.lr)[..., None]  # [B,H,K,1]
+    w.w1.sub_((buf.xk * c).transpose(-1, -2) @ buf.gz1)
+    w.b1.sub_((c * buf.gz1).sum(dim=-2, keepdim=True))
+    w.w2.sub_((buf.x2 * c).transpose(-1, -2) @ buf.gz2)
+    w.b2.sub_((c * buf.gz2).sum(dim=-2, keepdim=True))
+    pos.copy_(torch.where(active, (pos + 1) % K, pos))
+    return out[:, :, 0]

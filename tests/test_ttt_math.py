@@ -1,0 +1,173 @@
+"""The inner learner's arithmetic against a literal, autograd-based frame-by-frame oracle."""
+
+import pytest
+import torch
+
+from moshi_ttt.ttt_mlp import (
+    FastWeights, MiniBatchBuffer, gelu_tanh, gelu_tanh_grad, head_layer_norm,
+    head_layer_norm_l2_grad, inner_grads, position_scale, stream_step, ttt_scan,
+)
+from moshi_ttt.ttt_reference import naive_ttt
+
+B, H, HD, FH, K = 2, 3, 8, 32, 4
+EPS = 1e-6
+
+
+def _inputs(T: int, seed: int = 0, scale: float = 0.5):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, std=1.0: torch.randn(*s, generator=g) * std  # noqa: E731
+    w = FastWeights(r(B, H, HD, FH, std=scale), r(B, H, 1, FH, std=0.1),
+                    r(B, H, FH, HD, std=scale), r(B, H, 1, HD, std=0.1))
+    xq = torch.nn.functional.normalize(r(B, H, T, HD), dim=-1)
+    xk = torch.nn.functional.normalize(r(B, H, T, HD), dim=-1)
+    xv = r(B, H, T, HD)
+    lr = torch.rand(B, H, T, generator=g) * 0.5 + 0.5  # large inner lr: updates matter
+    ln_w = 1.0 + r(H, HD, std=0.1)
+    ln_b = r(H, HD, std=0.1)
+    return w, xq, xk, xv, lr, ln_w, ln_b
+
+
+def test_gelu_grad_matches_autograd():
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(gelu_tanh(x).sum(), x)
+    assert torch.allclose(gelu_tanh_grad(x.detach()), g, atol=1e-12)
+
+
+def test_layer_norm_l2_grad_matches_autograd():
+    z = torch.randn(2, H, 5, HD, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, H, 5, HD, dtype=torch.float64)
+    w, b = torch.randn(H, HD, dtype=torch.float64), torch.randn(H, HD, dtype=torch.float64)
+    loss = 0.5 * ((head_layer_norm(z, w, b, EPS) - target) ** 2).sum()
+    (g,) = torch.autograd.grad(loss, z)
+    assert torch.allclose(head_layer_norm_l2_grad(z.detach(), target, w, b, EPS), g, atol=1e-10)
+
+
+def test_inner_grads_match_autograd():
+    w, xq, xk, xv, lr, ln_w, ln_b = _inputs(1)
+    leaves = [t.clone().requires_grad_(True) for t in w.as_tuple()]
+    z2 = gelu_tanh(xk @ leaves[0] + leaves[1]) @ leaves[2] + leaves[3]
+    loss = 0.5 * ((head_layer_norm(z2, ln_w, ln_b, EPS) - (xv - xk)) ** 2).sum()
+    g_w1, g_b1, g_w2, g_b2 = torch.autograd.grad(loss, leaves)
+    x2, gz1, gz2 = inner_grads(w, xk, xv, ln_w, ln_b, EPS)
+    assert torch.allclose(xk.transpose(-1, -2) @ gz1, g_w1, atol=1e-5)
+    assert torch.allclose(gz1, g_b1, atol=1e-5)
+    assert torch.allclose(x2.transpose(-1, -2) @ gz2, g_w2, atol=1e-5)
+    assert torch.allclose(gz2, g_b2, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, K - 1, K, 3 * K + 1, 3 * K + 3])
+def test_dual_form_matches_frame_by_frame_oracle(T):
+    w, xq, xk, xv, lr, ln_w, ln_b = _inputs(T)
+    z, _ = ttt_scan(w, xq, xk, xv, lr, K, ln_w, ln_b, EPS)
+    ref = naive_ttt(w, xq, xk, xv, lr, K, ln_w, ln_b, EPS)
+    assert z.shape == (B, H, T, HD)
+    assert (z - ref).abs().max() < 1e-5
+    # The test has teeth: with no inner learning the outputs are clearly different.
+    frozen = naive_ttt(w, xq, xk, xv, lr * 0, K, ln_w, ln_b, EPS)
+    if T > 1:
+        assert (frozen - ref).abs().max() > 1e-2
+
+
+def test_state_after_full_minibatches_matches_oracle():
+    T = 2 * K + 2
+    w, xq, xk, xv, lr, ln_w, ln_b = _inputs(T)
+    _, state = ttt_scan(w, xq, xk, xv, lr, K, ln_w, ln_b, EPS)
+    # the oracle's state after 2 full mini-batches: run it on exactly 2K frames and compare
+    # an output that depends on it: the first frame of the third mini-batch with lr_j = 0 there.
+    lr0 = lr.clone()
+    lr0[..., 2 * K:] = 0
+    ref = naive_ttt(w, xq, xk, xv, lr0, K, ln_w, ln_b, EPS)[..., 2 * K, :]
+    q = xq[..., 2 * K:2 * K + 1, :]
+    f = gelu_tanh(q @ state.w1 + state.b1) @ state.w2 + state.b2
+    mine = q + head_layer_norm(f, ln_w, ln_b, EPS)
+    assert (mine[..., 0, :] - ref).abs().max() < 1e-5
+
+
+def test_causal_future_frames_never_change_past_outputs():
+    T = 3 * K + 2
+    w, xq, xk, xv, lr, ln_w, ln_b = _inputs(T)
+    z, _ = ttt_scan(w, xq, xk, xv, lr, K, ln_w, ln_b, EPS)
+    t = K + 1  # inside the second mini-batch
+    xk2, xv2, xq2, lr2 = xk.clone(), xv.clone(), xq.clone(), lr.clone()
+    xk2[..., t + 1:, :] = torch.nn.functional.normalize(torch.randn_like(xk2[..., t + 1:, :]), dim=-1)
+    xv2[..., t + 1:, :] += 3.0
+    xq2[..., t + 1:, :] = torch.nn.functional.normalize(torch.randn_like(xq2[..., t + 1:, :]), dim=-1)
+    lr2[..., t + 1:] = 1.0
+    z2, _ = ttt_scan(w, xq2, xk2, xv2, lr2, K, ln_w, ln_b, EPS)
+    assert torch.equal(z[..., : t + 1, :], z2[..., : t + 1, :])
+    assert (z[..., t + 1:, :] - z2[..., t + 1:, :]).abs().max() > 1e-2
+
+
+def test_partial_last_minibatch_is_a_prefix_not_padding():
+    T = 2 * K + 3
+    w, xq, xk, xv, lr, ln_w, ln_b = _inputs(3 * K)
+    z_long, _ = ttt_scan(w, xq, xk, xv, lr, K, ln_w, ln_b, EPS)
+    z_short, _ = ttt_scan(w, xq[..., :T, :], xk[..., :T, :], xv[..., :T, :], lr[..., :T], K,
+                          ln_w, ln_b, EPS)
+    assert torch.allclose(z_short, z_long[..., :T, :], atol=1e-6)
+
+
+def _stream(w, xq, xk, xv, lr, ln_w, ln_b, active=None):
+    T = xq.shape[-2]
+    state = FastWeights(*(t.clone() for t in w.as_tuple()))
+    z = lambda *s: torch.zeros(B, H, *s)  # noqa: E731
+    buf = MiniBatchBuffer(z(K, HD), z(K, FH), z(K, FH), z(K, HD), z(K))
+    pos = torch.zeros(B, dtype=torch.long)
+    scale = position_scale(K)
+    outs = []
+    for t in range(T):
+        a = torch.ones(B, dtype=torch.bool) if active is None else active[t]
+        outs.append(stream_step(state, buf, pos, a, xq[..., t, :], xk[..., t, :], xv[..., t, :],
+                                lr[..., t], scale, ln_w, ln_b, EPS))
+    return torch.stack(outs, dim=2), state, pos
+
+
+def test_stream_step_equals_dual_form():
+    T = 3 * K + 3
+    w, xq, xk, xv, lr, ln_w, ln_b = _inputs(T)
+    z, state = ttt_scan(w, xq, xk, xv, lr, K, ln_w, ln_b, EPS)
+    zs, sstate, pos = _stream(w, xq, xk, xv, lr, ln_w, ln_b)
+    assert (z - zs).abs().max() < 1e-5
+    assert torch.equal(pos, torch.full((B,), T % K))
+    for a, b in zip(state.as_tuple(), sstate.as_tuple()):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_stream_inactive_rows_do_not_advance():
+    T = 2 * K
+    w, xq, xk, xv, lr, ln_w, ln_b = _inputs(T)
+    # row 1 is inactive for frames 3..(K+5): its state must be exactly as if those never came.
+    active = [torch.tensor([True, not (3 <= t <= K + 5)]) for t in range(T)]
+    zs, state, pos = _stream(w, xq, xk, xv, lr, ln_w, ln_b, active)
+    keep = [t for t in range(T) if active[t][1]]
+    sub = lambda x: x[..., keep, :] if x.dim() == 4 else x[..., keep]  # noqa: E731
+    z_ref, ref_state, ref_pos = _stream(w, sub(xq), sub(xk), sub(xv), sub(lr), ln_w, ln_b)
+    assert pos[1] == ref_pos[1] == len(keep) % K
+    assert (zs[1][:, keep] - z_ref[1]).abs().max() < 1e-6
+    for a, b in zip(state.as_tuple(), ref_state.as_tuple()):
+        assert torch.allclose(a[1], b[1], atol=1e-6)
+    z_full, _, _ = _stream(w, xq, xk, xv, lr, ln_w, ln_b)
+    assert torch.allclose(zs[0], z_full[0], atol=1e-6)  # row 0 unaffected
+
+
+def test_training_gradients_match_oracle_and_checkpointing():
+    T = 3 * K + 2
+    w, xq, xk, xv, lr, ln_w, ln_b = _inputs(T)
+    target = torch.randn(B, H, T, HD)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (*w.as_tuple(), ln_w, ln_b, lr, xk)]
+        ww = FastWeights(*leaves[:4])
+        z = fn(ww, xq, leaves[7], xv, leaves[6], leaves[4], leaves[5])
+        loss = ((z - target) ** 2).mean()
+        return torch.autograd.grad(loss, leaves)
+
+    g_dual = grads(lambda ww, q, k, v, r, a, b: ttt_scan(ww, q, k, v, r, K, a, b, EPS)[0])
+    g_ckpt = grads(lambda ww, q, k, v, r, a, b: ttt_scan(ww, q, k, v, r, K, a, b, EPS,
+                                                          checkpoint_group=2)[0])
+    g_ref = grads(lambda ww, q, k, v, r, a, b: naive_ttt(ww, q, k, v, r, K, a, b, EPS,
+                                                           differentiable=True))
+    for gd, gc, gr in zip(g_dual, g_ckpt, g_ref):
+        assert torch.allclose(gd, gc, atol=1e-6)
+        assert (gd - gr).abs().max() <= 1e-5 + 1e-4 * gr.abs().max()
+        assert gd.abs().max() > 0
