@@ -104,6 +104,9 @@ class ProjectConfig(BaseModel):
     base: BaseModelRef = Field(default_factory=BaseModelRef)
     lm: dict[str, Any]
     ttt: TTTConfig = Field(default_factory=TTTConfig)
+    # Overrides of moshi's Mimi config (`loaders._mimi_config`, nested per section); None = the
+    # real Mimi. The tiny config uses a narrow Mimi of the same architecture and frame rate.
+    mimi: dict[str, Any] | None = None
     # Free-form sections owned by other subsystems (trainer, server, eval); each validates its own.
     train: dict[str, Any] = Field(default_factory=dict)
     serve: dict[str, Any] = Field(default_factory=dict)

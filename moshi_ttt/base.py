@@ -1,0 +1,244 @@
+"""The frozen base Moshi: where its files are, what its LM config is, and how to make one.
+
+One loading path for everything: a Hugging Face repo (`kyutai/moshiko-pytorch-bf16`) and a local
+directory in the same layout (what `moshi-ttt init-base` writes) both become a moshi
+`CheckpointInfo`. A repo without config.json (the 7B release) gets moshi's own default LM config,
+as moshi does, but only after every dim visible in the weight shapes has been checked against it:
+the earlier attempt guessed dims there and crashed deep in a forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from moshi.models import loaders
+from safetensors.torch import save_file
+
+from .config import BaseModelRef, ProjectConfig
+from .dims import DimensionMismatch, Mismatch, read_safetensors_shapes
+
+logger = logging.getLogger(__name__)
+
+PROJECT_CONFIG_NAME = "moshi_ttt.yaml"  # the project config a base dir was made with (TTT, mimi)
+MIMI_CONFIG_NAME = "mimi_config.json"
+
+
+class BaseModelError(RuntimeError):
+    """The base model's files are missing, unreadable or inconsistent; says which and why."""
+
+
+def mimi_config(overrides: dict[str, Any] | None) -> dict[str, Any] | None:
+    """moshi's Mimi config with per-section overrides (None: the real Mimi, no custom config)."""
+    if not overrides:
+        return None
+    out = copy.deepcopy(loaders._mimi_config)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class ResolvedBase:
+    info: loaders.CheckpointInfo
+    lm_kwargs: dict[str, Any]
+    lm_kwargs_source: str
+    ref: dict[str, Any]
+    project_config: Path | None = None  # moshi_ttt.yaml in a local base dir, if any
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def weights(self) -> Path:
+        return Path(self.info.moshi_weights)
+
+
+def _visible_dims(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[Any, str]]:
+    """LM kwargs that the weight shapes pin down, each with the tensor that shows it."""
+    out: dict[str, tuple[Any, str]] = {}
+
+    def get(name: str) -> tuple[int, ...] | None:
+        return shapes.get(name)
+
+    if (s := get("text_emb.weight")) is not None:
+        out["dim"] = (s[1], "text_emb.weight")
+        out["text_card"] = (s[0] - 1, "text_emb.weight")
+    if (s := get("emb.0.weight")) is not None:
+        out["card"] = (s[0] - 1, "emb.0.weight")
+    n_q = len([k for k in shapes if k.startswith("emb.") and k.endswith(".weight")])
+    if n_q:
+        out["n_q"] = (n_q, "emb.*.weight")
+    dep_q = len([k for k in shapes if k.startswith("linears.") and k.endswith(".weight")])
+    if dep_q:
+        out["dep_q"] = (dep_q, "linears.*.weight")
+    for comp, key in (("transformer", "num_layers"), ("depformer", "depformer_num_layers")):
+        idx = {int(k.split(".")[2]) for k in shapes if k.startswith(f"{comp}.layers.")}
+        if idx:
+            out[key] = (max(idx) + 1, f"{comp}.layers.*")
+    if (s := get("depformer_in.0.weight")) is not None:
+        out["depformer_dim"] = (s[0], "depformer_in.0.weight")
+    return out
+
+
+def check_kwargs_against_weights(lm_kwargs: dict[str, Any], weights: Path,
+                                 source: str) -> list[str]:
+    """Compare LM kwargs with what the weight shapes show; raise DimensionMismatch on any
+    difference. Returns notes on what the shapes cannot show (heads)."""
+    shapes = read_safetensors_shapes(weights)
+    problems = []
+    for key, (found, tensor) in _visible_dims(shapes).items():
+        claimed = lm_kwargs.get(key)
+        if key == "depformer_num_layers" and claimed is None:
+            claimed = lm_kwargs.get("num_layers")
+        if claimed is not None and claimed != found:
+            problems.append(Mismatch(f"{tensor} ({key})", f"{claimed} ({source})",
+                                     f"{found} in {weights.name}", "value"))
+    if problems:
+        raise DimensionMismatch(problems, f"LM config from {source} vs weights {weights}")
+    return ["attention head counts are not visible in weight shapes; taken from " + source]
+
+
+def resolve_base(ref: BaseModelRef | dict[str, Any]) -> ResolvedBase:
+    """Locate the base's files (downloading from the Hub if needed) and settle its LM config."""
+    if isinstance(ref, dict):
+        ref = BaseModelRef(**ref)
+    if ref.local_dir:
+        return _resolve_local(Path(ref.local_dir))
+    if ref.hf_repo:
+        return _resolve_hf(ref.hf_repo, ref.revision)
+    raise BaseModelError("no base model given: set base.local_dir or base.hf_repo "
+                         "(or pass --base DIR / --hf-repo REPO)")
+
+
+def _resolve_hf(repo: str, revision: str | None) -> ResolvedBase:
+    try:
+        info = loaders.CheckpointInfo.from_hf_repo(repo, revision=revision)
+    except Exception as e:  # network, auth, missing files: say which repo and what failed
+        raise BaseModelError(
+            f"cannot fetch base model from Hugging Face repo {repo!r}"
+            f"{f' at revision {revision}' if revision else ''}: {type(e).__name__}: {e}"
+        ) from e
+    return _settle(info, {"hf_repo": repo, "revision": revision}, f"hf://{repo}")
+
+
+def _resolve_local(root: Path) -> ResolvedBase:
+    if not root.is_dir():
+        raise BaseModelError(f"base directory not found: {root}")
+    cfg_path = root / "config.json"
+    names = {"moshi_name": loaders.MOSHI_NAME, "mimi_name": loaders.MIMI_NAME,
+             "tokenizer_name": loaders.TEXT_TOKENIZER_NAME}
+    raw = None
+    if cfg_path.is_file():
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise BaseModelError(f"{cfg_path} is not valid JSON: {e}") from e
+        names.update({k: raw[k] for k in names if k in raw})
+    files = {k: root / v for k, v in names.items()}
+    missing = [f"{p.name} ({k})" for k, p in files.items() if not p.is_file()]
+    if missing:
+        raise BaseModelError(f"base directory {root} lacks {', '.join(missing)}; expected the "
+                             f"layout of a Moshi Hugging Face repo (what `moshi-ttt init-base` "
+                             f"writes)")
+    if raw is not None:
+        mimi_cfg = raw.get("mimi_config_name")
+        info = loaders.CheckpointInfo.from_hf_repo(
+            str(root), moshi_weights=files["moshi_name"], mimi_weights=files["mimi_name"],
+            tokenizer=files["tokenizer_name"], config_path=cfg_path,
+            mimi_config_path=(root / mimi_cfg) if mimi_cfg else None,
+        )
+    else:
+        info = loaders.CheckpointInfo(files["moshi_name"], files["mimi_name"],
+                                      files["tokenizer_name"])
+    res = _settle(info, {"local_dir": str(root.resolve())}, str(root))
+    proj = root / PROJECT_CONFIG_NAME
+    res.project_config = proj if proj.is_file() else None
+    return res
+
+
+def _settle(info: loaders.CheckpointInfo, ref: dict[str, Any], where: str) -> ResolvedBase:
+    if info.lm_config is not None:
+        kwargs, source = dict(info.lm_config), f"{where}/config.json"
+    else:
+        kwargs = dict(loaders._lm_kwargs)
+        source = (f"moshi's default (Moshi 7B) LM config, because {where} has no config.json")
+        logger.warning("%s has no config.json: checking moshi's default 7B LM config against "
+                       "the weight shapes before using it", where)
+    notes = check_kwargs_against_weights(kwargs, Path(info.moshi_weights), source)
+    return ResolvedBase(info, kwargs, source, ref, notes=notes)
+
+
+# -- init-base ----------------------------------------------------------------------------------
+
+def init_random_base(cfg: ProjectConfig, out_dir: Path, tokenizer: Path, seed: int = 0,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """Write a random-initialised base in moshi's file layout (loadable by CheckpointInfo like a
+    Hugging Face repo): config.json, model.safetensors, Mimi weights (+ its config when it is not
+    the real Mimi's), tokenizer, and moshi_ttt.yaml with the project config it was made from."""
+    import sentencepiece
+
+    if not tokenizer.is_file():
+        raise BaseModelError(f"tokenizer not found: {tokenizer} (make one with `moshi-ttt "
+                             f"make-data`, which trains a sentencepiece model on its transcripts)")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+    if sp.vocab_size() > cfg.text_card:
+        raise BaseModelError(f"tokenizer {tokenizer} has {sp.vocab_size()} pieces but "
+                             f"lm.text_card is {cfg.text_card}: the text embedding cannot hold it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=dict(cfg.lm), device="cpu", dtype=dtype)
+    save_file({k: v.contiguous() for k, v in lm.state_dict().items()},
+              str(out_dir / loaders.MOSHI_NAME))
+    mcfg = mimi_config(cfg.mimi)
+    mimi = loaders.get_mimi(None, mcfg, num_codebooks=max(cfg.lm["dep_q"],
+                                                          cfg.lm["n_q"] - cfg.lm["dep_q"]))
+    mimi_name = "mimi.safetensors"
+    save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(out_dir / mimi_name))
+    raw = dict(cfg.lm)
+    raw.update(moshi_name=loaders.MOSHI_NAME, mimi_name=mimi_name,
+               tokenizer_name="tokenizer.model", model_type="moshi")
+    if mcfg is not None:
+        (out_dir / MIMI_CONFIG_NAME).write_text(json.dumps(mcfg, indent=2))
+        raw["mimi_config_name"] = MIMI_CONFIG_NAME
+    shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
+    (out_dir / "config.json").write_text(json.dumps(raw, indent=2))
+    proj = cfg.model_copy(deep=True)
+    proj.base = BaseModelRef(local_dir=".")
+    (out_dir / PROJECT_CONFIG_NAME).write_text(proj.to_yaml())
+    logger.info("wrote random base (%s parameters, seed %d) to %s",
+                f"{sum(p.numel() for p in lm.parameters()):,}", seed, out_dir)
+    return out_dir
+
+
+def materialize_base(resolved: ResolvedBase, cfg: ProjectConfig, out_dir: Path) -> Path:
+    """Turn a resolved (e.g. Hugging Face) base into a local base dir: links to its files, an
+    explicit config.json (checked against the weights), and moshi_ttt.yaml."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    info = resolved.info
+    raw = dict(resolved.lm_kwargs)
+    links = {"model.safetensors": info.moshi_weights, "tokenizer.model": info.tokenizer,
+             Path(info.mimi_weights).name: info.mimi_weights}
+    for name, src in links.items():
+        dst = out_dir / name
+        if dst.exists() or dst.is_symlink():
+            dst.unlink()
+        dst.symlink_to(Path(src).resolve())
+    raw.update(moshi_name="model.safetensors", mimi_name=Path(info.mimi_weights).name,
+               tokenizer_name="tokenizer.model", model_type=info.model_type)
+    if info.mimi_config is not None:
+        (out_dir / MIMI_CONFIG_NAME).write_text(json.dumps(info.mimi_config, indent=2))
+        raw["mimi_config_name"] = MIMI_CONFIG_NAME
+    (out_dir / "config.json").write_text(json.dumps(raw, indent=2))
+    proj = cfg.model_copy(deep=True)
+    proj.base = BaseModelRef(local_dir=".")
+    proj.lm = dict(resolved.lm_kwargs)
+    (out_dir / PROJECT_CONFIG_NAME).write_text(proj.to_yaml())
+    return out_dir

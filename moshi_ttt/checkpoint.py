@@ -1,0 +1,411 @@
+"""TTT checkpoints: what the trainer writes and what the server loads, with no conversion step.
+
+A run directory holds
+
+    checkpoints/step_000100/   config.json        base reference + fingerprint, project config
+                                                  (lm, ttt, mimi), detected dims, step, data
+                                                  fingerprint, training summary
+                               ttt.safetensors    TTT parameters (and LoRA / full-FT tensors)
+                               trainer_state.pt   optimiser, scheduler, RNG, data position
+    checkpoints/latest         the name of the newest *complete* checkpoint
+
+Each checkpoint is written to a temporary directory and renamed into place, then `latest` is
+replaced by rename: a crash leaves at worst a `.tmp-*` directory that nothing reads.
+
+`load_model` accepts a run directory, one checkpoint directory, or a base directory made by
+`moshi-ttt init-base` (then the TTT blocks start from a seeded fresh initialisation: "step 0").
+Every dim is validated from file headers before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from moshi.models.lm import LMModel
+from safetensors.torch import load_file, save_file
+
+from .base import PROJECT_CONFIG_NAME, BaseModelError, ResolvedBase, resolve_base
+from .config import BaseModelRef, ConfigError, ProjectConfig, load_config
+from .dims import (
+    DimensionMismatch, Mismatch, ModelDims, check_not_meta, describe, validate,
+)
+from .model import attach_ttt, build_base_lm, is_ttt_param, ttt_blocks
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "moshi-ttt/1"
+TTT_WEIGHTS = "ttt.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+LATEST = "latest"
+CHECKPOINTS = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt, or made for another base model."""
+
+
+# -- fingerprints -----------------------------------------------------------------------------
+
+def fingerprint_file(path: str | Path, samples: int = 16, block: int = 1 << 16) -> str:
+    """A cheap identity for a (possibly 15 GB) weight file: sha256 of its size, its safetensors
+    header, and `samples` blocks spread over the data. Distinguishes architectures and trained
+    weights without reading everything."""
+    path = Path(path)
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        head = f.read(8)
+        h.update(head)
+        if len(head) == 8:
+            n = int.from_bytes(head, "little")
+            if n < size:
+                h.update(f.read(n))
+        for i in range(samples):
+            f.seek((size * i) // samples)
+            h.update(f.read(block))
+    return h.hexdigest()[:32]
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    cfg: ProjectConfig,
+    base: ResolvedBase,
+    dims: ModelDims,
+    data_fingerprint: str | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    summary: dict[str, Any] | None = None,
+    keep: int = 0,
+) -> Path:
+    """Write `checkpoints/step_XXXXXX` atomically and point `latest` at it; keep the newest
+    `keep` checkpoints (0: all)."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}-{int(time.time() * 1000)}"
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                  str(tmp / TTT_WEIGHTS), metadata={"format": CHECKPOINT_FORMAT})
+        base_weights = base.weights
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "base": {
+                **base.ref,
+                "lm_config_source": base.lm_kwargs_source,
+                "weights": str(base_weights.resolve()),
+                "fingerprint": fingerprint_file(base_weights),
+            },
+            "project": cfg.model_dump(mode="json"),
+            "dims": dims.to_dict(),
+            "data_fingerprint": data_fingerprint,
+            "tensors": sorted(tensors),
+            "summary": summary or {},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if "local_dir" in base.ref:
+            meta["base"]["relative_dir"] = os.path.relpath(base.ref["local_dir"], final)
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step (e.g. after resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer = root / f".{LATEST}.tmp-{os.getpid()}"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, root / LATEST)
+    _fsync_dir(root)
+    if keep > 0:
+        steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+        for old in steps[:-keep]:
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    logger.info("checkpoint written: %s", final)
+    return final
+
+
+# -- finding and reading ----------------------------------------------------------------------
+
+@dataclass
+class CheckpointRef:
+    kind: str  # "ttt" (trainer checkpoint) or "base" (init-base directory)
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        if self.kind == "ttt":
+            return f"{self.path.parent.parent.name}/{self.path.name}"
+        return f"{self.path.name}/base"
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None when there is none yet."""
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = root / name
+    if not (path / "config.json").is_file() or not (path / TTT_WEIGHTS).is_file():
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint")
+    return path
+
+
+def find_checkpoint(path: str | Path) -> CheckpointRef:
+    """Resolve a run dir / checkpoint dir / base dir to what it holds."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path not found: {p}")
+    if (p / CHECKPOINTS).is_dir():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise CheckpointError(f"run directory {p} has no complete checkpoint yet "
+                                  f"({p / CHECKPOINTS / LATEST} is missing)")
+        p = latest
+    cfg_file = p / "config.json"
+    if cfg_file.is_file():
+        try:
+            meta = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+        if isinstance(meta, dict) and meta.get("format") == CHECKPOINT_FORMAT:
+            if not (p / TTT_WEIGHTS).is_file():
+                raise CheckpointError(f"checkpoint {p} has config.json but no {TTT_WEIGHTS}")
+            return CheckpointRef("ttt", p, meta)
+        if isinstance(meta, dict) and str(meta.get("format", "")).startswith("moshi-ttt/"):
+            raise CheckpointError(f"{p} is a moshi-ttt checkpoint of format {meta['format']!r}; "
+                                  f"this version reads {CHECKPOINT_FORMAT!r}")
+    if (p / PROJECT_CONFIG_NAME).is_file():
+        return CheckpointRef("base", p)
+    raise CheckpointError(
+        f"{p} is neither a moshi-ttt run/checkpoint directory (config.json with format "
+        f"{CHECKPOINT_FORMAT!r} and {TTT_WEIGHTS}) nor a base directory made by `moshi-ttt "
+        f"init-base` ({PROJECT_CONFIG_NAME})")
+
+
+def _base_for(ref: CheckpointRef, override: BaseModelRef | None) -> tuple[ProjectConfig, ResolvedBase]:
+    if ref.kind == "base":
+        cfg = load_config(ref.path / PROJECT_CONFIG_NAME)
+        return cfg, resolve_base(BaseModelRef(local_dir=str(ref.path)))
+    try:
+        cfg = ProjectConfig.model_validate(ref.meta["project"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{ref.path}/config.json has no valid project config: {e}") from e
+    b = dict(ref.meta.get("base", {}))
+    if override is not None:
+        base = resolve_base(override)
+    elif b.get("local_dir"):
+        candidates = [Path(b["local_dir"])]
+        if b.get("relative_dir"):
+            candidates.insert(0, (ref.path / b["relative_dir"]).resolve())
+        found = next((c for c in candidates if c.is_dir()), None)
+        if found is None:
+            raise CheckpointError(
+                f"checkpoint {ref.path} was trained on the base in {b['local_dir']}, which is "
+                f"gone; pass the base explicitly (--base DIR or --hf-repo REPO)")
+        base = resolve_base(BaseModelRef(local_dir=str(found)))
+    elif b.get("hf_repo"):
+        base = resolve_base(BaseModelRef(hf_repo=b["hf_repo"], revision=b.get("revision")))
+    else:
+        raise CheckpointError(f"{ref.path}/config.json does not say which base model it needs")
+    want = b.get("fingerprint")
+    if want:
+        have = fingerprint_file(base.weights)
+        if have != want:
+            raise CheckpointError(
+                f"checkpoint {ref.path} was trained on another base model: it records base "
+                f"weights {b.get('weights')} with fingerprint {want}, but {base.weights} has "
+                f"fingerprint {have}. Serve it with the base it was trained on.")
+    return cfg, base
+
+
+@dataclass
+class LoadedModel:
+    lm: LMModel
+    cfg: ProjectConfig
+    base: ResolvedBase
+    dims: ModelDims
+    ref: CheckpointRef
+    mimi: Any = None
+    tokenizer: Any = None
+
+    def describe(self) -> dict[str, Any]:
+        return describe(self.lm, self.cfg.ttt)
+
+    @property
+    def checkpoint_info(self) -> dict[str, Any]:
+        return {"path": str(self.ref.path), "id": self.ref.id, "kind": self.ref.kind,
+                "step": self.ref.step}
+
+
+def _cast_like_moshi(state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    for k, v in state.items():
+        if v.dtype.is_floating_point:
+            if k.startswith(("condition_provider.", "fuser.")):
+                state[k] = v.float()
+            else:
+                state[k] = v.to(dtype)
+
+
+def build_meta(cfg: ProjectConfig, base: ResolvedBase, dtype: torch.dtype,
+               extra: Callable[[LMModel], None] | None = None) -> LMModel:
+    """The TTT model on the meta device: moshi's LM from the base's LM kwargs, TTT attached."""
+    lm = build_base_lm(base.lm_kwargs, device="meta", dtype=dtype)
+    if extra is not None:
+        extra(lm)
+    attach_ttt(lm, cfg.ttt, norm=base.lm_kwargs.get("norm"))
+    return lm
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    with_codec: bool = True,
+    base_override: BaseModelRef | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a TTT model for inference or further training, validating every dim first."""
+    device = torch.device(device)
+    ref = find_checkpoint(path)
+    try:
+        cfg, base = _base_for(ref, base_override)
+    except (BaseModelError, ConfigError) as e:
+        raise CheckpointError(str(e)) from e
+    from .lora import apply_lora_from_config, lora_param_filter
+
+    lm = build_meta(cfg, base, dtype, extra=lambda m: apply_lora_from_config(m, cfg))
+    is_extra = lora_param_filter(cfg)  # tensors a TTT checkpoint carries besides TTT ones
+    in_ckpt = (lambda n: is_ttt_param(n) or is_extra(n))
+    weights: list[tuple[Path, Callable[[str], bool] | None]] = [
+        (base.weights, lambda n: not in_ckpt(n))]
+    if ref.kind == "ttt":
+        weights.append((ref.path / TTT_WEIGHTS, in_ckpt))
+    dims = validate(lm, lm_cfg=cfg.lm, ttt_cfg=cfg.ttt, weights=weights,
+                    recorded_dims=ref.meta.get("dims") if ref.kind == "ttt" else None,
+                    context=str(ref.path))
+
+    state = load_file(str(base.weights), device=str(device))
+    _cast_like_moshi(state, dtype)
+    res = lm.load_state_dict(state, strict=False, assign=True)
+    del state
+    if res.unexpected_keys:
+        raise CheckpointError(f"unexpected tensors in {base.weights}: {res.unexpected_keys[:10]}")
+    if ref.kind == "ttt":
+        ttt_state = load_file(str(ref.path / TTT_WEIGHTS), device=str(device))
+        params = dict(lm.named_parameters())
+        for k, v in ttt_state.items():  # each tensor in its parameter's dtype (inner set: fp32)
+            ttt_state[k] = v.to(params[k].dtype) if k in params else v
+        lm.load_state_dict(ttt_state, strict=False, assign=True)
+    else:
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        for a in ttt_blocks(lm):
+            a.block.to_empty(device=device)
+            a.block.reset_parameters()
+        torch.random.set_rng_state(gen_state)
+    from .lora import materialize_lora
+
+    materialize_lora(lm, device)
+    leftover = check_not_meta(lm)
+    if leftover:
+        raise DimensionMismatch(leftover, f"after loading {ref.path}")
+    lm.to(device)
+    lm.eval()
+    loaded = LoadedModel(lm, cfg, base, dims, ref)
+    if with_codec:
+        loaded.mimi = base.info.get_mimi(device=device)
+        loaded.tokenizer = base.info.get_text_tokenizer()
+        check_codec(loaded)
+    logger.info("loaded %s (%s) on %s/%s: main %d/%d heads/%d layers, depformer %s, TTT layers %s",
+                ref.path, ref.kind, device, str(dtype).removeprefix("torch."), dims.main.d_model,
+                dims.main.num_heads, dims.main.num_layers,
+                f"{dims.depformer.d_model}/{dims.depformer.num_heads}/{dims.depformer.num_layers}"
+                if dims.depformer else "none", [t.layer for t in dims.ttt])
+    return loaded
+
+
+def check_codec(m: LoadedModel) -> None:
+    """Mimi and the tokenizer against the LM: codebook size, codebook count, vocabulary."""
+    problems = []
+    mimi, lm = m.mimi, m.lm
+    if mimi is not None:
+        if mimi.cardinality != lm.card:
+            problems.append(Mismatch("mimi.cardinality", lm.card, mimi.cardinality, "codebook size"))
+        need = max(lm.dep_q, lm.n_q - lm.dep_q)
+        if mimi.num_codebooks < need:
+            problems.append(Mismatch("mimi.num_codebooks", need, mimi.num_codebooks, "count"))
+        if mimi.frame_rate != 12.5 or mimi.sample_rate != 24000:
+            problems.append(Mismatch("mimi rates", "24000 Hz / 12.5 Hz",
+                                     f"{mimi.sample_rate} Hz / {mimi.frame_rate} Hz", "value"))
+    if m.tokenizer is not None and m.tokenizer.vocab_size() > lm.text_card:
+        problems.append(Mismatch("tokenizer vocabulary", f"<= text_card {lm.text_card}",
+                                 m.tokenizer.vocab_size(), "size"))
+    if problems:
+        raise DimensionMismatch(problems, "codec and tokenizer vs LM")
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """`moshi-ttt inspect --checkpoint`: dims and counts from headers only (meta device)."""
+    ref = find_checkpoint(path)
+    cfg, base = _base_for(ref, None)
+    from .lora import apply_lora_from_config, lora_param_filter
+
+    lm = build_meta(cfg, base, torch.bfloat16, extra=lambda m: apply_lora_from_config(m, cfg))
+    is_extra = lora_param_filter(cfg)
+    in_ckpt = (lambda n: is_ttt_param(n) or is_extra(n))
+    weights: list[tuple[Path, Callable[[str], bool] | None]] = [
+        (base.weights, lambda n: not in_ckpt(n))]
+    if ref.kind == "ttt":
+        weights.append((ref.path / TTT_WEIGHTS, in_ckpt))
+    validate(lm, cfg.lm, cfg.ttt, weights=weights,
+             recorded_dims=ref.meta.get("dims") if ref.kind == "ttt" else None,
+             context=str(ref.path))
+    info = describe(lm, cfg.ttt)
+    info["checkpoint"] = {"path": str(ref.path), "id": ref.id, "kind": ref.kind,
+                          "step": ref.step, "base": base.ref,
+                          "data_fingerprint": ref.meta.get("data_fingerprint")}
+    return info
+
