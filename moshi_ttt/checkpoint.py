@@ -299,33 +299,31 @@ def build_meta(cfg: ProjectConfig, base: ResolvedBase, dtype: torch.dtype,
     return lm
 
 
-def load_model(
-    path: str | Path,
+def assemble_model(
+    cfg: ProjectConfig,
+    base: ResolvedBase,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    with_codec: bool = True,
-    base_override: BaseModelRef | None = None,
+    ttt_weights: Path | None = None,
+    recorded_dims: dict[str, Any] | None = None,
+    context: str = "",
     seed: int = 0,
-) -> LoadedModel:
-    """Load a TTT model for inference or further training, validating every dim first."""
+) -> tuple[LMModel, ModelDims]:
+    """Build moshi's LM on meta, attach TTT (and LoRA), validate every dim against the base
+    weights and `ttt_weights` from their headers, then load. Without `ttt_weights` the TTT blocks
+    (and LoRA adapters) get a fresh initialisation seeded by `seed`."""
     device = torch.device(device)
-    ref = find_checkpoint(path)
-    try:
-        cfg, base = _base_for(ref, base_override)
-    except (BaseModelError, ConfigError) as e:
-        raise CheckpointError(str(e)) from e
-    from .lora import apply_lora_from_config, lora_param_filter
+    from .lora import apply_lora_from_config, lora_param_filter, materialize_lora
 
     lm = build_meta(cfg, base, dtype, extra=lambda m: apply_lora_from_config(m, cfg))
     is_extra = lora_param_filter(cfg)  # tensors a TTT checkpoint carries besides TTT ones
-    in_ckpt = (lambda n: is_ttt_param(n) or is_extra(n))
+    in_ckpt = (lambda n: is_ttt_param(n) or is_extra(n)) if ttt_weights else is_ttt_param
     weights: list[tuple[Path, Callable[[str], bool] | None]] = [
-        (base.weights, lambda n: not in_ckpt(n))]
-    if ref.kind == "ttt":
-        weights.append((ref.path / TTT_WEIGHTS, in_ckpt))
+        (base.weights, lambda n: not in_ckpt(n) and not _is_adapter(n))]
+    if ttt_weights is not None:
+        weights.append((ttt_weights, in_ckpt))
     dims = validate(lm, lm_cfg=cfg.lm, ttt_cfg=cfg.ttt, weights=weights,
-                    recorded_dims=ref.meta.get("dims") if ref.kind == "ttt" else None,
-                    context=str(ref.path))
+                    recorded_dims=recorded_dims, context=context)
 
     state = load_file(str(base.weights), device=str(device))
     _cast_like_moshi(state, dtype)
@@ -333,27 +331,58 @@ def load_model(
     del state
     if res.unexpected_keys:
         raise CheckpointError(f"unexpected tensors in {base.weights}: {res.unexpected_keys[:10]}")
-    if ref.kind == "ttt":
-        ttt_state = load_file(str(ref.path / TTT_WEIGHTS), device=str(device))
+    if ttt_weights is not None:
+        ttt_state = load_file(str(ttt_weights), device=str(device))
         params = dict(lm.named_parameters())
         for k, v in ttt_state.items():  # each tensor in its parameter's dtype (inner set: fp32)
             ttt_state[k] = v.to(params[k].dtype) if k in params else v
         lm.load_state_dict(ttt_state, strict=False, assign=True)
     else:
-        gen_state = torch.random.get_rng_state()
+        rng = torch.random.get_rng_state()
         torch.manual_seed(seed)
         for a in ttt_blocks(lm):
             a.block.to_empty(device=device)
             a.block.reset_parameters()
-        torch.random.set_rng_state(gen_state)
-    from .lora import materialize_lora
-
+        torch.random.set_rng_state(rng)
     materialize_lora(lm, device)
     leftover = check_not_meta(lm)
     if leftover:
-        raise DimensionMismatch(leftover, f"after loading {ref.path}")
+        raise DimensionMismatch(leftover, f"after loading {context}")
     lm.to(device)
     lm.eval()
+    return lm, dims
+
+
+def _is_adapter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    with_codec: bool = True,
+    base_override: BaseModelRef | None = None,
+    cfg_override: ProjectConfig | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Load a TTT model for inference or further training, validating every dim first.
+    `cfg_override` replaces the project config of a *base* directory (e.g. other TTT layers)."""
+    device = torch.device(device)
+    ref = find_checkpoint(path)
+    try:
+        cfg, base = _base_for(ref, base_override)
+    except (BaseModelError, ConfigError) as e:
+        raise CheckpointError(str(e)) from e
+    if cfg_override is not None:
+        if ref.kind == "ttt":
+            raise CheckpointError(f"{ref.path} is a trained checkpoint: its config is fixed")
+        cfg = cfg_override
+    lm, dims = assemble_model(
+        cfg, base, device, dtype,
+        ttt_weights=ref.path / TTT_WEIGHTS if ref.kind == "ttt" else None,
+        recorded_dims=ref.meta.get("dims") if ref.kind == "ttt" else None,
+        context=str(ref.path), seed=seed)
     loaded = LoadedModel(lm, cfg, base, dims, ref)
     if with_codec:
         loaded.mimi = base.info.get_mimi(device=device)

@@ -142,6 +142,117 @@ def _ranges(xs: list[int]) -> str:
     return ",".join(out)
 
 
+@app.command("init-base")
+def init_base(
+    out: Path = typer.Argument(..., help="directory to write the base into"),
+    config: Path = typer.Option(..., "--config", "-c", help="project YAML config"),
+    tokenizer: Optional[Path] = typer.Option(
+        None, help="sentencepiece model for a random base (make-data writes one)"),
+    hf_repo: Optional[str] = typer.Option(
+        None, "--hf-repo", help="take the base from this Hugging Face repo instead of random"),
+    revision: Optional[str] = typer.Option(None, help="Hugging Face revision"),
+    local: Optional[Path] = typer.Option(None, "--local", help="or from a local moshi-layout dir"),
+    seed: int = typer.Option(0, help="seed of the random initialisation"),
+) -> None:
+    """Write a base model directory in moshi's layout (config.json, model.safetensors, Mimi,
+    tokenizer, moshi_ttt.yaml): random-initialised from --config, or taken from a Hugging Face
+    repo / local directory after checking its dims against the weight shapes."""
+    _cpu_defaults()
+    from .base import BaseModelError, init_random_base, materialize_base, resolve_base
+    from .config import BaseModelRef, ConfigError, load_config
+    from .dims import DimensionMismatch
+
+    try:
+        cfg = load_config(config)
+        if hf_repo or local:
+            ref = BaseModelRef(hf_repo=hf_repo, revision=revision,
+                               local_dir=str(local) if local else None)
+            resolved = resolve_base(ref)
+            materialize_base(resolved, cfg, out)
+            for note in resolved.notes:
+                logger.info(note)
+        else:
+            if tokenizer is None:
+                fail("a random base needs --tokenizer (e.g. DATA/tokenizer.model from "
+                     "`moshi-ttt make-data DATA`), or pass --hf-repo / --local")
+            init_random_base(cfg, out, tokenizer, seed=seed)
+    except (ConfigError, BaseModelError, DimensionMismatch, FileNotFoundError) as e:
+        fail(str(e))
+    typer.echo(str(out))
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(..., "--config", "-c", help="project YAML config"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory (checkpoints, metrics)"),
+    data: Optional[Path] = typer.Option(None, help="training index .jsonl (or train.data)"),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="held-out index .jsonl"),
+    base: Optional[Path] = typer.Option(None, help="base directory (from init-base)"),
+    hf_repo: Optional[str] = typer.Option(None, "--hf-repo", help="or a Hugging Face repo"),
+    steps: Optional[int] = typer.Option(None, help="train.max_steps"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="per-process batch"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
+    lr: Optional[float] = typer.Option(None, help="TTT learning rate"),
+    segment_seconds: Optional[float] = typer.Option(None, "--segment-seconds"),
+    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every"),
+    stop_after: Optional[int] = typer.Option(
+        None, "--stop-after", help="stop after this step (as if interrupted; resumable)"),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, or auto"),
+    seed: Optional[int] = typer.Option(None),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT's latest checkpoint"),
+) -> None:
+    """Train the TTT layers of a frozen Moshi (optionally LoRA / full fine-tuning). The same
+    command under `torchrun --nproc_per_node N` shards with FSDP2."""
+    _cpu_defaults()
+    from .base import BaseModelError
+    from .checkpoint import CheckpointError
+    from .config import BaseModelRef, ConfigError, load_config
+    from .data.index import DataError
+    from .dims import DimensionMismatch
+    from .train.settings import TrainSettings
+    from .train.trainer import TrainingError, train as run_training
+
+    try:
+        cfg = load_config(config)
+        overrides = {
+            "data": str(data) if data else None, "eval_data": str(eval_data) if eval_data else None,
+            "max_steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+            "segment_seconds": segment_seconds, "ckpt_every": ckpt_every,
+            "eval_every": eval_every, "device": device, "seed": seed, "stop_after": stop_after,
+        }
+        settings = TrainSettings.from_config(cfg.train, overrides)
+        base_ref = None
+        if base or hf_repo:
+            base_ref = BaseModelRef(local_dir=str(base) if base else None, hf_repo=hf_repo)
+        last = run_training(cfg, settings, out, base_override=base_ref, resume=resume)
+    except (ConfigError, BaseModelError, CheckpointError, DimensionMismatch, DataError,
+            TrainingError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if last:
+        logger.info("done: step %s, loss %.4f; checkpoints in %s", last.get("step"),
+                    last.get("loss", float("nan")), out / "checkpoints")
+
+
+@app.command("make-data")
+def make_data(
+    out: Path = typer.Argument(..., help="directory to write the dataset into"),
+    dialogues: int = typer.Option(16, help="number of dialogues"),
+    seed: int = typer.Option(0),
+    vocab_size: int = typer.Option(1000, "--vocab-size", help="text tokenizer vocabulary cap"),
+) -> None:
+    """Synthesise a small two-speaker dataset offline (espeak-ng), in moshi-finetune's format,
+    with exact word alignments and a sentencepiece tokenizer trained on its transcripts."""
+    from .data.synth import SynthesisError, synthesize_dataset
+
+    try:
+        res = synthesize_dataset(out, n_dialogues=dialogues, seed=seed, vocab_size=vocab_size)
+    except (SynthesisError, OSError) as e:
+        fail(str(e))
+    typer.echo(str(out))
+    logger.info("%s", res)
+
+
 @bench_app.command("ttt")
 def bench_ttt(
     frames: int = typer.Option(256, help="frames for the parallel vs naive comparison"),

@@ -1,0 +1,1 @@
+"""The trainer that produces TTT-augmented weights: `moshi-ttt train`."""

@@ -1,0 +1,62 @@
+"""Training settings: the config's `train` section, with command-line overrides on top."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .loss import LossWeights
+
+
+class LoRASettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enable: bool = False
+    rank: int = 16
+    scaling: float = 2.0
+    components: list[str] = Field(default_factory=lambda: ["transformer"])
+
+
+class TrainSettings(BaseModel):
+    """Every knob of a run. Batch figures are per process: the global batch is
+    batch_size x grad_accum x world_size segments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str | None = None  # train index (.jsonl)
+    eval_data: str | None = None  # held-out index (.jsonl)
+    cache_dir: str | None = None  # token cache; default: <train index dir>/.token-cache
+    segment_seconds: float = 20.0
+    min_segment_seconds: float = 1.0
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(100, ge=1)
+    stop_after: int | None = None  # stop after this step, as if interrupted (resumable)
+    lr: float = 1e-3  # TTT parameters
+    lora_lr: float = 2e-4  # LoRA adapters
+    base_lr: float = 2e-5  # base weights, only with full_finetune
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at max_steps
+    clip_grad: float = 1.0
+    seed: int = 0
+    ckpt_every: int = 50
+    keep_checkpoints: int = 3
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 1
+    activation_checkpointing: bool = True
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    device: str = "auto"
+    lora: LoRASettings = Field(default_factory=LoRASettings)
+    full_finetune: bool = False
+    train_ttt: bool = True  # false: a LoRA-only baseline with the TTT blocks frozen or absent
+    loss: LossWeights = Field(default_factory=LossWeights)
+    tensorboard: bool = False
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any], overrides: dict[str, Any]) -> "TrainSettings":
+        merged = {**section, **{k: v for k, v in overrides.items() if v is not None}}
+        return cls.model_validate(merged)

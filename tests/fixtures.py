@@ -1,0 +1,76 @@
+"""Small on-disk fixtures: a random two-speaker dataset in moshi-finetune's format, a text
+tokenizer for it, and a tiny random base. Plain functions so any test module can build them."""
+
+from __future__ import annotations
+
+import json
+import random
+import wave
+from pathlib import Path
+
+import numpy as np
+
+WORDS = ("hello there moshi how are you today fine thanks what is the weather like sunny and "
+         "warm tell me about red green blue seven nine river mountain city paris london").split()
+
+
+def write_wav(path: Path, pcm: np.ndarray, sr: int) -> None:
+    """pcm [C, S] float in [-1, 1] -> int16 wav."""
+    pcm16 = (np.clip(pcm, -1, 1) * 32000).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(pcm.shape[0])
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(pcm16.T.tobytes())
+
+
+def write_random_dataset(root: Path, n_files: int = 4, seconds: float = 6.0, sr: int = 22050,
+                         seed: int = 0, name: str = "train") -> Path:
+    """Noise bursts standing in for words, left channel for SPEAKER_MAIN, right for the user."""
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "audio").mkdir(exist_ok=True)
+    lines = []
+    for i in range(n_files):
+        n = int(seconds * sr)
+        pcm = np.zeros((2, n), np.float32)
+        t, speaker, aligns = 0.2, 0, []
+        while t < seconds - 0.6:
+            for _ in range(rng.randint(2, 5)):
+                dur = rng.uniform(0.2, 0.45)
+                if t + dur > seconds - 0.1:
+                    break
+                a, b = int(t * sr), int((t + dur) * sr)
+                pcm[speaker, a:b] = nrng.normal(0, 0.2, b - a) * np.hanning(b - a)
+                aligns.append([rng.choice(WORDS), [round(t, 3), round(t + dur, 3)],
+                               "SPEAKER_MAIN" if speaker == 0 else "SPEAKER_USER"])
+                t += dur + rng.uniform(0.05, 0.2)
+            speaker = 1 - speaker
+            t += 0.3
+        wav = root / "audio" / f"{name}_{i:03d}.wav"
+        write_wav(wav, pcm, sr)
+        wav.with_suffix(".json").write_text(json.dumps({"alignments": aligns}))
+        lines.append(json.dumps({"path": f"audio/{wav.name}", "duration": n / sr}))
+    index = root / f"{name}.jsonl"
+    index.write_text("\n".join(lines) + "\n")
+    return index
+
+
+def make_tokenizer(path: Path, vocab_size: int = 120) -> Path:
+    from moshi_ttt.data.text_tokenizer import train_sentencepiece
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(400)]
+    return train_sentencepiece(texts, path, vocab_size)
+
+
+def make_tiny_base(root: Path, cfg=None, seed: int = 0) -> Path:
+    from moshi_ttt.base import init_random_base
+    from moshi_ttt.config import load_config
+
+    from conftest import CONFIGS
+
+    cfg = cfg or load_config(CONFIGS / "tiny.yaml")
+    tok = make_tokenizer(root / "tok" / "tokenizer.model")
+    return init_random_base(cfg, root / "base", tok, seed=seed)
