@@ -81,34 +81,47 @@ class FastWeightInit(nn.Module):
 
         return super()._apply(keep_fp32, recurse)
 
+    def fast_weights(self) -> FastWeights:
+        """W0 as it is now, unbatched and detached (streaming reads it, never writes it)."""
+        return FastWeights(*(p.detach() for p in (self.w1, self.b1, self.w2, self.b2)))
+
     def tiled(self, batch_size: int) -> FastWeights:
         """W0 for `batch_size` rows (a fresh copy: the result may be updated in place)."""
         return FastWeights(*(
-            p.detach().float()[None].expand(batch_size, *p.shape).clone()
-            for p in (self.w1, self.b1, self.w2, self.b2)
+            p.float()[None].expand(batch_size, *p.shape).clone()
+            for p in self.fast_weights().as_tuple()
         ))
 
 
 @dataclass
 class TTTState(State):
     """Per-row streaming state of one TTT block: fp32 fast weights W (the state at the current
-    mini-batch's start), the mini-batch so far, and each row's position in it."""
+    mini-batch's start), the mini-batch so far, each row's position in it, and whether the row
+    has produced a non-finite output since its last reset (computed on device, no host sync)."""
 
     w: FastWeights
     buf: MiniBatchBuffer
     pos: torch.Tensor  # [B] long, position in the current mini-batch
-    initial: Callable[[int], FastWeights]  # learned W0 tiled for B rows
+    nonfinite: torch.Tensor  # [B] bool, sticky until the row is reset
+    w0: Callable[[], FastWeights]  # the learned W0 itself, unbatched ([H, ...]), read only
+
+    def initial(self, batch_size: int) -> FastWeights:
+        """W0 tiled for `batch_size` rows (a copy)."""
+        return FastWeights(*(p[None].expand(batch_size, *p.shape).clone()
+                             for p in self.w0().as_tuple()))
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
-        w0 = self.initial(self.batch_size)
+        # In place, row by mask, without materialising W0 for the whole batch: at the 7B
+        # config a batch of 32 rows holds 8 GB of fast weights.
         m4 = reset_mask.view(-1, 1, 1, 1)
-        for cur, init in zip(self.w.as_tuple(), w0.as_tuple()):
-            cur.copy_(torch.where(m4, init, cur))
+        for cur, init in zip(self.w.as_tuple(), self.w0().as_tuple()):
+            torch.where(m4, init[None], cur, out=cur)
         for t in (self.buf.xk, self.buf.x2, self.buf.gz1, self.buf.gz2):
-            t.copy_(torch.where(m4, torch.zeros_like(t), t))
-        self.buf.lr.copy_(torch.where(reset_mask.view(-1, 1, 1), 0.0, self.buf.lr))
-        self.pos.copy_(torch.where(reset_mask, torch.zeros_like(self.pos), self.pos))
+            t.masked_fill_(m4, 0.0)
+        self.buf.lr.masked_fill_(reset_mask.view(-1, 1, 1), 0.0)
+        self.pos.masked_fill_(reset_mask, 0)
+        self.nonfinite.masked_fill_(reset_mask, False)
 
     def finite_rows(self) -> torch.Tensor:
         """[B] bool: rows whose fast weights are all finite (a diverged session shows False)."""
@@ -119,7 +132,7 @@ class TTTState(State):
 
     def nbytes(self) -> int:
         tensors = (*self.w.as_tuple(), self.buf.xk, self.buf.x2, self.buf.gz1, self.buf.gz2,
-                   self.buf.lr, self.pos)
+                   self.buf.lr, self.pos, self.nonfinite)
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -229,7 +242,8 @@ class TTTBlock(StreamingModule[TTTState]):
             w=self.inner.tiled(batch_size),
             buf=MiniBatchBuffer(xk=z(K, HD), x2=z(K, Fh), gz1=z(K, Fh), gz2=z(K, HD), lr=z(K)),
             pos=torch.zeros(batch_size, dtype=torch.long, device=device),
-            initial=self.inner.tiled,
+            nonfinite=torch.zeros(batch_size, dtype=torch.bool, device=device),
+            w0=self.inner.fast_weights,
         )
 
     def _stream(self, xq, xk, xv, lr) -> torch.Tensor:
@@ -244,7 +258,9 @@ class TTTBlock(StreamingModule[TTTState]):
                 xq[:, :, t], xk[:, :, t], xv[:, :, t], lr[:, :, t], scale,
                 inner.ttt_norm_weight, inner.ttt_norm_bias, self.ln_eps,
             ))
-        return torch.stack(outs, dim=2)
+        z = torch.stack(outs, dim=2)
+        state.nonfinite |= ~torch.isfinite(z).flatten(1).all(dim=1) & state.exec_mask
+        return z
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_index}, d_model={self.d_model}, heads={self.num_heads}, "

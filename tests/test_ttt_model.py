@@ -11,6 +11,7 @@ from moshi.modules.transformer import StreamingTransformerLayer, set_attention_c
 from moshi_ttt.block import TTTBlock, TTTState
 from moshi_ttt.layer import HybridTransformerLayer
 from moshi_ttt.model import build_ttt_lm, freeze_base, ttt_blocks
+from moshi_ttt.streaming import reset_rows
 
 
 def _lm(cfg, gate=0.5, context=None):
@@ -259,3 +260,39 @@ def test_block_rejects_wrong_width(tiny_cfg):
     blk = TTTBlock(64, 4, tiny_cfg.ttt)
     with pytest.raises(ValueError, match="expects width 64"):
         blk(torch.zeros(1, 3, 32))
+
+
+def test_nonfinite_rows_are_flagged_per_row_and_cleared_by_reset(tiny_cfg):
+    """A diverged session (NaN in its fast weights) is flagged on device, only its own row, and
+    a reset by mask brings the row back to the learned W0 with the flag cleared."""
+    lm = _lm(tiny_cfg)
+    x = _delayed_inputs(lm, _codes(tiny_cfg, 2, 12))
+    with torch.no_grad(), lm.streaming(2):
+        for t in range(4):
+            lm.forward_text(x[:, :, t:t + 1])
+        states = _ttt_states(lm)
+        assert not any(bool(s.nonfinite.any()) for s in states)
+        states[0].w.w1[1].fill_(float("nan"))  # poison row 1 of the first TTT layer
+        _, logits = lm.forward_text(x[:, :, 4:5])
+        assert states[0].nonfinite.tolist() == [False, True]
+        assert torch.isfinite(logits[0]).all() and not torch.isfinite(logits[1]).all()
+        reset_rows(lm, torch.tensor([False, True]))
+        assert not any(bool(s.nonfinite.any()) for s in states)
+        w0 = states[0].w0()
+        assert torch.equal(states[0].w.w1[1], w0.w1) and torch.equal(states[0].w.b2[1], w0.b2)
+        assert bool(states[0].finite_rows().all())
+        _, logits = lm.forward_text(x[:, :, 5:6])
+        assert torch.isfinite(logits).all()  # no NaN left behind in the row's KV caches
+
+
+def test_moshi_reset_alone_leaves_nan_in_kv_cache(tiny_cfg):
+    """Why `reset_rows` exists: moshi's own reset keeps a diverged row's cached keys/values."""
+    lm = _lm(tiny_cfg)
+    x = _delayed_inputs(lm, _codes(tiny_cfg, 2, 8))
+    with torch.no_grad(), lm.streaming(2):
+        lm.forward_text(x[:, :, 0:1])
+        _ttt_states(lm)[0].w.w1[1].fill_(float("nan"))
+        lm.forward_text(x[:, :, 1:2])
+        lm.reset_streaming(torch.tensor([False, True]))
+        _, logits = lm.forward_text(x[:, :, 2:3])
+    assert not torch.isfinite(logits[1]).all()
