@@ -15,9 +15,18 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
 install: $(VENV)/.installed
 
+# System packages: espeak-ng synthesises `moshi-ttt make-data`'s offline dataset. Installed with
+# apt (sudo when not root) only if missing; order-only below, so it never forces a pip reinstall.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
+.PHONY: sysdeps
+sysdeps:
+	@command -v espeak-ng >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "espeak-ng is missing and apt-get is not available: install espeak-ng with your system's package manager" >&2; exit 1; }; \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends espeak-ng; }
+
 # torch first (a CPU build on CPU machines, the default CUDA build elsewhere), then moshi WITHOUT
 # its torch<2.10 pin (it runs on newer torch; see README), then the project and its own deps.
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile | sysdeps
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	$(PIP) install --no-deps "moshi==$(MOSHI_VERSION)"

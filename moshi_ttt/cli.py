@@ -247,7 +247,7 @@ def make_data(
 
     try:
         res = synthesize_dataset(out, n_dialogues=dialogues, seed=seed, vocab_size=vocab_size)
-    except (SynthesisError, OSError) as e:
+    except (SynthesisError, OSError, ValueError) as e:
         fail(str(e))
     typer.echo(str(out))
     logger.info("%s", res)
