@@ -27,16 +27,20 @@ logger = logging.getLogger("moshi_ttt")
 
 
 def setup_logging(verbose: bool = False) -> None:
-    from rich.logging import RichHandler
+    """Rich output on a terminal; plain one-line records otherwise (log files and collectors
+    must not get messages wrapped at 80 columns)."""
+    level = logging.DEBUG if verbose else logging.INFO
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        datefmt="[%X]",
-        handlers=[RichHandler(rich_tracebacks=False, show_path=False,
-                              console=_stderr_console())],
-        force=True,
-    )
+        handler: logging.Handler = RichHandler(rich_tracebacks=False, show_path=False,
+                                               console=_stderr_console())
+        fmt, datefmt = "%(message)s", "[%X]"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt, datefmt = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+    handler.setFormatter(logging.Formatter(fmt, datefmt))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def _stderr_console():
@@ -251,6 +255,116 @@ def make_data(
         fail(str(e))
     typer.echo(str(out))
     logger.info("%s", res)
+
+
+@app.command()
+def serve(
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="run dir (latest checkpoint), checkpoint dir, or init-base dir"),
+    settings_file: Optional[Path] = typer.Option(
+        None, "--settings", help="YAML with server settings (or a project config's serve:)"),
+    host: Optional[str] = typer.Option(None, help="interface to bind [127.0.0.1]"),
+    port: Optional[int] = typer.Option(None, help="port [8998]; 0 = any free port"),
+    max_sessions: Optional[int] = typer.Option(None, "--max-sessions",
+                                               help="concurrent sessions = batch rows [4]"),
+    device: Optional[str] = typer.Option(None, help="auto, cuda, cuda:N or cpu [auto]"),
+    dtype: Optional[str] = typer.Option(None, help="auto, bfloat16 or float32 [auto]"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="require this API key"),
+    seed: Optional[int] = typer.Option(None, help="seed the sampler at start-up"),
+    greedy: bool = typer.Option(False, "--greedy", help="argmax instead of sampling"),
+) -> None:
+    """Serve a checkpoint over websockets (Moshi's protocol, plus PCM and token modes), with a
+    browser client at /. Every dim is validated before the port is bound. Settings: flags >
+    MOSHI_TTT_* environment variables > --settings YAML > defaults."""
+    _cpu_defaults()
+    from server.main import serve as run_server
+    from server.settings import ServeSettings, SettingsError
+
+    try:
+        settings = ServeSettings.load(
+            settings_file, checkpoint=checkpoint, host=host, port=port,
+            max_sessions=max_sessions, device=device, dtype=dtype, api_key=api_key, seed=seed,
+            use_sampling=False if greedy else None)
+    except SettingsError as e:
+        fail(str(e))
+    raise typer.Exit(run_server(settings))
+
+
+@app.command("eval-memory")
+def eval_memory(
+    config: Path = typer.Option(..., "--config", "-c", help="project YAML config (eval.memory)"),
+    quick: bool = typer.Option(False, "--quick", help="tiny task and budget: checks the "
+                               "machinery in seconds, says nothing about memory"),
+    steps: Optional[int] = typer.Option(None, help="optimiser steps per method"),
+    seed: Optional[int] = typer.Option(None, help="seed of base, data and trainable parts"),
+    lr: Optional[float] = typer.Option(None, help="learning rate, the same for every method"),
+    ttt_set: Optional[list[str]] = typer.Option(
+        None, "--ttt", help="override a ttt setting for this eval, e.g. --ttt base_lr=1.0"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads [1]"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="results JSON [runs/eval-memory/results(-quick).json]"),
+) -> None:
+    """Memory beyond the attention window: LoRA vs TTT vs the frozen base on a long-range recall
+    task (same base, data, steps and seed), scored frame by frame through LMGen on the frames
+    that need out-of-window content and on the rest. Prints a markdown table, writes JSON."""
+    _cpu_defaults()
+    import yaml
+
+    from .config import ConfigError, load_config
+    from .eval.memory import MemoryEvalSettings, format_table, run_memory_eval, write_results
+
+    try:
+        cfg = load_config(config)
+        ttt: dict = {}
+        for item in ttt_set or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"--ttt expects KEY=VALUE, got {item!r}")
+            ttt[key.strip()] = yaml.safe_load(value)
+        base = (cfg.eval.get("memory") or {}).get("ttt") or {}
+        settings = MemoryEvalSettings.from_config(
+            cfg, quick=quick, steps=steps, seed=seed, lr=lr, threads=threads,
+            ttt={**base, **ttt} if ttt else None)
+        report = run_memory_eval(cfg, settings)
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    path = out or Path("runs/eval-memory") / ("results-quick.json" if quick else "results.json")
+    write_results(report, path)
+    typer.echo(format_table(report))
+    logger.info("results written to %s (%.0f s)", path, report["wall_seconds"])
+
+
+@app.command("eval-stability")
+def eval_stability(
+    config: Path = typer.Option(..., "--config", "-c", help="project YAML config with TTT"),
+    frames: Optional[int] = typer.Option(None, help="session length [15000 = 20 min]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="sessions at once [1]"),
+    driver: Optional[str] = typer.Option(
+        None, help="lmgen (the model samples, as served) or tokens (random tokens forced) [lmgen]"),
+    seed: Optional[int] = typer.Option(None),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads [1]"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="report JSON [runs/eval-stability/results.json]"),
+) -> None:
+    """A long session through the TTT model, one frame per step: fast-weight norms, per-frame
+    step time (first vs last 1000 frames) and resident memory over the whole session."""
+    _cpu_defaults()
+    from .config import ConfigError, load_config
+    from .eval.stability import StabilitySettings, format_summary, run_stability, write_report
+
+    try:
+        cfg = load_config(config)
+        settings = StabilitySettings.from_config(cfg, frames=frames, batch_size=batch_size,
+                                                 driver=driver, seed=seed, threads=threads)
+        report = run_stability(cfg, settings)
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    path = out or Path("runs/eval-stability") / "results.json"
+    write_report(report, path)
+    typer.echo(format_summary(report))
+    logger.info("report written to %s", path)
+    if not report["finite"]:
+        fail("fast weights became non-finite during the session", code=1)
 
 
 @bench_app.command("ttt")

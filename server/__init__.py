@@ -1,0 +1,1 @@
+"""moshi-ttt server: FastAPI + uvicorn websockets, batched sessions over one TTT-Moshi."""

@@ -1,0 +1,223 @@
+"""The FastAPI application: /health, /metrics, /api/chat and the browser client at /.
+
+`ModelHost` owns the model's life: it loads the checkpoint (dims were already validated from
+file headers before the port was bound, see `server.main`), warms the engine up, and only then
+reports ready. Until then /health answers 503 with the reason and chat connections are refused
+with an ERROR message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+from moshi_ttt import protocol
+from moshi_ttt.protocol import FRAME_RATE, NUM_CODEBOOKS, SAMPLE_RATE, Close, Mode
+
+from .engine import Engine, EngineConfig
+from .metrics import ServerMetrics
+from .session import ChatSession, _End
+from .settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "client" / "web"
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(setting)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {setting!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+class ModelHost:
+    """Loading state, the loaded model, its engine, and the sessions connected to it."""
+
+    def __init__(self, settings: ServeSettings, metrics: ServerMetrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or ServerMetrics()
+        self.metrics.sessions_capacity.set(settings.max_sessions)
+        self.status = "starting"
+        self.reason = "the model is not loaded yet"
+        self.loaded: Any = None
+        self.engine: Engine | None = None
+        self.sessions: set[ChatSession] = set()
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        self.model_info: dict[str, Any] = {}
+        self.warmup_step_s: float | None = None
+        self.failed = threading.Event()
+        self.draining = False
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ok"
+
+    def load(self) -> None:
+        """Load, build the engine, warm up. Blocking; run it off the event loop."""
+        from moshi_ttt.checkpoint import load_model
+
+        s = self.settings
+        try:
+            self.status, self.reason = "loading", f"loading {s.checkpoint}"
+            t0 = time.perf_counter()
+            if s.seed is not None:
+                torch.manual_seed(s.seed)
+            if self.device.type == "cpu" and s.cpu_threads:
+                torch.set_num_threads(s.cpu_threads)
+            self.loaded = load_model(s.checkpoint, self.device, self.dtype)
+            self.model_info = self.loaded.describe()
+            self.status, self.reason = "warming_up", "running warm-up steps"
+            self.engine = Engine(self.loaded.lm, self.loaded.mimi, EngineConfig(
+                capacity=s.max_sessions, use_sampling=s.use_sampling, temp=s.temp,
+                temp_text=s.temp_text, top_k=s.top_k, top_k_text=s.top_k_text,
+                batch_wait_s=s.batch_wait_ms / 1000, max_buffered_frames=s.max_buffered_frames,
+            ), self.metrics)
+            self.warmup_step_s = self.engine.warmup(s.warmup_frames)
+            self.engine.start()
+            self.status, self.reason = "ok", ""
+            logger.info("ready in %.1f s: %s on %s/%s, %d session slots, warm-up step %.1f ms",
+                        time.perf_counter() - t0, self.loaded.ref.id, self.device,
+                        str(self.dtype).removeprefix("torch."), s.max_sessions,
+                        1000 * (self.warmup_step_s or 0))
+        except Exception as e:
+            self.status, self.reason = "failed", f"{type(e).__name__}: {e}"
+            logger.error("could not load %s: %s", s.checkpoint, self.reason)
+            self.failed.set()
+
+    async def drain(self, reason: str = "server shutting down", timeout: float = 3.0) -> None:
+        """Stop accepting sessions, end every open one with `reason`, wait for them to go."""
+        self.draining = True
+        for sess in list(self.sessions):
+            sess.abort(_End(Close.GOING_AWAY, "server shutting down", reason))
+        deadline = time.monotonic() + timeout
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+    def health(self) -> dict[str, Any]:
+        lm = self.loaded.lm if self.loaded else None
+        mimi = self.loaded.mimi if self.loaded else None
+        return {
+            "status": self.status,
+            "model": self.model_info,
+            "codec": {
+                "sample_rate": int(mimi.sample_rate) if mimi else SAMPLE_RATE,
+                "frame_rate": float(mimi.frame_rate) if mimi else FRAME_RATE,
+                "frame_size": protocol.FRAME_SIZE,
+                "codebooks": NUM_CODEBOOKS,
+                "card": int(lm.card) if lm else None,
+            },
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "sessions": {"active": self.engine.active if self.engine else 0,
+                         "capacity": self.settings.max_sessions},
+            "checkpoint": self.loaded.checkpoint_info if self.loaded else
+            {"path": str(self.settings.checkpoint)},
+            "warmup_step_ms": round(1000 * self.warmup_step_s, 3)
+            if self.warmup_step_s is not None else None,
+        }
+
+
+def _credentials_ok(settings: ServeSettings, headers: Any, query: Any) -> bool:
+    if not settings.api_key:
+        return True
+    given = headers.get("x-api-key") or query.get("api_key")
+    auth = headers.get("authorization", "")
+    if not given and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    return bool(given) and hmac.compare_digest(given.encode(), settings.api_key.encode())
+
+
+def create_app(settings: ServeSettings, host: ModelHost | None = None,
+               load_in_background: bool = True) -> FastAPI:
+    """The app. With `load_in_background`, loading starts at start-up on a thread (so /health
+    can answer 503 meanwhile); otherwise the caller has loaded `host` already."""
+    host = host or ModelHost(settings)
+
+    async def lifespan(app: FastAPI):
+        if load_in_background and host.status == "starting":
+            threading.Thread(target=host.load, name="moshi-ttt-load", daemon=True).start()
+        yield
+        await host.drain()
+        host.stop()
+
+    app = FastAPI(title="moshi-ttt", lifespan=lifespan)
+    app.state.host = host
+
+    @app.get("/health")
+    def health() -> JSONResponse:
+        body = host.health()
+        if not host.ready:
+            body["reason"] = host.reason
+        return JSONResponse(body, status_code=200 if host.ready else 503)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(host.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.websocket("/api/chat")
+    async def chat(ws: WebSocket) -> None:
+        await ws.accept()
+        m = host.metrics
+
+        async def refuse(code: int, reason: str, label: str) -> None:
+            m.sessions_refused.labels(label).inc()
+            await ws.send_bytes(protocol.error(reason))
+            await ws.close(code=code, reason=label)
+
+        origin = ws.headers.get("origin")
+        if settings.allowed_origins and origin and origin not in settings.allowed_origins:
+            return await refuse(Close.POLICY, f"origin {origin!r} is not allowed", "origin")
+        if not _credentials_ok(settings, ws.headers, ws.query_params):
+            return await refuse(Close.POLICY, "missing or wrong API key (X-API-Key header, "
+                                "Authorization: Bearer, or ?api_key=)", "auth")
+        try:
+            mode = Mode(ws.query_params.get("mode", "opus"))
+        except ValueError:
+            return await refuse(Close.POLICY, f"unknown mode {ws.query_params.get('mode')!r}: "
+                                f"expected one of {[x.value for x in Mode]}", "bad_request")
+        if host.draining:
+            return await refuse(Close.GOING_AWAY, "server shutting down", "shutdown")
+        if not host.ready or host.engine is None:
+            return await refuse(Close.TRY_AGAIN, f"model not ready ({host.status}): "
+                                f"{host.reason}", "not_ready")
+        sess = ChatSession(ws, host.engine, mode, m, host.loaded.tokenizer,
+                           settings.max_message_bytes, settings.max_pending_output,
+                           host.loaded.lm.card, {"checkpoint": host.loaded.checkpoint_info})
+        host.sessions.add(sess)
+        try:
+            await sess.run()
+        finally:
+            host.sessions.discard(sess)
+
+    if WEB_DIR.is_dir():
+        @app.get("/")
+        def index() -> FileResponse:
+            return FileResponse(WEB_DIR / "index.html")
+
+        app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+    return app

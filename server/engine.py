@@ -1,0 +1,396 @@
+"""`Engine`: one model, batch rows as session slots, stepped on its own thread.
+
+Each step advances every session that has an input frame ready by one 80 ms frame, together:
+
+    audio rows:  PCM frame --Mimi.encode--> 8 user codes --+
+    token rows:  8 user codes -----------------------------+--> LMGen.step --> text token + 8
+                                                               Moshi codes --Mimi.decode--> PCM
+
+Rows without a frame ready (a slow client, a free slot) are masked out with moshi's exec mask:
+their KV cache, codec buffers and TTT fast weights do not move. A new session's row is reset by
+mask (KV cache cleared, generation state, codec state, TTT fast weights back to the trained W0);
+every frame then updates that row's TTT state, which no other row reads.
+
+The thread never touches sockets. Sessions push frames with `push` (bounded queue, from the event
+loop) and receive `StepOutput`s through the callback they registered; a diverged session (NaN or
+inf in its TTT state, flagged on device during the step) receives `SessionFailed` and its row is
+reset, while the other rows continue.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import numpy as np
+import torch
+from moshi.models.lm import LMGen, LMModel
+
+from moshi_ttt.model import ttt_blocks
+from moshi_ttt.protocol import FRAME_SIZE, NUM_CODEBOOKS
+from moshi_ttt.streaming import reset_rows
+
+from .metrics import ServerMetrics
+from .slots import CapacityError, SessionSlots
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineConfig", "SessionHandle", "StepOutput", "SessionFailed",
+           "InputOverflow", "SessionClosed", "CapacityError"]
+
+
+class InputOverflow(RuntimeError):
+    """A session queued more input frames than allowed: it sends faster than the model runs."""
+
+
+class SessionClosed(RuntimeError):
+    """The session's slot was released (closed, failed, or the engine stopped)."""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """The model's answer to one input frame of one session."""
+
+    frame: int  # index of the input frame (0-based, per session)
+    text_token: int  # -2 while the model's delays fill
+    codes: np.ndarray  # [8] Moshi's audio codes, -2 while the delays fill
+    pcm: np.ndarray | None  # [1920] float32 decoded audio (audio sessions, once generated)
+
+
+@dataclass(frozen=True)
+class SessionFailed:
+    reason: str
+    kind: str  # metrics label, e.g. "nonfinite_ttt_state", "internal"
+
+
+Delivery = Union[StepOutput, SessionFailed]
+
+
+@dataclass
+class EngineConfig:
+    capacity: int
+    use_sampling: bool = True
+    temp: float = 0.8
+    temp_text: float = 0.7
+    top_k: int = 250
+    top_k_text: int = 25
+    batch_wait_s: float = 0.02
+    max_buffered_frames: int = 50
+
+
+@dataclass(eq=False)
+class SessionHandle:
+    """A session's claim on one batch row."""
+
+    slot: int
+    generation: int
+    wants_audio: bool  # decode Moshi's codes to PCM for this session
+    deliver: Callable[[Delivery], None]  # called on the model thread
+    inbox: collections.deque = field(default_factory=collections.deque)
+    first_wait: float | None = None  # when the oldest queued frame was pushed
+    frames_in: int = 0
+    frames_out: int = 0
+    closed: bool = False
+    ready: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class Engine:
+    def __init__(self, lm: LMModel, mimi: Any, cfg: EngineConfig,
+                 metrics: ServerMetrics | None = None):
+        self.lm = lm
+        self.mimi = mimi
+        self.cfg = cfg
+        self.device = next(lm.parameters()).device
+        self.metrics = metrics or ServerMetrics()
+        self.slots = SessionSlots(cfg.capacity)
+        self.lm_gen = LMGen(lm, use_sampling=cfg.use_sampling, temp=cfg.temp,
+                            temp_text=cfg.temp_text, top_k=cfg.top_k, top_k_text=cfg.top_k_text,
+                            support_out_of_sync=True)
+        S = cfg.capacity
+        self.lm_gen.streaming_forever(S)
+        if mimi is not None:
+            mimi.streaming_forever(S)
+        self._handles: dict[int, SessionHandle] = {}
+        self._resets: set[int] = set()
+        self._tasks: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = \
+            collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self._blocks = [a.block for a in ttt_blocks(lm)]
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="moshi-ttt-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, reason: str = "server shutting down") -> None:
+        """Fail every open session with `reason` and stop the thread (pending tasks too)."""
+        with self._cond:
+            self._stopping = True
+            handles = list(self._handles.values())
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        for h in handles:
+            self._detach(h, SessionFailed(reason, "shutdown"))
+        while self._tasks:
+            _, fut = self._tasks.popleft()
+            fut.cancel()
+
+    @torch.no_grad()
+    def warmup(self, frames: int) -> float:
+        """Run `frames` steps with every row active through both codec directions (on GPU this
+        also captures moshi's CUDA graphs), then reset every row. Returns seconds per step."""
+        if frames <= 0:
+            return 0.0
+        S = self.cfg.capacity
+        everyone = torch.ones(S, dtype=torch.bool, device=self.device)
+        t0 = time.perf_counter()
+        for _ in range(frames):
+            pcm = torch.zeros(S, 1, FRAME_SIZE, device=self.device)
+            self._step_tensors(pcm, torch.zeros(S, NUM_CODEBOOKS, 1, dtype=torch.long,
+                                                device=self.device),
+                               everyone, *(2 * [everyone if self.mimi is not None else None]))
+        self._sync()
+        dt = (time.perf_counter() - t0) / frames
+        self._reset(everyone)
+        self._sync()
+        return dt
+
+    # -- called from the event loop ----------------------------------------------------------------
+    def open(self, wants_audio: bool, deliver: Callable[[Delivery], None]) -> SessionHandle:
+        """Claim a free row (CapacityError if none). The row is reset on the model thread before
+        its first frame; `handle.ready` completes once it has been."""
+        if wants_audio and self.mimi is None:
+            raise ValueError("this engine has no codec: only token sessions are possible")
+        slot, gen = self.slots.acquire()
+        h = SessionHandle(slot, gen, wants_audio, deliver)
+        with self._cond:
+            if self._stopping:
+                self.slots.release(slot, gen)
+                raise SessionClosed("the server is shutting down")
+            self._handles[slot] = h
+            self._resets.add(slot)
+            self._cond.notify_all()
+        return h
+
+    def push(self, h: SessionHandle, frame: np.ndarray) -> None:
+        """Queue one input frame: float32 [1920] PCM (audio sessions) or int [8] codes."""
+        with self._cond:
+            if h.closed:
+                raise SessionClosed("session is closed")
+            if len(h.inbox) >= self.cfg.max_buffered_frames:
+                raise InputOverflow(
+                    f"input buffer full: {len(h.inbox)} frames queued (limit "
+                    f"{self.cfg.max_buffered_frames}, {self.cfg.max_buffered_frames * 0.08:.1f} s)"
+                    f"; the client sends faster than the model runs")
+            if not h.inbox:
+                h.first_wait = time.monotonic()
+            h.inbox.append(frame)
+            h.frames_in += 1
+            self._cond.notify_all()
+
+    def close(self, h: SessionHandle) -> None:
+        """Release the session's row (idempotent); queued frames are dropped, the row is reset."""
+        self._detach(h, None)
+
+    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn` on the model thread between two steps (inspection, maintenance)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                fut.cancel()
+                return fut
+            self._tasks.append((fn, fut))
+            self._cond.notify_all()
+        return fut
+
+    @property
+    def active(self) -> int:
+        return self.slots.active
+
+    # -- the model thread ------------------------------------------------------------------------
+    def _detach(self, h: SessionHandle, why: SessionFailed | None) -> None:
+        with self._cond:
+            if h.closed:
+                return
+            h.closed = True
+            h.inbox.clear()
+            if self._handles.get(h.slot) is h:
+                del self._handles[h.slot]
+                self._resets.add(h.slot)  # leave nothing of this session in the row
+            self.slots.release(h.slot, h.generation)
+            self._cond.notify_all()
+        if why is not None:
+            self.metrics.errors.labels(why.kind).inc()
+            try:
+                h.deliver(why)
+            except Exception:  # the session's loop may be gone; nothing else to tell
+                logger.debug("could not deliver failure to slot %d", h.slot, exc_info=True)
+        if not h.ready.done():
+            h.ready.set_exception(SessionClosed(why.reason if why else "session closed"))
+
+    def _has_work(self) -> bool:
+        return bool(self._resets or self._tasks or any(h.inbox for h in self._handles.values()))
+
+    def _take(self) -> tuple[list[int], list[tuple], list[tuple[SessionHandle, np.ndarray]]]:
+        """Under the lock: wait for work, then for the other sessions' frames (up to
+        batch_wait_s), and take one frame from each ready session."""
+        while not self._stopping and not self._has_work():
+            self._cond.wait()
+        while not self._stopping and not self._resets and not self._tasks:
+            waiting = [h for h in self._handles.values() if h.inbox]
+            if len(waiting) == len(self._handles) or not waiting:
+                break
+            left = min(h.first_wait for h in waiting) + self.cfg.batch_wait_s - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(timeout=left)
+        resets = sorted(self._resets)
+        self._resets.clear()
+        tasks = list(self._tasks)
+        self._tasks.clear()
+        batch = []
+        for h in self._handles.values():
+            if h.inbox:
+                batch.append((h, h.inbox.popleft()))
+                h.first_wait = time.monotonic() if h.inbox else None
+        return resets, tasks, batch
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                resets, tasks, batch = self._take()
+                if self._stopping:
+                    return
+            for fn, fut in tasks:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # handed back to whoever asked
+                        fut.set_exception(e)
+            if resets:
+                self._apply_resets(resets)
+            if batch:
+                try:
+                    self._step(batch)
+                except Exception as e:  # one broken step must not end the server
+                    logger.exception("model step failed; failing the %d session(s) in it",
+                                     len(batch))
+                    for h, _ in batch:
+                        self._detach(h, SessionFailed(f"internal error in the model step: "
+                                                      f"{type(e).__name__}: {e}", "internal"))
+
+    def _apply_resets(self, slots: list[int]) -> None:
+        mask = torch.zeros(self.cfg.capacity, dtype=torch.bool)
+        mask[slots] = True
+        try:
+            self._reset(mask.to(self.device))
+        except Exception as e:
+            logger.exception("resetting rows %s failed", slots)
+            for s in slots:
+                h = self._handles.get(s)
+                if h is not None:
+                    self._detach(h, SessionFailed(f"could not reset the session's row: {e}",
+                                                  "internal"))
+            return
+        for s in slots:
+            h = self._handles.get(s)
+            if h is not None and not h.ready.done():
+                h.ready.set_result(s)
+
+    def _reset(self, mask: torch.Tensor) -> None:
+        with torch.no_grad():
+            reset_rows(self.lm_gen, mask)
+            if self.mimi is not None:
+                reset_rows(self.mimi, mask)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def _step_tensors(self, pcm: torch.Tensor | None, codes: torch.Tensor, ready: torch.Tensor,
+                      encode: torch.Tensor | None, decode: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One batched step on device. pcm [S,1,1920] for the `encode` rows, codes [S,8,1] for
+        the others; `decode`: rows that want audio. Returns (tokens [S,9], pcm [S,1920] or None,
+        nonfinite [S])."""
+        if encode is not None and pcm is not None:
+            self.mimi.set_exec_mask(encode)
+            enc = self.mimi.encode(pcm)[:, :NUM_CODEBOOKS]
+            codes = torch.where(encode[:, None, None], enc, codes)
+        self.lm_gen.set_exec_mask(ready)
+        out = self.lm_gen.step(codes)[:, :, 0]  # [S, 9]; -2 until a row's delays are filled
+        audio = None
+        if decode is not None:
+            dec = decode & (out[:, 1:] >= 0).all(dim=1)
+            self.mimi.set_exec_mask(dec)
+            audio = self.mimi.decode(out[:, 1:, None].clamp(min=0))[:, 0]
+        bad = torch.zeros_like(ready)
+        for b in self._blocks:
+            bad |= b._streaming_state.nonfinite
+        return out, audio, bad & ready
+
+    def _step(self, batch: list[tuple[SessionHandle, np.ndarray]]) -> None:
+        t0 = time.perf_counter()
+        S, dev = self.cfg.capacity, self.device
+        ready = torch.zeros(S, dtype=torch.bool)
+        encode = torch.zeros(S, dtype=torch.bool)
+        decode = torch.zeros(S, dtype=torch.bool)
+        codes = torch.zeros(S, NUM_CODEBOOKS, 1, dtype=torch.long)
+        pcm = None
+        for h, frame in batch:
+            ready[h.slot] = True
+            decode[h.slot] = h.wants_audio
+            if frame.dtype == np.float32:
+                if pcm is None:
+                    pcm = torch.zeros(S, 1, FRAME_SIZE)
+                pcm[h.slot, 0] = torch.from_numpy(frame)
+                encode[h.slot] = True
+            else:
+                codes[h.slot, :, 0] = torch.from_numpy(frame)
+        out, audio, bad = self._step_tensors(
+            pcm.to(dev) if pcm is not None else None, codes.to(dev), ready.to(dev),
+            encode.to(dev) if pcm is not None else None,
+            decode.to(dev) if bool(decode.any()) else None)
+        out = out.cpu().numpy()  # the one host sync of the step
+        audio = audio.float().cpu().numpy() if audio is not None else None
+        bad = bad.cpu().numpy()
+        self.steps += 1
+        dt = time.perf_counter() - t0
+        self.metrics.step_seconds.observe(dt)
+        self.metrics.step_batch.observe(len(batch))
+        self.metrics.frames.inc(len(batch))
+        for h, _ in batch:
+            if h.closed:
+                continue  # closed during the step: its row is queued for a reset already
+            s = h.slot
+            if bad[s]:
+                logger.warning("slot %d: non-finite values in the session's TTT state; "
+                               "closing it and resetting its row", s)
+                self._detach(h, SessionFailed(
+                    "the session's TTT state diverged (NaN or inf in its fast weights); the "
+                    "session was closed and its slot reset", "nonfinite_ttt_state"))
+                continue
+            generated = out[s, 1] >= 0
+            res = StepOutput(
+                frame=h.frames_out, text_token=int(out[s, 0]), codes=out[s, 1:].copy(),
+                pcm=audio[s].copy() if (audio is not None and h.wants_audio and generated)
+                else None)
+            h.frames_out += 1
+            try:
+                h.deliver(res)
+            except Exception:
+                logger.exception("delivering output to slot %d failed; closing it", s)
+                self._detach(h, SessionFailed("internal error delivering output", "internal"))

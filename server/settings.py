@@ -1,0 +1,115 @@
+"""Server settings: command-line flags > environment (`MOSHI_TTT_*`) > YAML file > defaults.
+
+The YAML file may be a plain mapping of these fields or a project config whose `serve:` section
+holds them, so one file can describe a model and how it is served.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """A settings file or value is missing or invalid; the message names it."""
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOSHI_TTT_", extra="forbid")
+
+    checkpoint: Path = Field(..., description="run dir, checkpoint dir or init-base dir")
+    host: str = "127.0.0.1"
+    port: int = Field(8998, ge=0, le=65535, description="0: any free port")
+    max_sessions: int = Field(4, ge=1, description="batch rows: concurrent sessions")
+    device: str = Field("auto", description="auto (cuda when available), cuda, cuda:N or cpu")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="model weights; auto: bfloat16 on GPU, float32 on CPU")
+
+    # generation (moshi's LMGen)
+    use_sampling: bool = True
+    temp: float = Field(0.8, ge=0)
+    temp_text: float = Field(0.7, ge=0)
+    top_k: int = Field(250, ge=1)
+    top_k_text: int = Field(25, ge=1)
+    seed: int | None = Field(None, description="seed torch's generator at start-up")
+
+    # batching and bounds
+    batch_wait_ms: float = Field(
+        20.0, ge=0, description="after the first frame is ready, wait this long for the other "
+        "active sessions' frames before stepping (0: step at once)")
+    max_buffered_frames: int = Field(
+        50, ge=1, description="input frames a session may have queued (50 = 4 s); beyond it "
+        "the client is sending faster than the model runs and is told and closed")
+    max_pending_output: int = Field(
+        100, ge=1, description="output frames a session may leave unsent (a stalled reader)")
+    max_message_bytes: int = Field(1 << 20, ge=1024, description="largest websocket message")
+    warmup_frames: int = Field(4, ge=0, description="model steps run before accepting anyone")
+
+    # access
+    api_key: str | None = Field(None, description="require this key (X-API-Key, Bearer, or "
+                                "?api_key= for browsers); None: open")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="browser Origins allowed to connect; empty: any")
+    cpu_threads: int | None = Field(
+        1, ge=1, description="torch threads when serving on CPU (None: torch's default). One "
+        "frame's ops are small: extra threads mostly spin, and under load cost 10x")
+    log_level: str = "info"
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @classmethod
+    def load(cls, yaml_file: Path | None = None, **overrides: Any) -> "ServeSettings":
+        """Settings from flags (`overrides`, None values ignored), env, then `yaml_file`."""
+        file_values = read_settings_file(yaml_file) if yaml_file else {}
+        flags = {k: v for k, v in overrides.items() if v is not None}
+
+        class _WithFile(cls):  # type: ignore[misc, valid-type]
+            @classmethod
+            def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                           dotenv_settings, file_secret_settings):
+                return (init_settings, env_settings, _MappingSource(settings_cls, file_values))
+
+        try:
+            return cls.model_validate(_WithFile(**flags).model_dump())
+        except ValueError as e:
+            where = f" (file {yaml_file})" if yaml_file else ""
+            raise SettingsError(f"invalid server settings{where}:\n{e}") from e
+
+
+class _MappingSource(PydanticBaseSettingsSource):
+    """Lowest-priority source: values read from the YAML file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]):
+        super().__init__(settings_cls)
+        self.values = values
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"settings file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SettingsError(f"settings file {path} is not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise SettingsError(f"settings file {path} must hold a mapping")
+    if "serve" in raw and isinstance(raw["serve"], dict):  # a project config
+        raw = raw["serve"]
+    return raw

@@ -1,0 +1,49 @@
+"""`SessionSlots`: which batch rows of the model are free, and who holds the others."""
+
+from __future__ import annotations
+
+import threading
+
+
+class CapacityError(RuntimeError):
+    """Every slot is taken."""
+
+
+class SessionSlots:
+    """A fixed set of batch rows handed out to sessions. Each grant carries a generation number,
+    so late output for a row's previous holder is recognised and dropped."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._free = list(range(capacity))
+        self._generation = [0] * capacity
+        self._lock = threading.Lock()
+
+    def acquire(self) -> tuple[int, int]:
+        """(slot, generation) of a free row, lowest index first; CapacityError when none."""
+        with self._lock:
+            if not self._free:
+                raise CapacityError(f"all {self.capacity} session slots are taken")
+            self._free.sort()
+            slot = self._free.pop(0)
+            self._generation[slot] += 1
+            return slot, self._generation[slot]
+
+    def release(self, slot: int, generation: int) -> bool:
+        """Free a row if `generation` still holds it (idempotent); True if it was freed."""
+        with self._lock:
+            if self._generation[slot] != generation or slot in self._free:
+                return False
+            self._free.append(slot)
+            return True
+
+    def holds(self, slot: int, generation: int) -> bool:
+        with self._lock:
+            return self._generation[slot] == generation and slot not in self._free
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return self.capacity - len(self._free)

@@ -1,0 +1,159 @@
+"""Test harness for the server: a real uvicorn on loopback in a background thread, and a small
+synchronous websocket peer that records everything the server sends."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import uvicorn
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from moshi_ttt.protocol import Kind
+
+
+class ServerThread:
+    """`create_app` under uvicorn on 127.0.0.1:<free port>, until the context exits."""
+
+    def __init__(self, settings, host=None, wait_ready: bool = True):
+        from server.app import ModelHost, create_app
+
+        self.settings = settings
+        self.host = host or ModelHost(settings)
+        self.app = create_app(settings, self.host)
+        self.wait_ready = wait_ready
+        self.server: uvicorn.Server | None = None
+
+    def __enter__(self) -> "ServerThread":
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
+                                lifespan="on", ws_max_size=4 * self.settings.max_message_bytes,
+                                log_config=None)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        while self.wait_ready and not self.host.ready:
+            if self.host.failed.is_set() or time.monotonic() > deadline:
+                raise RuntimeError(f"model did not load: {self.host.reason}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self.server is not None
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def engine(self):
+        return self.host.engine
+
+    def url(self, path: str = "/api/chat", **query: Any) -> str:
+        q = "&".join(f"{k}={v}" for k, v in query.items())
+        return f"ws://127.0.0.1:{self.port}{path}{'?' + q if q else ''}"
+
+    def http(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@dataclass
+class Peer:
+    """A websocket client that collects the server's messages on a thread."""
+
+    url: str
+    headers: dict[str, str] | None = None
+    handshake: bool = True  # wait for handshake + metadata on open
+    messages: list[tuple[int, bytes]] = field(default_factory=list)
+    close_code: int | None = None
+    close_reason: str = ""
+
+    def __enter__(self) -> "Peer":
+        self.ws = connect(self.url, additional_headers=self.headers, max_size=None,
+                          open_timeout=30, close_timeout=5).__enter__()
+        self._lock = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if self.handshake:
+            self.wait_for(lambda: any(k == Kind.METADATA for k, _ in self.messages)
+                          or self.closed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.ws.close()
+        except Exception:
+            pass
+        self._reader.join(timeout=10)
+
+    def _read(self) -> None:
+        try:
+            for m in self.ws:
+                with self._lock:
+                    self.messages.append((m[0], bytes(m[1:])))
+                    self._lock.notify_all()
+        except ConnectionClosed:
+            pass
+        finally:
+            with self._lock:
+                self.close_code = self.ws.close_code or 1006
+                self.close_reason = self.ws.close_reason or ""
+                self._lock.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self.close_code is not None
+
+    def wait_for(self, pred, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not pred():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"condition not met in {timeout} s; got kinds "
+                                       f"{[k for k, _ in self.messages][-20:]}, "
+                                       f"close {self.close_code}")
+                self._lock.wait(timeout=left)
+
+    def wait_closed(self, timeout: float = 60.0) -> None:
+        self.wait_for(lambda: self.closed, timeout)
+
+    def of(self, kind: Kind) -> list[bytes]:
+        with self._lock:
+            return [p for k, p in self.messages if k == kind]
+
+    @property
+    def metadata(self) -> dict:
+        return json.loads(self.of(Kind.METADATA)[0])
+
+    @property
+    def errors(self) -> list[str]:
+        return [p.decode() for p in self.of(Kind.ERROR)]
+
+    def send(self, kind: int, payload: bytes = b"") -> None:
+        self.ws.send(bytes([kind]) + payload)
+
+    def send_codes(self, codes: np.ndarray) -> None:
+        self.send(Kind.CODES, np.ascontiguousarray(codes, dtype="<i4").tobytes())
+
+    def send_pcm(self, pcm: np.ndarray) -> None:
+        self.send(Kind.AUDIO, np.ascontiguousarray(pcm, dtype="<f4").tobytes())
+
+    def codes_out(self) -> np.ndarray:
+        """[n, 9] frames received in tokens mode (text token, 8 Moshi codes)."""
+        parts = [np.frombuffer(p, dtype="<i4").reshape(-1, 9) for p in self.of(Kind.CODES)]
+        return np.concatenate(parts) if parts else np.zeros((0, 9), np.int32)
+
+    def wait_codes(self, n: int, timeout: float = 60.0) -> np.ndarray:
+        self.wait_for(lambda: sum(len(p) // 36 for p in self.of(Kind.CODES)) >= n
+                      or self.closed, timeout)
+        return self.codes_out()

@@ -1,0 +1,522 @@
+"""The server against a real uvicorn on loopback: protocol, batching and isolation of sessions,
+refusals, every kind of bad input, start-up checks, health and metrics, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import sphn
+import torch
+
+from moshi_ttt.protocol import FRAME_SIZE, Close, Kind
+from server.settings import ServeSettings
+
+from conftest import REPO
+from fixtures import make_tiny_base
+from serving import Peer, ServerThread
+
+K = 16  # the tiny config's TTT mini-batch
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_base(tmp_path_factory.mktemp("serve"))
+
+
+def settings(base, **kw) -> ServeSettings:
+    kw.setdefault("max_sessions", 2)
+    kw.setdefault("use_sampling", False)  # greedy: outputs are a function of the inputs
+    kw.setdefault("warmup_frames", 1)
+    kw.setdefault("batch_wait_ms", 5)
+    kw.setdefault("cpu_threads", None)
+    return ServeSettings(checkpoint=base, **kw)
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def user_codes(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2048, (n, 8))
+
+
+def text_head_in_vocab(srv: ServerThread) -> None:
+    """A random LM's text head mostly names ids beyond the tiny tokenizer's vocabulary; keep
+    only real word pieces so that text output exists (run on the model thread)."""
+    lm, tok = srv.host.loaded.lm, srv.host.loaded.tokenizer
+
+    def patch():
+        with torch.no_grad():
+            w = lm.text_linear.weight
+            w[tok.vocab_size():] = 0
+            w[[0, 3]] = -w[[0, 3]].abs()  # padding never wins either
+    srv.engine.submit(patch).result(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def srv(base):
+    with ServerThread(settings(base)) as s:
+        text_head_in_vocab(s)
+        yield s
+
+
+def wait_idle(srv: ServerThread, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while srv.engine.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.engine.active == 0
+
+
+# -- protocol ----------------------------------------------------------------------------------
+
+def test_handshake_then_metadata(srv):
+    with Peer(srv.url(mode="tokens")) as p:
+        kinds = [k for k, _ in p.messages[:2]]
+        assert kinds == [Kind.HANDSHAKE, Kind.METADATA]
+        assert p.messages[0][1] == b"\x00\x00"  # version 0, model 0
+        meta = p.metadata
+        assert meta["mode"] == "tokens" and meta["sample_rate"] == 24000
+        assert meta["frame_size"] == FRAME_SIZE and meta["slot"] in (0, 1)
+
+
+def test_tokens_mode_one_answer_per_frame_and_text(srv):
+    n = 40
+    with Peer(srv.url(mode="tokens")) as p:
+        p.send_codes(user_codes(n, 1))
+        out = p.wait_codes(n)
+        assert out.shape == (n, 9)
+        assert (out[0] == -2).all()  # the model's delay: one frame before anything is generated
+        assert (out[1:] >= 0).all() and (out[1:, 1:] < 2048).all()
+        tok = srv.host.loaded.tokenizer
+        pieces = [tok.id_to_piece(int(t)).replace("\u2581", " ")
+                  for t in out[1:, 0] if t not in (0, 3)]
+        p.wait_for(lambda: len(p.of(Kind.TEXT)) >= len(pieces))
+        assert [t.decode() for t in p.of(Kind.TEXT)] == pieces and "".join(pieces).strip()
+
+
+def test_pcm_audio_out_for_audio_in(srv):
+    n = 12
+    pcm = (np.random.default_rng(0).standard_normal(n * FRAME_SIZE) * 0.1).astype(np.float32)
+    with Peer(srv.url(mode="pcm")) as p:
+        for chunk in np.array_split(pcm, 7):  # any chunking is re-framed into 1920 samples
+            p.send_pcm(chunk)
+        p.wait_for(lambda: len(p.of(Kind.AUDIO)) >= n - 1)
+        time.sleep(0.3)
+        audio = p.of(Kind.AUDIO)
+        assert len(audio) == n - 1  # frame counts match up to the model delay (1 frame)
+        out = np.frombuffer(b"".join(audio), dtype="<f4")
+        assert out.size == (n - 1) * FRAME_SIZE and np.isfinite(out).all() and out.std() > 0
+
+
+def test_opus_audio_out_for_audio_in(srv):
+    n = 12
+    writer = sphn.OpusStreamWriter(24000)
+    t = np.arange(n * FRAME_SIZE) / 24000
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    with Peer(srv.url(mode="opus")) as p:
+        for i in range(n):
+            data = writer.append_pcm(pcm[i * FRAME_SIZE:(i + 1) * FRAME_SIZE])
+            if data:
+                p.send(Kind.AUDIO, data)
+        reader = sphn.OpusStreamReader(24000)
+        decoded = []
+
+        def enough():
+            for page in p.of(Kind.AUDIO)[len(decoded):]:
+                decoded.append(reader.append_bytes(page))
+            return sum(d.size for d in decoded) >= (n - 3) * FRAME_SIZE
+        p.wait_for(enough)
+        assert not p.errors
+
+
+# -- sessions ----------------------------------------------------------------------------------
+
+def _run_alone(srv, codes, hold_slot0: bool) -> np.ndarray:
+    """One session's outputs when it runs by itself (optionally in slot 1, with slot 0 held by
+    an idle session that sends nothing)."""
+    holder = Peer(srv.url(mode="tokens")).__enter__() if hold_slot0 else None
+    try:
+        with Peer(srv.url(mode="tokens")) as p:
+            assert p.metadata["slot"] == (1 if hold_slot0 else 0)
+            for i in range(0, len(codes), 5):  # paced: the input queue is bounded
+                p.send_codes(codes[i:i + 5])
+                p.wait_codes(min(i + 5, len(codes)))
+            out = p.codes_out()
+            assert len(out) == len(codes), (p.close_code, p.errors)
+            return out
+    finally:
+        if holder:
+            holder.__exit__()
+        wait_idle(srv)
+
+
+def test_concurrent_sessions_equal_each_alone_and_keep_their_own_ttt_state(srv):
+    n = 3 * K + 5
+    a_in, b_in = user_codes(n, 10), user_codes(n, 11)
+    wait_idle(srv)
+    a_alone = _run_alone(srv, a_in, hold_slot0=False)
+    b_alone = _run_alone(srv, b_in, hold_slot0=True)
+    assert not np.array_equal(a_alone, b_alone)
+
+    with Peer(srv.url(mode="tokens")) as a, Peer(srv.url(mode="tokens")) as b:
+        assert (a.metadata["slot"], b.metadata["slot"]) == (0, 1)
+        rng = np.random.default_rng(0)
+        ia = ib = 0
+        while ia < n or ib < n:  # interleave irregularly: steps batch both, one, or the other
+            if ia < n and rng.random() < 0.5:
+                k = int(rng.integers(1, 4))
+                a.send_codes(a_in[ia:ia + k])
+                ia += k
+            if ib < n and rng.random() < 0.5:
+                k = int(rng.integers(1, 4))
+                b.send_codes(b_in[ib:ib + k])
+                ib += k
+            time.sleep(float(rng.random()) * 0.02)
+        a_out, b_out = a.wait_codes(n), b.wait_codes(n)
+
+        def fast_weights_moved():
+            st = [blk._streaming_state for blk in srv.engine._blocks]
+            w0 = st[0].w0().w1
+            return [float((s.w.w1[r] - w0).abs().max()) for s in st for r in (0, 1)]
+        moved = srv.engine.submit(fast_weights_moved).result(timeout=30)
+    np.testing.assert_array_equal(a_out, a_alone)
+    np.testing.assert_array_equal(b_out, b_alone)
+    assert all(m > 0 for m in moved)  # both sessions' TTT states learned online
+
+
+def test_refusal_at_capacity_says_so(base):
+    with ServerThread(settings(base, max_sessions=1)) as srv:
+        with Peer(srv.url(mode="tokens")):
+            with Peer(srv.url(mode="tokens"), handshake=False) as late:
+                late.wait_closed()
+            assert late.close_code == Close.TRY_AGAIN
+            assert late.errors and "all 1 session slots are taken" in late.errors[0]
+            assert not late.of(Kind.HANDSHAKE)
+        metrics = urllib.request.urlopen(srv.http("/metrics")).read().decode()
+        assert 'moshi_ttt_sessions_refused_total{reason="capacity"} 1.0' in metrics
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,message,code,match", [
+    ("tokens", b"\x63hello", Close.UNSUPPORTED, "unknown message kind 99"),
+    ("tokens", b"", Close.UNSUPPORTED, "empty message"),
+    ("opus", b"\x01" + b"this is not ogg" * 10, Close.INVALID, "malformed Ogg/Opus"),
+    ("pcm", b"\x01" + b"\x00" * 7, Close.INVALID, "not a whole number of float32"),
+    ("pcm", b"\x01" + np.array([0.1, np.nan], "<f4").tobytes(), Close.INVALID, "NaN"),
+    ("tokens", b"\x07" + np.full(8, 5000, "<i4").tobytes(), Close.INVALID, "out of range"),
+    ("tokens", b"\x07" + np.zeros(5, "<i4").tobytes(), Close.INVALID, "frames of 8 int32"),
+    ("tokens", b"\x01" + b"\x00" * 16, Close.UNSUPPORTED, "not accepted in tokens mode"),
+    ("pcm", b"\x07" + np.zeros(8, "<i4").tobytes(), Close.UNSUPPORTED, "need tokens mode"),
+    ("tokens", b"\x02hi", Close.UNSUPPORTED, "sent by the server"),
+])
+def test_bad_messages_end_only_that_session(srv, mode, message, code, match):
+    with Peer(srv.url(mode="tokens")) as good, Peer(srv.url(mode=mode)) as bad:
+        good.send_codes(user_codes(3, 5))
+        if message:
+            bad.ws.send(message)
+        else:
+            bad.ws.send(b"")
+        bad.wait_closed()
+        assert bad.close_code == code, bad.errors
+        assert len(bad.errors) == 1 and match in bad.errors[0]
+        good.send_codes(user_codes(3, 6))
+        assert len(good.wait_codes(6)) == 6 and not good.closed  # the other session goes on
+    wait_idle(srv)
+
+
+def test_text_frames_and_oversized_messages(base):
+    with ServerThread(settings(base, max_message_bytes=4096)) as srv:
+        with Peer(srv.url(mode="pcm")) as p:
+            p.ws.send("hello")
+            p.wait_closed()
+        assert p.close_code == Close.UNSUPPORTED and "text websocket frames" in p.errors[0]
+        with Peer(srv.url(mode="pcm")) as p:
+            p.send_pcm(np.zeros(2000, np.float32))  # 8 kB > 4 kB
+            p.wait_closed()
+        assert p.close_code == Close.TOO_BIG and "over the limit of 4096 bytes" in p.errors[0]
+        with Peer(srv.url(mode="pcm")) as p:  # far beyond: uvicorn's own limit closes it
+            p.send_pcm(np.zeros(40000, np.float32))
+            p.wait_closed()
+        assert p.close_code == Close.TOO_BIG
+
+
+def test_audio_before_handshake_is_refused(srv):
+    blocker = threading.Event()
+    srv.engine.submit(lambda: blocker.wait(10))  # the model thread is busy: no handshake yet
+    try:
+        with Peer(srv.url(mode="pcm"), handshake=False) as p:
+            p.send_pcm(np.zeros(FRAME_SIZE, np.float32))
+            time.sleep(0.2)
+            blocker.set()
+            p.wait_closed()
+        assert p.close_code == Close.POLICY
+        assert "before the server's handshake" in p.errors[0]
+        assert not p.of(Kind.HANDSHAKE)
+    finally:
+        blocker.set()
+    wait_idle(srv)
+
+
+def test_client_faster_than_the_model_is_told_and_closed(base):
+    with ServerThread(settings(base, max_buffered_frames=4)) as srv:
+        blocker = threading.Event()
+        with Peer(srv.url(mode="tokens")) as p:
+            srv.engine.submit(lambda: blocker.wait(10))
+            p.send_codes(user_codes(10, 0))  # 10 frames while the model is busy
+            p.wait_closed()
+            blocker.set()
+        assert p.close_code == Close.POLICY
+        assert "input buffer full" in p.errors[0] and "limit 4" in p.errors[0]
+        wait_idle(srv)
+
+
+def test_abrupt_disconnect_mid_frame_frees_the_slot(srv):
+    wait_idle(srv)
+    p = Peer(srv.url(mode="pcm")).__enter__()
+    p.send_pcm(np.zeros(FRAME_SIZE + 700, np.float32))  # one frame and a half
+    time.sleep(0.2)
+    p.ws.socket.shutdown(socket.SHUT_RDWR)  # no close handshake
+    p.ws.socket.close()
+    wait_idle(srv)
+    with Peer(srv.url(mode="tokens")) as q:
+        assert q.metadata["slot"] == 0
+        q.send_codes(user_codes(2, 0))
+        assert len(q.wait_codes(2)) == 2
+
+
+def test_nonfinite_ttt_state_closes_that_session_others_unchanged(srv):
+    n = 2 * K
+    b_in = user_codes(n, 21)
+    wait_idle(srv)
+    b_ref = _run_alone(srv, b_in, hold_slot0=True)
+    with Peer(srv.url(mode="tokens")) as a, Peer(srv.url(mode="tokens")) as b:
+        a.send_codes(user_codes(3, 20))
+        a.wait_codes(3)
+
+        def poison():  # a diverged session: NaN in slot 0's fast weights
+            srv.engine._blocks[0]._streaming_state.w.w1[0].fill_(float("nan"))
+        srv.engine.submit(poison).result(timeout=30)
+        a.send_codes(user_codes(1, 22))
+        for i in range(0, n, 8):
+            b.send_codes(b_in[i:i + 8])
+            b.wait_codes(i + 8)
+        a.wait_closed()
+        assert a.close_code == Close.INTERNAL and "TTT state diverged" in a.errors[0]
+        np.testing.assert_array_equal(b.wait_codes(n), b_ref)
+    wait_idle(srv)
+    # the slot is clean for the next session: same outputs as a session that never saw NaN
+    a2 = _run_alone(srv, b_in, hold_slot0=False)
+    b_slot0 = _run_alone(srv, b_in, hold_slot0=False)
+    np.testing.assert_array_equal(a2, b_slot0)
+    metrics = urllib.request.urlopen(srv.http("/metrics")).read().decode()
+    assert 'moshi_ttt_errors_total{kind="nonfinite_ttt_state"} 1.0' in metrics
+
+
+def test_bad_sessions_leave_nothing_behind(srv):
+    wait_idle(srv)
+
+    def rss_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def once(i):
+        with Peer(srv.url(mode="pcm")) as p:
+            p.send_pcm(np.zeros(FRAME_SIZE, np.float32))
+            p.ws.send(b"\x63" if i % 2 else b"\x01garbage")
+            p.wait_closed()
+    for i in range(5):
+        once(i)
+    before = rss_mb()
+    for i in range(30):
+        once(i)
+    wait_idle(srv)
+    deadline = time.monotonic() + 10
+    while srv.host.sessions and time.monotonic() < deadline:  # the last close is in flight
+        time.sleep(0.02)
+    assert srv.engine._handles == {} and srv.engine.slots.active == 0
+    assert not srv.host.sessions
+    assert rss_mb() - before < 50  # peak RSS: no per-session growth
+
+
+# -- access --------------------------------------------------------------------------------------
+
+def test_api_key_and_origin(base):
+    s = settings(base, api_key="s3cret", allowed_origins=["http://good.example"])
+    with ServerThread(s) as srv:
+        with Peer(srv.url(mode="tokens"), handshake=False) as p:
+            p.wait_closed()
+        assert p.close_code == Close.POLICY and "API key" in p.errors[0]
+        with Peer(srv.url(mode="tokens", api_key="s3cret"),
+                  headers={"Origin": "http://evil.example"}, handshake=False) as p:
+            p.wait_closed()
+        assert p.close_code == Close.POLICY and "origin" in p.errors[0]
+        for url, headers in ((srv.url(mode="tokens", api_key="s3cret"), {}),
+                             (srv.url(mode="tokens"), {"X-API-Key": "s3cret"}),
+                             (srv.url(mode="tokens"), {"Authorization": "Bearer s3cret",
+                                                       "Origin": "http://good.example"})):
+            with Peer(url, headers=headers) as p:
+                assert p.metadata["mode"] == "tokens"
+
+
+def test_unknown_mode_is_refused(srv):
+    with Peer(srv.url(mode="mp3"), handshake=False) as p:
+        p.wait_closed()
+    assert p.close_code == Close.POLICY and "unknown mode 'mp3'" in p.errors[0]
+
+
+# -- health and metrics ------------------------------------------------------------------------
+
+def test_health_reports_the_checkpoints_dims(srv, base):
+    from moshi_ttt.checkpoint import inspect_checkpoint
+
+    status, h = get_json(srv.http("/health"))
+    assert status == 200 and h["status"] == "ok"
+    ref = inspect_checkpoint(base)
+    for key in ("main", "depformer", "ttt", "params", "streams"):
+        assert h["model"][key] == ref[key], key
+    assert h["model"]["main"]["d_model"] == 64 and h["model"]["ttt"]["layers"] == [1, 2]
+    assert h["codec"] == {"sample_rate": 24000, "frame_rate": 12.5, "frame_size": 1920,
+                          "codebooks": 8, "card": 2048}
+    assert h["device"] == "cpu" and h["dtype"] == "float32"
+    assert h["sessions"]["capacity"] == 2
+    assert h["checkpoint"]["path"] == str(base) and h["checkpoint"]["kind"] == "base"
+
+
+def test_health_is_503_until_ready_and_chat_is_refused(base):
+    from server.app import ModelHost
+
+    gate = threading.Event()
+
+    class SlowHost(ModelHost):
+        def load(self):
+            gate.wait(30)
+            super().load()
+
+    s = settings(base)
+    with ServerThread(s, host=SlowHost(s), wait_ready=False) as srv:
+        status, h = get_json(srv.http("/health"))
+        assert status == 503 and h["status"] == "starting" and h["reason"]
+        with Peer(srv.url(mode="tokens"), handshake=False) as p:
+            p.wait_closed()
+        assert p.close_code == Close.TRY_AGAIN and "model not ready" in p.errors[0]
+        gate.set()
+        deadline = time.monotonic() + 60
+        while get_json(srv.http("/health"))[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_metrics_count_frames_and_latency(srv):
+    before = urllib.request.urlopen(srv.http("/metrics")).read().decode()
+    with Peer(srv.url(mode="tokens")) as p:
+        p.send_codes(user_codes(5, 0))
+        p.wait_codes(5)
+    text = urllib.request.urlopen(srv.http("/metrics")).read().decode()
+
+    def value(t, name):
+        return float(next(l.split()[-1] for l in t.splitlines() if l.startswith(name + " ")))
+    assert value(text, "moshi_ttt_frames_total") - value(before, "moshi_ttt_frames_total") == 5
+    assert value(text, "moshi_ttt_step_seconds_count") >= 1
+    for name in ("moshi_ttt_sessions_active", "moshi_ttt_sessions_capacity",
+                 "moshi_ttt_step_seconds_bucket"):
+        assert name in text
+
+
+# -- the process: start-up refusal, SIGTERM ------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_cmd(checkpoint, port) -> list[str]:
+    return [sys.executable, "-m", "moshi_ttt.cli", "serve", "--checkpoint", str(checkpoint),
+            "--port", str(port), "--max-sessions", "2"]
+
+
+def _env():
+    return {**os.environ, "NO_TORCH_COMPILE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_startup_refuses_a_mismatched_checkpoint_before_binding(base, tmp_path):
+    import shutil
+
+    from moshi_ttt.base import resolve_base
+    from moshi_ttt.checkpoint import save_checkpoint
+    from moshi_ttt.config import load_config
+    from moshi_ttt.dims import detect_dims
+    from moshi_ttt.model import build_ttt_lm
+
+    cfg = load_config(base / "moshi_ttt.yaml")
+    lm = build_ttt_lm(cfg)
+    tensors = {k: v for k, v in lm.state_dict().items() if ".ttt." in k}
+    tensors["transformer.layers.1.ttt.wq.weight"] = torch.zeros(32, 64)  # wrong shape
+    cfg.base.local_dir = str(base)
+    run = tmp_path / "run"
+    save_checkpoint(run, 1, tensors, cfg, resolve_base(cfg.base), detect_dims(lm))
+    port = _free_port()
+    r = subprocess.run(_serve_cmd(run, port), cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert "transformer.layers.1.ttt.wq.weight" in out and "(64, 64)" in out \
+        and "(32, 64)" in out, out
+    assert "Uvicorn running" not in out and "listening on" not in out
+
+    bad_base = tmp_path / "bad_base"  # config.json claims another width than the weights
+    shutil.copytree(base, bad_base)
+    c = json.loads((bad_base / "config.json").read_text())
+    c["dim"] = 128
+    (bad_base / "config.json").write_text(json.dumps(c))
+    r = subprocess.run(_serve_cmd(bad_base, port), cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "text_emb.weight" in out and "128" in out, out
+
+    r = subprocess.run(_serve_cmd(tmp_path / "nowhere", port), cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not found" in r.stdout + r.stderr
+
+
+def test_sigterm_closes_sessions_with_a_reason_and_exits_0(base):
+    port = _free_port()
+    proc = subprocess.Popen(_serve_cmd(base, port), cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if get_json(f"http://127.0.0.1:{port}/health")[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        with Peer(f"ws://127.0.0.1:{port}/api/chat?mode=tokens") as p:
+            p.send_codes(user_codes(2, 0))
+            p.wait_codes(2)
+            proc.send_signal(signal.SIGTERM)
+            p.wait_closed()
+        assert p.close_code == Close.GOING_AWAY and p.errors == ["server shutting down"]
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
