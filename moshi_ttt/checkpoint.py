@@ -165,7 +165,7 @@ def save_checkpoint(
 
 @dataclass
 class CheckpointRef:
-    kind: str  # "ttt" (trainer checkpoint) or "base" (init-base directory)
+    kind: str  # "ttt" (trainer checkpoint), "base" (init-base directory), "random" (a config)
     path: Path
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -173,6 +173,8 @@ class CheckpointRef:
     def id(self) -> str:
         if self.kind == "ttt":
             return f"{self.path.parent.parent.name}/{self.path.name}"
+        if self.kind == "random":
+            return f"random:{self.path.name}"
         return f"{self.path.name}/base"
 
     @property
@@ -393,6 +395,33 @@ def load_model(
                 dims.main.num_heads, dims.main.num_layers,
                 f"{dims.depformer.d_model}/{dims.depformer.num_heads}/{dims.depformer.num_layers}"
                 if dims.depformer else "none", [t.layer for t in dims.ttt])
+    return loaded
+
+
+def random_model(config: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, seed: int = 0,
+                 with_codec: bool = True) -> LoadedModel:
+    """A config's architecture with random weights, built directly on `device`: benchmarks at
+    real sizes (Moshi 7B) where the weights cannot or need not be downloaded. Mimi is random
+    too (the config's, or the real architecture); there is no text tokenizer."""
+    from .base import mimi_config
+    from .config import load_config
+    from .model import build_ttt_lm
+
+    device = torch.device(device)
+    cfg = load_config(config)
+    torch.manual_seed(seed)
+    lm = build_ttt_lm(cfg, device=device, dtype=dtype).eval()
+    dims = validate(lm, cfg.lm, cfg.ttt, require_loaded=True, context=f"random {config}")
+    loaded = LoadedModel(lm, cfg, None, dims, CheckpointRef("random", Path(config)))  # type: ignore[arg-type]
+    if with_codec:
+        from moshi.models import loaders
+
+        loaded.mimi = loaders.get_mimi(None, mimi_config(cfg.mimi), device=device,
+                                       num_codebooks=max(lm.dep_q, lm.n_q - lm.dep_q))
+        check_codec(loaded)
+    logger.info("random-weights model of %s on %s/%s: %s parameters", config, device,
+                str(dtype).removeprefix("torch."), f"{sum(p.numel() for p in lm.parameters()):,}")
     return loaded
 
 

@@ -272,6 +272,9 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="require this API key"),
     seed: Optional[int] = typer.Option(None, help="seed the sampler at start-up"),
     greedy: bool = typer.Option(False, "--greedy", help="argmax instead of sampling"),
+    random_config: Optional[Path] = typer.Option(
+        None, "--random-config", help="serve this config with random weights instead of a "
+        "checkpoint (benchmarks at real sizes without downloads)"),
 ) -> None:
     """Serve a checkpoint over websockets (Moshi's protocol, plus PCM and token modes), with a
     browser client at /. Every dim is validated before the port is bound. Settings: flags >
@@ -284,7 +287,7 @@ def serve(
         settings = ServeSettings.load(
             settings_file, checkpoint=checkpoint, host=host, port=port,
             max_sessions=max_sessions, device=device, dtype=dtype, api_key=api_key, seed=seed,
-            use_sampling=False if greedy else None)
+            use_sampling=False if greedy else None, random_config=random_config)
     except SettingsError as e:
         fail(str(e))
     raise typer.Exit(run_server(settings))
@@ -385,6 +388,61 @@ def bench_ttt(
     if json_out:
         json_out.write_text(json.dumps(res, indent=2))
 
+
+
+@bench_app.command("serve")
+def bench_serve(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint to serve"),
+    random_config: Optional[Path] = typer.Option(
+        None, "--random-config", help="or a config served with random weights (e.g. the 7B)"),
+    sessions: str = typer.Option("1,4", help="session counts, one server each"),
+    seconds: float = typer.Option(15.0, help="seconds of real-time streaming per count"),
+    mode: str = typer.Option("pcm", help="pcm (server runs the codec) or tokens (LM only)"),
+    device: str = typer.Option("auto", help="server device"),
+    dtype: str = typer.Option("auto", help="server dtype"),
+    batch_wait_ms: Optional[float] = typer.Option(None, "--batch-wait-ms"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
+) -> None:
+    """N real-time synthetic clients against a fresh `moshi-ttt serve` per session count:
+    step latency p50/p99, real-time factor, round trip, late frames, memory before/after."""
+    from server.loadtest import run_bench
+
+    if (checkpoint is None) == (random_config is None):
+        fail("give exactly one of --checkpoint or --random-config")
+    model = ["--checkpoint", str(checkpoint)] if checkpoint else \
+        ["--random-config", str(random_config)]
+    extra = ["--device", device, "--dtype", dtype]
+    env_wait = {"MOSHI_TTT_BATCH_WAIT_MS": str(batch_wait_ms)} if batch_wait_ms is not None \
+        else {}
+    os.environ.update(env_wait)
+    try:
+        run_bench(model, [int(n) for n in sessions.split(",") if n], seconds, mode, extra,
+                  json_out)
+    except RuntimeError as e:
+        fail(str(e))
+
+
+@bench_app.command("train")
+def bench_train(
+    config: Path = typer.Option(..., "--config", "-c", help="project YAML config"),
+    steps: int = typer.Option(4, help="training steps (the first is not counted)"),
+    frames: int = typer.Option(1250, help="frames per sequence (1250 = 100 s)"),
+    batch: int = typer.Option(1, help="sequences per step"),
+    device: str = typer.Option("auto", help="cpu, cuda or auto"),
+    checkpointing: bool = typer.Option(True, help="activation checkpointing"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
+) -> None:
+    """The trainer's step on random weights and tokens at the config's real size: tokens/s,
+    s/step, peak memory, next to the memory plan on paper."""
+    _cpu_defaults()
+    from .bench_train import run_bench as run_train_bench
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        fail(str(e))
+    run_train_bench(cfg, steps, frames, batch, device, checkpointing, json_out)
 
 def run() -> None:  # pragma: no cover - console entry point alias
     app()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ class ModelHost:
 
     def load(self) -> None:
         """Load, build the engine, warm up. Blocking; run it off the event loop."""
-        from moshi_ttt.checkpoint import load_model
+        from moshi_ttt.checkpoint import load_model, random_model
 
         s = self.settings
         try:
@@ -84,7 +85,11 @@ class ModelHost:
                 torch.manual_seed(s.seed)
             if self.device.type == "cpu" and s.cpu_threads:
                 torch.set_num_threads(s.cpu_threads)
-            self.loaded = load_model(s.checkpoint, self.device, self.dtype)
+            if s.random_config is not None:
+                self.loaded = random_model(s.random_config, self.device, self.dtype,
+                                           seed=s.seed or 0)
+            else:
+                self.loaded = load_model(s.checkpoint, self.device, self.dtype)
             self.model_info = self.loaded.describe()
             self.status, self.reason = "warming_up", "running warm-up steps"
             self.engine = Engine(self.loaded.lm, self.loaded.mimi, EngineConfig(
@@ -138,7 +143,23 @@ class ModelHost:
             {"path": str(self.settings.checkpoint)},
             "warmup_step_ms": round(1000 * self.warmup_step_s, 3)
             if self.warmup_step_s is not None else None,
+            "engine": self.engine.stats() if self.engine else None,
+            "memory": memory_figures(self.device),
         }
+
+
+def memory_figures(device: torch.device) -> dict[str, float]:
+    """Resident memory of this process, and the GPU's allocated and peak memory (MiB)."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss_mb"] = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except OSError:
+        pass
+    if device.type == "cuda":
+        out["gpu_allocated_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
+        out["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
 
 
 def _credentials_ok(settings: ServeSettings, headers: Any, query: Any) -> bool:

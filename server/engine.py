@@ -123,6 +123,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
         self._blocks = [a.block for a in ttt_blocks(lm)]
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -218,6 +219,21 @@ class Engine:
     @property
     def active(self) -> int:
         return self.slots.active
+
+    def stats(self) -> dict[str, Any]:
+        """Step latency over the last (up to 4096) steps: what a load test reads."""
+        recent = list(self.recent)
+        out: dict[str, Any] = {"steps": self.steps, "window": len(recent)}
+        if recent:
+            dts = np.array([d for d, _ in recent]) * 1000
+            out.update(step_ms_p50=round(float(np.percentile(dts, 50)), 3),
+                       step_ms_p99=round(float(np.percentile(dts, 99)), 3),
+                       step_ms_max=round(float(dts.max()), 3),
+                       sessions_per_step=round(float(np.mean([b for _, b in recent])), 3))
+        return out
+
+    def clear_stats(self) -> None:
+        self.recent.clear()
 
     # -- the model thread ------------------------------------------------------------------------
     def _detach(self, h: SessionHandle, why: SessionFailed | None) -> None:
@@ -369,6 +385,7 @@ class Engine:
         bad = bad.cpu().numpy()
         self.steps += 1
         dt = time.perf_counter() - t0
+        self.recent.append((dt, len(batch)))
         self.metrics.step_seconds.observe(dt)
         self.metrics.step_batch.observe(len(batch))
         self.metrics.frames.inc(len(batch))

@@ -28,10 +28,23 @@ EXIT_OK, EXIT_LOAD_FAILED, EXIT_INVALID = 0, 1, 2
 
 
 def preflight(settings: ServeSettings) -> dict:
-    """Header-only validation of the checkpoint (meta device: no weights read, no memory)."""
-    from moshi_ttt.checkpoint import inspect_checkpoint
+    """Header-only validation of the checkpoint (meta device: no weights read, no memory); for
+    a random-weights config, the config against the modules it builds."""
+    import torch
 
-    return inspect_checkpoint(settings.checkpoint)
+    from moshi_ttt.checkpoint import inspect_checkpoint
+    from moshi_ttt.config import load_config
+    from moshi_ttt.dims import describe, validate
+    from moshi_ttt.model import build_ttt_lm
+
+    if settings.checkpoint is not None:
+        return inspect_checkpoint(settings.checkpoint)
+    cfg = load_config(settings.random_config)
+    lm = build_ttt_lm(cfg, device="meta", dtype=torch.bfloat16)
+    validate(lm, cfg.lm, cfg.ttt, context=str(settings.random_config))
+    info = describe(lm, cfg.ttt)
+    info["checkpoint"] = {"id": f"random:{settings.random_config}"}
+    return info
 
 
 class _Server(uvicorn.Server):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -22,7 +22,10 @@ class SettingsError(ValueError):
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOSHI_TTT_", extra="forbid")
 
-    checkpoint: Path = Field(..., description="run dir, checkpoint dir or init-base dir")
+    checkpoint: Path | None = Field(None, description="run dir, checkpoint dir or init-base dir")
+    random_config: Path | None = Field(
+        None, description="instead of a checkpoint: a project config served with random "
+        "weights (benchmarks at real sizes without downloading weights)")
     host: str = "127.0.0.1"
     port: int = Field(8998, ge=0, le=65535, description="0: any free port")
     max_sessions: int = Field(4, ge=1, description="batch rows: concurrent sessions")
@@ -59,6 +62,13 @@ class ServeSettings(BaseSettings):
         1, ge=1, description="torch threads when serving on CPU (None: torch's default). One "
         "frame's ops are small: extra threads mostly spin, and under load cost 10x")
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _one_model(self) -> "ServeSettings":
+        if (self.checkpoint is None) == (self.random_config is None):
+            raise ValueError("give exactly one of checkpoint (a trained run, checkpoint or "
+                             "init-base directory) or random_config")
+        return self
 
     @field_validator("allowed_origins", mode="before")
     @classmethod
