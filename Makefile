@@ -15,14 +15,16 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
 install: $(VENV)/.installed
 
-# System packages: espeak-ng synthesises `moshi-ttt make-data`'s offline dataset. Installed with
+# System packages: espeak-ng synthesises `moshi-ttt make-data`'s offline dataset; chromium (and a
+# font for its screenshots) runs the browser client's test, tests/test_browser.py. Installed with
 # apt (sudo when not root) only if missing; order-only below, so it never forces a pip reinstall.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 .PHONY: sysdeps
 sysdeps:
-	@command -v espeak-ng >/dev/null || { \
-	  command -v apt-get >/dev/null || { echo "espeak-ng is missing and apt-get is not available: install espeak-ng with your system's package manager" >&2; exit 1; }; \
-	  $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends espeak-ng; }
+	@missing="$$(command -v espeak-ng >/dev/null || echo espeak-ng) $$(test -x "$${MOSHI_TTT_CHROMIUM:-/usr/bin/chromium}" || echo chromium fonts-dejavu-core)"; \
+	missing="$$(echo $$missing)"; [ -z "$$missing" ] || { \
+	  command -v apt-get >/dev/null || { echo "missing system packages ($$missing) and apt-get is not available: install them with your system's package manager" >&2; exit 1; }; \
+	  $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends $$missing; }
 
 # torch first (a CPU build on CPU machines, the default CUDA build elsewhere), then moshi WITHOUT
 # its torch<2.10 pin (it runs on newer torch; see README), then the project and its own deps.

@@ -68,8 +68,9 @@ class TTTConfig(BaseModel):
         False, description="learn an offset on the position scale 1/(i+1) (clamped >= 0)"
     )
     checkpoint_group: int = Field(
-        4, ge=1, description="mini-batches per activation-checkpoint group in training"
-    )
+        4, ge=1, description="mini-batches per activation-checkpoint group of the TTT scan in "
+        "training, used when the trainer does not checkpoint whole layers (inside a "
+        "checkpointed layer it would only add a third forward pass)")
     ln_eps: float = 1e-6
 
     @field_validator("layers", "depformer_layers", mode="before")

@@ -15,7 +15,9 @@ the state becomes W - s_{K-1} * sum_j lr_j grad l_j(W). Two exact ways compute t
 * `stream_step`: one frame at a time from a buffer of the current mini-batch's frames
   (inference), with a masked commit at i = K-1 so it has no host syncs.
 
-All arithmetic here is fp32; callers cast in and out.
+All arithmetic here is fp32; callers cast in and out. Like moshi's own small functions, the
+two hot ones are compiled lazily with torch.compile on GPU (`NO_TORCH_COMPILE=1` turns it off;
+moshi's layers disable it on CPU).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from moshi.utils.compile import torch_compile_lazy
 from torch.utils.checkpoint import checkpoint
 
 _GELU_K = math.sqrt(2.0 / math.pi)
@@ -111,6 +114,7 @@ def position_scale(k: int, offset: torch.Tensor | None = None, device=None) -> t
     return s
 
 
+@torch_compile_lazy  # ~240 small ops per mini-batch: fused, the scan stops being launch-bound
 def minibatch_forward(
     w: FastWeights,
     xq: torch.Tensor,
@@ -224,6 +228,7 @@ class MiniBatchBuffer:
     lr: torch.Tensor  # [B,H,K]
 
 
+@torch_compile_lazy  # one frame: ~60 small ops per TTT layer, fused into a few kernels
 def stream_step(
     w: FastWeights,
     buf: MiniBatchBuffer,

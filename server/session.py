@@ -68,6 +68,7 @@ class ChatSession:
         self.metrics = metrics
         self.tokenizer = tokenizer
         self._vocab = tokenizer.vocab_size() if tokenizer is not None else 0
+        self.max_buffered_frames = engine.cfg.max_buffered_frames
         self.max_message_bytes = max_message_bytes
         self.card = card
         self.info = info
@@ -125,7 +126,8 @@ class ChatSession:
                 self.handshake_sent = True
                 await self.ws.send_bytes(protocol.metadata({
                     "session": self.id, "mode": self.mode.value, "slot": self.handle.slot,
-                    "sample_rate": SAMPLE_RATE, "frame_size": FRAME_SIZE, **self.info}))
+                    "sample_rate": SAMPLE_RATE, "frame_size": FRAME_SIZE,
+                    "max_buffered_frames": self.max_buffered_frames, **self.info}))
                 writer = asyncio.create_task(self._write(), name=f"{self.id}-write")
                 self._tasks.add(writer)
                 await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -243,10 +245,12 @@ class ChatSession:
             await self.ws.send_bytes(protocol.text(piece))
 
     def _text(self, token: int) -> str:
-        """The text piece of a token; padding, "not generated yet" and ids the tokenizer does
-        not have (text_card may exceed its vocabulary) show nothing."""
+        """The text piece of a token; padding, "not generated yet", control pieces (<s>, </s>,
+        <unk>) and ids the tokenizer does not have (text_card may exceed its vocabulary) show
+        nothing."""
         if token < 0 or token in TEXT_PADDING_IDS or self.tokenizer is None \
-                or token >= self._vocab:
+                or token >= self._vocab or self.tokenizer.is_control(token) \
+                or self.tokenizer.is_unknown(token):
             return ""
         return self.tokenizer.id_to_piece(token).replace("\u2581", " ")
 

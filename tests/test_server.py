@@ -93,6 +93,7 @@ def test_handshake_then_metadata(srv):
         meta = p.metadata
         assert meta["mode"] == "tokens" and meta["sample_rate"] == 24000
         assert meta["frame_size"] == FRAME_SIZE and meta["slot"] in (0, 1)
+        assert meta["max_buffered_frames"] == 50
 
 
 def test_tokens_mode_one_answer_per_frame_and_text(srv):
@@ -105,7 +106,7 @@ def test_tokens_mode_one_answer_per_frame_and_text(srv):
         assert (out[1:] >= 0).all() and (out[1:, 1:] < 2048).all()
         tok = srv.host.loaded.tokenizer
         pieces = [tok.id_to_piece(int(t)).replace("\u2581", " ")
-                  for t in out[1:, 0] if t not in (0, 3)]
+                  for t in out[1:, 0] if t not in (0, 3) and not tok.is_control(int(t))]
         p.wait_for(lambda: len(p.of(Kind.TEXT)) >= len(pieces))
         assert [t.decode() for t in p.of(Kind.TEXT)] == pieces and "".join(pieces).strip()
 

@@ -1,0 +1,234 @@
+"""The browser client at / in headless Chromium (Playwright) against a real server: the /health
+panel, the API key field and a refusal shown to the user, a microphone (Chromium's fake capture
+device playing a speech-like wav) talking to the model in PCM and in Opus mode, audio and text
+flowing both ways, the session count, disconnect. Saves a screenshot under tests/artifacts/.
+
+Needs /usr/bin/chromium (or $MOSHI_TTT_CHROMIUM) and the `playwright` package; `make install`
+installs both, and this test fails, never skips, without them."""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from fixtures import make_tiny_base, write_wav
+from serving import ServerThread
+from test_server import get_json, settings, text_head_in_vocab
+
+CHROMIUM = Path(os.environ.get("MOSHI_TTT_CHROMIUM", "/usr/bin/chromium"))
+ARTIFACTS = REPO / "tests" / "artifacts"
+API_KEY = "browser-test-key"
+N = 25  # frames (80 ms each) that must flow each way: 2 s of conversation
+
+
+def speech_like(seconds: float = 4.0, sr: int = 48000) -> np.ndarray:
+    """Voiced syllables: a gliding 100-160 Hz pitch with harmonics shaped by three formants,
+    about four syllables a second, a pause each second, a little breath noise."""
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 130 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    formants = (700, 1200, 2600)
+    voiced = np.zeros_like(t)
+    for k in range(1, 30):
+        gain = sum(np.exp(-(((k * f0) - f) / 180) ** 2) for f in formants) + 0.05
+        voiced += gain / k * np.sin(k * phase)
+    syllables = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) ** 0.6
+    pauses = (t % 1.0) < 0.75
+    noise = np.random.default_rng(0).normal(0, 0.02, t.size)
+    pcm = voiced * syllables * pauses + noise
+    return (0.5 * pcm / np.abs(pcm).max()).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    base = make_tiny_base(tmp_path_factory.mktemp("browser"))
+    # A shared CPU may run even the tiny model slower than the microphone's real time: let input
+    # queue up (80 s) rather than have the server end the session with "input overflow".
+    with ServerThread(settings(base, api_key=API_KEY, max_buffered_frames=1000)) as s:
+        text_head_in_vocab(s)
+        yield s
+
+
+def require_browser_tools():
+    """Playwright's `sync_playwright`, or a failure that says how to install what is missing."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the `playwright` Python package is missing: `make install` installs it "
+                    "(the project's dev extra)", pytrace=False)
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: `make install` installs chromium with apt-get "
+                    f"(or point MOSHI_TTT_CHROMIUM at a Chromium binary)", pytrace=False)
+    return sync_playwright
+
+
+def test_chromium_and_playwright_are_installed():
+    require_browser_tools()  # the other tests error at setup without them; this one fails
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    sync_playwright = require_browser_tools()
+    wav = tmp_path_factory.mktemp("mic") / "speech.wav"
+    write_wav(wav, speech_like()[None], 48000)  # 16-bit PCM, as Chromium wants; it loops
+    args = [
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+        "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}",
+    ]
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=args, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, srv):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 720})
+    pg = ctx.new_page()
+    problems: list[str] = []  # uncaught exceptions and console errors: none are expected
+    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    pg.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+          if m.type == "error" else None)
+    pg.goto(srv.http("/"))
+    yield pg
+    ctx.close()
+    assert not problems, problems
+
+
+@pytest.fixture
+def heard(srv, monkeypatch) -> list[float]:
+    """RMS of every audio frame the engine receives: what the server made of the microphone."""
+    rms: list[float] = []
+    push = srv.engine.push
+
+    def recording_push(handle, frame):
+        rms.append(float(np.sqrt(np.mean(np.square(frame)))))
+        push(handle, frame)
+    monkeypatch.setattr(srv.engine, "push", recording_push)
+    return rms
+
+
+def metric(srv: ServerThread, name: str) -> float:
+    text = urllib.request.urlopen(srv.http("/metrics"), timeout=30).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def stats(page) -> dict:
+    return page.evaluate("() => ({...window.moshiStats})")
+
+
+def wait_engine_idle(srv: ServerThread, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while srv.engine.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.engine.active == 0, "the server still holds the session after disconnect"
+
+
+def talk(page, srv, heard: list[float], mode: str) -> dict:
+    """Connect in `mode`, wait until N frames went each way and text came back, check that the
+    server heard the wav's syllables and pauses; returns the page's stats (still connected)."""
+    from playwright.sync_api import expect
+
+    page.fill("#api-key", API_KEY)
+    page.select_option("#encoding", mode)
+    frames_before = metric(srv, "moshi_ttt_frames_total")
+    page.click("#connect")
+    expect(page.locator("#status")).to_have_attribute("data-state", "live", timeout=30_000)
+    expect(page.locator("#session-info")).to_contain_text(mode)
+    deadline = time.monotonic() + 120
+    while True:  # polled from here, so that a failure shows how far the session got
+        s = stats(page)
+        if s["state"] != "live" or s["errors"]:
+            pytest.fail(f"the session ended early: {s}")
+        if s["framesSent"] > N and s["framesReceived"] > N and s["transcript"].strip() \
+                and s["playedMs"] > 500:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"audio or text did not flow within 120 s: {s}")
+        time.sleep(0.25)
+    assert metric(srv, "moshi_ttt_frames_total") - frames_before >= N  # the model ran them
+    assert srv.engine.active == 1
+    # loud syllables and near-silent pauses: the fake microphone's speech, not silence or noise
+    assert len(heard) >= N
+    assert sum(r > 0.05 for r in heard) > len(heard) / 3, heard
+    assert sum(r < 0.02 for r in heard) >= 2, heard
+    expect(page.locator("#transcript")).not_to_be_empty()
+    page.wait_for_function(  # the DOM counters follow the stats within 200 ms
+        f"() => +document.querySelector('#stat-sent').textContent > {N} "
+        f"&& +document.querySelector('#stat-received').textContent > {N}", timeout=5_000)
+    # the panel refreshes /health every 2 s: it must show this session
+    expect(page.locator("#health-sessions")).to_contain_text("1 / 2", timeout=10_000)
+    return s
+
+
+def disconnect(page, srv) -> None:
+    from playwright.sync_api import expect
+
+    page.click("#connect")
+    expect(page.locator("#status-text")).to_contain_text("Closed (1000", timeout=30_000)
+    expect(page.locator("#connect")).to_have_text("Connect")
+    wait_engine_idle(srv)
+    assert get_json(srv.http("/health"))[1]["sessions"]["active"] == 0
+    expect(page.locator("#health-sessions")).to_contain_text("0 / 2", timeout=10_000)
+
+
+def test_model_panel_shows_the_servers_dims(page, srv):
+    from playwright.sync_api import expect
+
+    expect(page).to_have_title("moshi-ttt")
+    expect(page.locator("#health-status")).to_have_text("ready", timeout=30_000)
+    expect(page.locator("#health-main")).to_have_text("d_model 64 · 4 heads · 4 layers")
+    expect(page.locator("#health-depformer")).to_have_text("d_model 32 · 4 heads · 2 layers")
+    expect(page.locator("#health-ttt")).to_contain_text("layers 1, 2 · K = 16")
+    expect(page.locator("#health-params")).to_have_text("3.71 M total · 51.5 k TTT")
+    expect(page.locator("#health-device")).to_have_text("cpu · float32")
+    expect(page.locator("#health-sessions")).to_have_text("0 / 2 active")
+    expect(page.locator("#health-checkpoint")).to_contain_text("base/base (base, step 0)")
+    expect(page.locator("#server-badge")).to_have_attribute("data-state", "ok")
+
+
+def test_refusal_is_shown_with_its_reason(page, srv):
+    from playwright.sync_api import expect
+
+    refused = metric(srv, "moshi_ttt_sessions_refused_total")
+    page.click("#connect")  # no API key
+    expect(page.locator("#error")).to_contain_text("missing or wrong API key", timeout=30_000)
+    expect(page.locator("#status-text")).to_contain_text("Closed (1008 refused: auth)")
+    expect(page.locator("#status")).to_have_attribute("data-state", "error")
+    expect(page.locator("#connect")).to_have_text("Connect")
+    assert metric(srv, "moshi_ttt_sessions_refused_total") == refused + 1
+    assert srv.engine.active == 0
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-client-refused.png"), full_page=True)
+
+
+def test_talk_in_pcm_mode_and_disconnect(page, srv, heard, capsys):
+    s = talk(page, srv, heard, "pcm")
+    assert s["mode"] == "pcm" and s["session"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "browser-client.png"
+    page.screenshot(path=str(shot), full_page=True)
+    with capsys.disabled():  # shown even under -q, without -s
+        print(f"\n[screenshot of the connected page: {shot}]")
+    disconnect(page, srv)
+    assert stats(page)["closeCode"] == 1000
+
+
+def test_talk_in_opus_mode(page, srv, heard):
+    from playwright.sync_api import expect
+
+    expect(page.locator('#encoding option[value="opus"]')).to_be_enabled(timeout=10_000)
+    errors_before = metric(srv, "moshi_ttt_errors_total")
+    # Ogg/Opus both ways: our muxer into sphn's reader, sphn's writer into our demuxer
+    talk(page, srv, heard, "opus")
+    disconnect(page, srv)
+    assert metric(srv, "moshi_ttt_errors_total") == errors_before
