@@ -36,6 +36,10 @@ $(VENV)/.installed: pyproject.toml Makefile | sysdeps
 	@$(BIN)/python -c "import torch, moshi.models; print('torch', torch.__version__, '| moshi ok')"
 	@touch $@
 
+# The main job, offline: synthesised data -> tiny base -> train -> serve -> talk to it.
+demo: install
+	$(BIN)/moshi-ttt demo
+
 test: install
 	NO_TORCH_COMPILE=1 $(BIN)/python -m pytest -q
 

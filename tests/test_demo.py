@@ -1,0 +1,33 @@
+"""`moshi-ttt demo`, the README's first command: every stage runs for real on a small budget,
+and a second run reuses what the first built."""
+
+import json
+
+from typer.testing import CliRunner
+
+from moshi_ttt.cli import app
+
+
+def test_demo_end_to_end_then_reused(tmp_path, monkeypatch):
+    import moshi_ttt.cli as cli
+
+    monkeypatch.setattr(cli, "setup_logging", lambda verbose=False: None)
+    from moshi_ttt.demo import run_demo
+
+    work = tmp_path / "demo"
+    res = run_demo(work, steps=2, mode="pcm", dialogues=4)
+    assert (work / "out.wav").stat().st_size > 44 and (work / "out.txt").is_file()
+    assert res["health"]["status"] == "ok"
+    assert res["health"]["checkpoint"]["step"] == 2 and res["health"]["model"]["ttt"]["layers"]
+    ckpt = json.loads((work / "run" / "checkpoints" / "step_000002" / "config.json").read_text())
+    assert ckpt["step"] == 2
+
+    mtimes = {p: p.stat().st_mtime_ns for p in (work / "data").rglob("*.wav")}
+    mtimes[work / "base" / "model.safetensors"] = (work / "base" / "model.safetensors").stat().st_mtime_ns
+    out = CliRunner().invoke(app, ["demo", "--workdir", str(work), "--steps", "2", "--mode",
+                                   "pcm", "--dialogues", "4"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert "output audio :" in out.output and '"status": "ok"' in out.output
+    assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())  # nothing rebuilt
+    assert sorted(p.name for p in (work / "run" / "checkpoints").iterdir()) == \
+        ["latest", "step_000002"]  # no further training
