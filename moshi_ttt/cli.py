@@ -37,10 +37,27 @@ def setup_logging(verbose: bool = False) -> None:
                                                console=_stderr_console())
         fmt, datefmt = "%(message)s", "[%X]"
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         fmt, datefmt = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
     handler.setFormatter(logging.Formatter(fmt, datefmt))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted: a handler that kept the stream
+    of its creation would write into a closed file once a caller (a test runner, an embedding
+    app) swapped stderr back."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def _stderr_console():
@@ -238,6 +255,31 @@ def train(
                     last.get("loss", float("nan")), out / "checkpoints")
 
 
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="where everything goes"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="project config [configs/tiny.yaml]"),
+    steps: Optional[int] = typer.Option(None, help="training steps [the config's]"),
+    mode: str = typer.Option("opus", help="client audio: opus or pcm"),
+    dialogues: int = typer.Option(16, help="dialogues to synthesise"),
+) -> None:
+    """The main job offline: synthesise data, make a tiny base, train its TTT layers, serve the
+    checkpoint and talk to it with the Python client. A second run reuses what the first
+    built."""
+    _cpu_defaults()
+    from .demo import TINY, run_demo
+
+    try:
+        res = run_demo(workdir, config or TINY, steps, mode, dialogues)
+    except Exception as e:  # each step already logged what it was doing
+        fail(f"demo failed: {type(e).__name__}: {e}", code=1)
+    typer.echo(f"\noutput audio : {res['output_audio']}\ntranscript   : {res['transcript']}"
+               f"\ncheckpoint   : {res['checkpoint']}\nserver log   : {res['server_log']}"
+               f"\n/health      : {json.dumps(res['health'], indent=2)}"
+               f"\ndone in {res['seconds']} s")
+
+
 @app.command("make-data")
 def make_data(
     out: Path = typer.Argument(..., help="directory to write the dataset into"),
@@ -300,9 +342,9 @@ def eval_memory(
                                "machinery in seconds, says nothing about memory"),
     steps: Optional[int] = typer.Option(None, help="optimiser steps per method"),
     seed: Optional[int] = typer.Option(None, help="seed of base, data and trainable parts"),
-    lr: Optional[float] = typer.Option(None, help="learning rate, the same for every method"),
-    ttt_set: Optional[list[str]] = typer.Option(
-        None, "--ttt", help="override a ttt setting for this eval, e.g. --ttt base_lr=1.0"),
+    sets: Optional[list[str]] = typer.Option(
+        None, "--set", help="override an eval.memory setting, e.g. --set ttt.base_lr=1.0 "
+        "--set lr=0.01 --set train_on=dependent (repeatable)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads [1]"),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="results JSON [runs/eval-memory/results(-quick).json]"),
@@ -311,23 +353,13 @@ def eval_memory(
     task (same base, data, steps and seed), scored frame by frame through LMGen on the frames
     that need out-of-window content and on the rest. Prints a markdown table, writes JSON."""
     _cpu_defaults()
-    import yaml
-
     from .config import ConfigError, load_config
     from .eval.memory import MemoryEvalSettings, format_table, run_memory_eval, write_results
 
     try:
         cfg = load_config(config)
-        ttt: dict = {}
-        for item in ttt_set or []:
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip():
-                raise ValueError(f"--ttt expects KEY=VALUE, got {item!r}")
-            ttt[key.strip()] = yaml.safe_load(value)
-        base = (cfg.eval.get("memory") or {}).get("ttt") or {}
-        settings = MemoryEvalSettings.from_config(
-            cfg, quick=quick, steps=steps, seed=seed, lr=lr, threads=threads,
-            ttt={**base, **ttt} if ttt else None)
+        settings = MemoryEvalSettings.from_config(cfg, quick=quick, sets=sets, steps=steps,
+                                                  seed=seed, threads=threads)
         report = run_memory_eval(cfg, settings)
     except (ConfigError, ValueError) as e:
         fail(str(e))
@@ -368,6 +400,50 @@ def eval_stability(
     logger.info("report written to %s", path)
     if not report["finite"]:
         fail("fast weights became non-finite during the session", code=1)
+
+
+@app.command()
+def chat(
+    url: str = typer.Option("ws://127.0.0.1:8998/api/chat", "--url",
+                            help="server address (ws://, wss://; no path: /api/chat)"),
+    input_file: Optional[Path] = typer.Option(
+        None, "--input", "-i", help="audio to send (wav or any format sphn reads; any sample "
+        "rate; several channels are averaged unless --channel picks one)"),
+    mic: bool = typer.Option(False, "--mic", help="talk live: microphone in, speaker out "
+                             "(needs the optional 'mic' extra, sounddevice, and PortAudio)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o",
+                                          help="write the received audio (24 kHz mono wav)"),
+    transcript: Optional[Path] = typer.Option(None, "--transcript",
+                                              help="write the received text (even if empty)"),
+    mode: str = typer.Option("opus", "--mode", help="opus (Ogg/Opus) or pcm (float32)"),
+    speed: float = typer.Option(1.0, "--speed", help="send the file this many times faster "
+                                "than real time"),
+    fast: bool = typer.Option(False, "--fast", help="send as fast as the server answers "
+                              "(bounded by --max-ahead)"),
+    max_ahead: float = typer.Option(
+        2.0, "--max-ahead", help="seconds of audio sent beyond the frames answered; keep it "
+        "under the server's input bound (max_buffered_frames x 80 ms, 4 s by default)"),
+    tail: float = typer.Option(1.0, "--tail", help="seconds of silence sent after the file, "
+                               "so the model's last answers come out"),
+    channel: Optional[int] = typer.Option(None, "--channel",
+                                          help="use this channel (0-based) of the input"),
+    duration: Optional[float] = typer.Option(None, "--duration",
+                                             help="--mic: stop after this many seconds"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MOSHI_TTT_API_KEY",
+                                          help="sent as the X-API-Key header"),
+    timeout: float = typer.Option(10.0, "--timeout", help="seconds allowed to connect"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+) -> None:
+    """Talk to a `moshi-ttt serve` server: stream a file (or the microphone), record the audio
+    and text that come back, and report frames, first-audio latency and per-frame round trips.
+    Exit codes: 2 usage or file problem, 3 connection failed or lost, 4 refused or server
+    error, 130 interrupted."""
+    from client.command import ChatCommand, run_command
+
+    raise typer.Exit(run_command(ChatCommand(
+        url=url, input=input_file, mic=mic, output=output, transcript=transcript, mode=mode,
+        speed=speed, fast=fast, max_ahead=max_ahead, tail=tail, channel=channel,
+        duration=duration, api_key=api_key, timeout=timeout, as_json=as_json)))
 
 
 @bench_app.command("ttt")
