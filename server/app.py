@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -150,12 +149,9 @@ class ModelHost:
 
 def memory_figures(device: torch.device) -> dict[str, float]:
     """Resident memory of this process, and the GPU's allocated and peak memory (MiB)."""
-    out: dict[str, float] = {}
-    try:
-        with open("/proc/self/statm") as f:
-            out["rss_mb"] = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
-    except OSError:
-        pass
+    from moshi_ttt.eval.stability import rss_mb
+
+    out = {"rss_mb": round(rss_mb(), 1)}
     if device.type == "cuda":
         out["gpu_allocated_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
         out["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

@@ -1,0 +1,1 @@
+"""Evaluations: long-range memory, long-session stability."""

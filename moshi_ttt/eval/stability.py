@@ -1,0 +1,255 @@
+"""`moshi-ttt eval-stability`: is a long TTT session stable?
+
+A session of `frames` frames (15,000 = 20 minutes of 80 ms frames) streams through a fresh, seeded
+TTT model of the config (or a model passed in), one frame per step, and we record what would go
+wrong first in a long conversation (reported, not asserted: the caller judges):
+
+* fast-weight norms per TTT layer and per tensor (every `record_every` frames): finite, and
+  bounded rather than growing with the session (the state is updated by every frame and never
+  reset, and nothing in TTT's update pulls it back towards W0);
+* per-frame step time: the first and the last `window` frames' medians should match (the
+  per-frame work is constant: a K-slot mini-batch buffer and a KV ring buffer of `context`);
+* resident memory (from /proc/self/statm): flat after the first window.
+
+Drivers: `lmgen` (default) runs `moshi.models.lm.LMGen.step` as the server does: the model samples
+its own text and audio (depformer included) while the user's 8 audio streams receive random valid
+codes. `tokens` teacher-forces random valid tokens on all 17 streams through `forward_text`, with
+one seeded generator per batch row, so row b's input does not depend on the batch size (used to
+check that rows of a B > 1 session stay isolated).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import statistics
+import time
+from array import array
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from moshi.models.lm import LMGen, LMModel
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config import ProjectConfig
+from ..model import build_ttt_lm, ttt_blocks
+
+logger = logging.getLogger(__name__)
+
+
+class StabilitySettings(BaseModel):
+    """The config's `eval.stability` section; CLI flags override."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    frames: int = Field(15000, ge=1, description="session length (12.5 frames per second)")
+    batch_size: int = Field(1, ge=1)
+    driver: Literal["lmgen", "tokens"] = "lmgen"
+    record_every: int = Field(250, ge=1, description="frames between norm / memory records")
+    window: int = Field(1000, ge=1, description="frames in the first / last step-time medians")
+    seed: int = 0
+    threads: int = Field(1, ge=1, description="torch CPU threads (1: robust on a shared box)")
+
+    @classmethod
+    def from_config(cls, cfg: ProjectConfig, **overrides: Any) -> "StabilitySettings":
+        raw = dict(cfg.eval.get("stability") or {})
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(raw)
+
+
+def rss_mb() -> float:
+    """Current resident set size in MiB (Linux /proc; elsewhere the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+COMPONENTS = ("w1", "b1", "w2", "b2")
+
+
+def fast_weight_stats(lm: LMModel) -> dict[str, dict[str, Any]]:
+    """Inside a stream, per TTT layer: per-row norm of all fast weights (W1, b1, W2, b2 as one
+    vector) and of each of them (one large tensor, b2 in practice, can hide another's growth),
+    per-row relative distance from W0, and whether every row is finite."""
+    out: dict[str, dict[str, Any]] = {}
+    for a in ttt_blocks(lm):
+        st = a.block._streaming_state
+        if st is None:
+            raise RuntimeError("fast_weight_stats must be called inside the model's stream")
+        cur = torch.cat([t.flatten(1) for t in st.w.as_tuple()], dim=1)
+        init = torch.cat([t.flatten(1) for t in st.initial(st.batch_size).as_tuple()], dim=1)
+        out[f"{a.component}.{a.layer}"] = {
+            "norm": cur.norm(dim=1).tolist(),
+            "components": {name: t.flatten(1).norm(dim=1).tolist()
+                           for name, t in zip(COMPONENTS, st.w.as_tuple())},
+            "drift": ((cur - init).norm(dim=1) / init.norm(dim=1)).tolist(),
+            "finite": bool(st.finite_rows().all()),
+        }
+    return out
+
+
+def _lmgen_driver(lm: LMModel, s: StabilitySettings) -> tuple[Any, Callable[[], None]]:
+    gen = LMGen(lm)  # moshi's default sampling settings, as the server uses
+    g = torch.Generator().manual_seed(s.seed + 1)
+    n_user = lm.num_codebooks - lm.dep_q - 1
+    B = s.batch_size
+
+    def step() -> None:
+        user = torch.randint(0, lm.card, (B, n_user, 1), generator=g)
+        gen.step(user)
+
+    return gen.streaming(B), step
+
+
+def _tokens_driver(lm: LMModel, s: StabilitySettings) -> tuple[Any, Callable[[], None]]:
+    gens = [torch.Generator().manual_seed(s.seed * 1000 + 1 + b) for b in range(s.batch_size)]
+    K = lm.num_codebooks
+
+    def row(g: torch.Generator) -> torch.Tensor:
+        x = torch.randint(0, lm.card, (K,), generator=g)
+        x[0] = torch.randint(0, lm.text_card, (1,), generator=g)
+        return x
+
+    def step() -> None:
+        x = torch.stack([row(g) for g in gens])[:, :, None]
+        with torch.no_grad():
+            lm.forward_text(x)
+
+    return lm.streaming(s.batch_size), step
+
+
+def _median_ms(xs: "list[float] | array") -> float:
+    return 1000 * statistics.median(xs) if xs else float("nan")
+
+
+def run_stability(cfg: ProjectConfig, s: StabilitySettings,
+                  lm: LMModel | None = None) -> dict[str, Any]:
+    """Stream `s.frames` frames through a fresh seeded tiny TTT model (or `lm`) and report
+    step times, fast-weight norms and resident memory."""
+    if not cfg.ttt.layers and not cfg.ttt.depformer_layers:
+        raise ValueError("eval-stability needs a config with TTT layers (ttt.layers is empty)")
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(s.threads)
+    try:
+        torch.manual_seed(s.seed)
+        if lm is None:
+            lm = build_ttt_lm(cfg)
+        lm.eval()
+        stream, step = (_lmgen_driver if s.driver == "lmgen" else _tokens_driver)(lm, s)
+        # preallocated raw doubles: a list of floats would itself grow RSS by ~32 B per frame
+        times = array("d", bytes(8 * s.frames))
+        records: list[dict[str, Any]] = []
+        t_start = time.perf_counter()
+        with torch.no_grad(), stream:
+            for t in range(s.frames):
+                t0 = time.perf_counter()
+                step()
+                times[t] = time.perf_counter() - t0
+                n = t + 1
+                if n % s.record_every == 0 or n == s.frames or t == 0:
+                    rec = {"frame": n, "rss_mb": rss_mb(), "layers": fast_weight_stats(lm)}
+                    records.append(rec)
+                    if n % (10 * s.record_every) == 0:
+                        logger.info("frame %d/%d: step %.2f ms (median of the last %d), rss %.0f "
+                                    "MiB, max fast-weight norm %.4f", n, s.frames,
+                                    _median_ms(times[max(0, n - s.window):n]), min(s.window, n),
+                                    rec["rss_mb"], _max_norm(rec))
+        wall = time.perf_counter() - t_start
+    finally:
+        torch.set_num_threads(old_threads)
+    return _summarize(s, list(times), records, wall)
+
+
+def _max_norm(rec: dict[str, Any]) -> float:
+    return max(max(v["norm"]) for v in rec["layers"].values())
+
+
+def _summarize(s: StabilitySettings, times: list[float], records: list[dict[str, Any]],
+               wall: float) -> dict[str, Any]:
+    w = min(s.window, len(times) // 2) or len(times)
+    first, last = _median_ms(times[:w]), _median_ms(times[-w:])
+    layers = list(records[-1]["layers"])
+    per_layer = {}
+    for name in layers:
+        norms = [max(r["layers"][name]["norm"]) for r in records]
+        drifts = [max(r["layers"][name]["drift"]) for r in records]
+        half = [max(r["layers"][name]["norm"]) for r in records if r["frame"] >= s.frames // 2]
+        comps = {}
+        for c in COMPONENTS:
+            xs = [max(r["layers"][name]["components"][c]) for r in records]
+            mid = [x for r, x in zip(records, xs) if r["frame"] >= s.frames // 2]
+            comps[c] = {"initial": xs[0], "max": max(xs), "final": xs[-1],
+                        "final_over_midpoint": xs[-1] / mid[0] if mid and mid[0] else None}
+        per_layer[name] = {
+            "components": comps,
+            "norm_initial": norms[0], "norm_max": max(norms), "norm_final": norms[-1],
+            "norm_min": min(norms),
+            # growth over the second half of the session: ~1 when the state has settled
+            "norm_final_over_midpoint": norms[-1] / half[0] if half and half[0] else None,
+            "drift_final": drifts[-1], "drift_max": max(drifts),
+            "finite": all(r["layers"][name]["finite"] for r in records),
+            "final_row_norms": records[-1]["layers"][name]["norm"],
+        }
+    rss = [r["rss_mb"] for r in records]
+    after_window = [r["rss_mb"] for r in records if r["frame"] >= w] or rss
+    finite = all(v["finite"] for v in per_layer.values()) and all(
+        math.isfinite(x) for v in per_layer.values() for x in (v["norm_max"], v["norm_final"]))
+    return {
+        "settings": s.model_dump(),
+        "frames": len(times),
+        "seconds_audio_equivalent": len(times) * 0.08,
+        "wall_seconds": wall,
+        "step_ms": {
+            "window": w, "first_median": first, "last_median": last,
+            "last_over_first": last / first if first else float("nan"),
+            "overall_median": _median_ms(times), "max": 1000 * max(times),
+        },
+        "fast_weights": per_layer,
+        "finite": finite,
+        "rss_mb": {"first_record": rss[0], "after_first_window": after_window[0],
+                   "final": rss[-1], "max": max(rss),
+                   "growth_after_first_window": rss[-1] - after_window[0]},
+        "trajectory": [{"frame": r["frame"], "rss_mb": round(r["rss_mb"], 3),
+                        "max_norm": {k: max(v["norm"]) for k, v in r["layers"].items()},
+                        "max_component_norm": {k: {c: max(x) for c, x in v["components"].items()}
+                                               for k, v in r["layers"].items()}}
+                       for r in records],
+    }
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A few lines for a terminal or a README."""
+    st, rss = report["step_ms"], report["rss_mb"]
+    s = report["settings"]
+    lines = [
+        f"{report['frames']} frames ({report['seconds_audio_equivalent'] / 60:.1f} min of audio), "
+        f"batch {s['batch_size']}, driver {s['driver']}, {report['wall_seconds']:.0f} s wall",
+        f"step time median: first {st['window']} frames {st['first_median']:.2f} ms, last "
+        f"{st['window']} frames {st['last_median']:.2f} ms (ratio {st['last_over_first']:.3f}); "
+        f"max {st['max']:.1f} ms",
+        f"RSS: {rss['first_record']:.1f} MiB at frame 1, {rss['after_first_window']:.1f} MiB "
+        f"after {st['window']} frames, {rss['final']:.1f} MiB at the end (max {rss['max']:.1f})",
+        f"all fast weights finite: {report['finite']}",
+    ]
+    for name, v in report["fast_weights"].items():
+        ratio = v["norm_final_over_midpoint"]
+        ratio_s = "n/a" if ratio is None else f"{ratio:.4f}"
+        lines.append(
+            f"  {name}: norm initial {v['norm_initial']:.4f}, max {v['norm_max']:.4f}, final "
+            f"{v['norm_final']:.4f} (final / midpoint {ratio_s}); ||W - W0|| / ||W0|| final "
+            f"{v['drift_final']:.4f}")
+        lines.append("    " + ", ".join(
+            f"{c} {x['initial']:.3f} -> {x['final']:.3f}" for c, x in v["components"].items()))
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
