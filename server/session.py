@@ -96,8 +96,9 @@ class ChatSession:
         if self.ended is not None:
             return
         if isinstance(item, SessionFailed):
-            self.abort(_End(Close.POLICY if item.kind == "slow_reader" else Close.INTERNAL,
-                            item.kind, item.reason))
+            code = {"slow_reader": Close.POLICY, "shutdown": Close.GOING_AWAY}.get(
+                item.kind, Close.INTERNAL)
+            self.abort(_End(code, item.kind, item.reason))
             return
         try:
             self.out.put_nowait(item)

@@ -42,7 +42,7 @@ def _stream(lm, user, graphs: bool, reset_at: int, masked: range):
                 reset_rows(gen, torch.tensor([False, True], device="cuda"))
             gen.set_exec_mask(torch.tensor([t not in masked, True], device="cuda"))
             tokens.append(gen.step(user[:, :, t:t + 1]).clone())
-        moved = [float((a.block._streaming_state.w.w1 - a.block.inner.w1).abs().max())
+        moved = [float((a.block._streaming_state.w.w1 - a.block.inner.w1.detach()).abs().max())
                  for a in ttt_blocks(lm)]
     return torch.stack(logits), torch.stack(tokens), moved
 
