@@ -105,11 +105,6 @@ class TTTState(State):
     nonfinite: torch.Tensor  # [B] bool, sticky until the row is reset
     w0: Callable[[], FastWeights]  # the learned W0 itself, unbatched ([H, ...]), read only
 
-    def initial(self, batch_size: int) -> FastWeights:
-        """W0 tiled for `batch_size` rows (a copy)."""
-        return FastWeights(*(p[None].expand(batch_size, *p.shape).clone()
-                             for p in self.w0().as_tuple()))
-
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
         # In place, row by mask, without materialising W0 for the whole batch: at the 7B

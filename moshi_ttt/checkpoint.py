@@ -413,7 +413,8 @@ def random_model(config: str | Path, device: str | torch.device = "cpu",
     torch.manual_seed(seed)
     lm = build_ttt_lm(cfg, device=device, dtype=dtype).eval()
     dims = validate(lm, cfg.lm, cfg.ttt, require_loaded=True, context=f"random {config}")
-    loaded = LoadedModel(lm, cfg, None, dims, CheckpointRef("random", Path(config)))  # type: ignore[arg-type]
+    ref = CheckpointRef("random", Path(config))
+    loaded = LoadedModel(lm, cfg, None, dims, ref)  # type: ignore[arg-type]  # no base files
     if with_codec:
         from moshi.models import loaders
 

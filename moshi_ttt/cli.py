@@ -485,6 +485,8 @@ def bench_serve(
 
     if (checkpoint is None) == (random_config is None):
         fail("give exactly one of --checkpoint or --random-config")
+    if mode not in ("pcm", "tokens"):
+        fail(f"--mode must be pcm or tokens (the load clients send raw frames), got {mode!r}")
     model = ["--checkpoint", str(checkpoint)] if checkpoint else \
         ["--random-config", str(random_config)]
     extra = ["--device", device, "--dtype", dtype]

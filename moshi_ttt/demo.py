@@ -12,7 +12,6 @@ run's latest checkpoint at the target step), so a second `make demo` goes straig
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ def _step(n: int, what: str) -> None:
 def prepare(workdir: Path, config: Path = TINY, steps: int | None = None,
             dialogues: int = 16) -> dict[str, Path]:
     """Steps 1-3: data, base, trained run (each reused when already complete)."""
-    from .base import init_random_base
+    from .base import PROJECT_CONFIG_NAME, init_random_base
     from .checkpoint import find_checkpoint, latest_checkpoint
     from .config import BaseModelRef, load_config
     from .data.synth import synthesize_dataset
@@ -45,10 +44,10 @@ def prepare(workdir: Path, config: Path = TINY, steps: int | None = None,
     logger.info("%s", synthesize_dataset(data, n_dialogues=dialogues, seed=0))
 
     _step(2, f"random tiny base in {base}")
-    try:
+    if (base / PROJECT_CONFIG_NAME).is_file():  # written last by init-base: a complete base
         find_checkpoint(base)
         logger.info("reusing %s", base)
-    except Exception:
+    else:
         init_random_base(cfg, base, data / "tokenizer.model", seed=0)
 
     settings = TrainSettings.from_config(cfg.train, {
@@ -56,9 +55,7 @@ def prepare(workdir: Path, config: Path = TINY, steps: int | None = None,
         "max_steps": steps})
     _step(3, f"train the TTT layers for {settings.max_steps} steps into {run}")
     last = latest_checkpoint(run) if (run / "checkpoints").is_dir() else None
-    done = last is not None and json.loads((last / "config.json").read_text())["step"] \
-        >= settings.max_steps
-    if done:
+    if last is not None and find_checkpoint(last).step >= settings.max_steps:
         logger.info("reusing %s", last)
     else:
         train(cfg, settings, run, base_override=BaseModelRef(local_dir=str(base)),

@@ -70,7 +70,13 @@ class ModelHost:
 
     @property
     def ready(self) -> bool:
+        self._check_engine()
         return self.status == "ok"
+
+    def _check_engine(self) -> None:
+        """A model thread that died turns the server unready (and /health 503)."""
+        if self.status == "ok" and self.engine is not None and self.engine.failure:
+            self.status, self.reason = "failed", self.engine.failure
 
     def load(self) -> None:
         """Load, build the engine, warm up. Blocking; run it off the event loop."""
@@ -122,6 +128,7 @@ class ModelHost:
             self.engine.stop()
 
     def health(self) -> dict[str, Any]:
+        self._check_engine()
         lm = self.loaded.lm if self.loaded else None
         mimi = self.loaded.mimi if self.loaded else None
         return {
@@ -223,7 +230,8 @@ def create_app(settings: ServeSettings, host: ModelHost | None = None,
                                 f"{host.reason}", "not_ready")
         sess = ChatSession(ws, host.engine, mode, m, host.loaded.tokenizer,
                            settings.max_message_bytes, settings.max_pending_output,
-                           host.loaded.lm.card, {"checkpoint": host.loaded.checkpoint_info})
+                           host.loaded.lm.card, {"checkpoint": host.loaded.checkpoint_info},
+                           idle_timeout_s=settings.idle_timeout_s)
         host.sessions.add(sess)
         try:
             await sess.run()

@@ -32,13 +32,15 @@ import torch
 from moshi.models.lm import LMGen, LMModel
 
 from moshi_ttt.model import ttt_blocks
-from moshi_ttt.protocol import FRAME_SIZE, NUM_CODEBOOKS
+from moshi_ttt.protocol import FRAME_RATE, FRAME_SIZE, NUM_CODEBOOKS
 from moshi_ttt.streaming import reset_rows
 
 from .metrics import ServerMetrics
 from .slots import CapacityError, SessionSlots
 
 logger = logging.getLogger(__name__)
+
+FRAME_S = 1 / FRAME_RATE
 
 __all__ = ["Engine", "EngineConfig", "SessionHandle", "StepOutput", "SessionFailed",
            "InputOverflow", "SessionClosed", "CapacityError"]
@@ -91,8 +93,8 @@ class SessionHandle:
     generation: int
     wants_audio: bool  # decode Moshi's codes to PCM for this session
     deliver: Callable[[Delivery], None]  # called on the model thread
-    inbox: collections.deque = field(default_factory=collections.deque)
-    first_wait: float | None = None  # when the oldest queued frame was pushed
+    inbox: collections.deque = field(default_factory=collections.deque)  # (pushed at, frame)
+    last_push: float = field(default_factory=time.monotonic)
     frames_in: int = 0
     frames_out: int = 0
     closed: bool = False
@@ -124,7 +126,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
-        self._blocks = [a.block for a in ttt_blocks(lm)]
+        # Main-transformer blocks only: moshi streams the depformer "detached", with a fresh state
+        # inside every depformer step, so a depformer block holds no state between steps.
+        self._blocks = [a.block for a in ttt_blocks(lm) if a.component == "transformer"]
+        self.failure: str | None = None  # set if the model thread died
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -177,9 +182,9 @@ class Engine:
         slot, gen = self.slots.acquire()
         h = SessionHandle(slot, gen, wants_audio, deliver)
         with self._cond:
-            if self._stopping:
+            if self._stopping or self.failure:
                 self.slots.release(slot, gen)
-                raise SessionClosed("the server is shutting down")
+                raise SessionClosed(self.failure or "the server is shutting down")
             self._handles[slot] = h
             self._resets.add(slot)
             self._cond.notify_all()
@@ -195,9 +200,8 @@ class Engine:
                     f"input buffer full: {len(h.inbox)} frames queued (limit "
                     f"{self.cfg.max_buffered_frames}, {self.cfg.max_buffered_frames * 0.08:.1f} s)"
                     f"; the client sends faster than the model runs")
-            if not h.inbox:
-                h.first_wait = time.monotonic()
-            h.inbox.append(frame)
+            h.last_push = time.monotonic()
+            h.inbox.append((h.last_push, frame))
             h.frames_in += 1
             self._cond.notify_all()
 
@@ -232,8 +236,6 @@ class Engine:
                        sessions_per_step=round(float(np.mean([b for _, b in recent])), 3))
         return out
 
-    def clear_stats(self) -> None:
-        self.recent.clear()
 
     # -- the model thread ------------------------------------------------------------------------
     def _detach(self, h: SessionHandle, why: SessionFailed | None) -> None:
@@ -246,15 +248,16 @@ class Engine:
                 del self._handles[h.slot]
                 self._resets.add(h.slot)  # leave nothing of this session in the row
             self.slots.release(h.slot, h.generation)
+            if not h.ready.done():  # settled under the lock: the model thread does the same
+                h.ready.set_exception(SessionClosed(why.reason if why else "session closed"))
             self._cond.notify_all()
         if why is not None:
-            self.metrics.errors.labels(why.kind).inc()
+            if why.kind != "shutdown":
+                self.metrics.errors.labels(why.kind).inc()
             try:
                 h.deliver(why)
             except Exception:  # the session's loop may be gone; nothing else to tell
                 logger.debug("could not deliver failure to slot %d", h.slot, exc_info=True)
-        if not h.ready.done():
-            h.ready.set_exception(SessionClosed(why.reason if why else "session closed"))
 
     def _has_work(self) -> bool:
         return bool(self._resets or self._tasks or any(h.inbox for h in self._handles.values()))
@@ -265,10 +268,15 @@ class Engine:
         while not self._stopping and not self._has_work():
             self._cond.wait()
         while not self._stopping and not self._resets and not self._tasks:
+            now = time.monotonic()
             waiting = [h for h in self._handles.values() if h.inbox]
-            if len(waiting) == len(self._handles) or not waiting:
+            # Sessions worth waiting for: those that sent within the last two frames. A silent
+            # connection must not delay every other session's steps.
+            expected = [h for h in self._handles.values()
+                        if h.inbox or now - h.last_push < 2 * FRAME_S]
+            if not waiting or len(waiting) == len(expected):
                 break
-            left = min(h.first_wait for h in waiting) + self.cfg.batch_wait_s - time.monotonic()
+            left = min(h.inbox[0][0] for h in waiting) + self.cfg.batch_wait_s - now
             if left <= 0:
                 break
             self._cond.wait(timeout=left)
@@ -279,15 +287,27 @@ class Engine:
         batch = []
         for h in self._handles.values():
             if h.inbox:
-                batch.append((h, h.inbox.popleft()))
-                h.first_wait = time.monotonic() if h.inbox else None
+                batch.append((h, h.inbox.popleft()[1]))
         return resets, tasks, batch
 
     def _loop(self) -> None:
+        try:
+            self._serve_steps()
+        except BaseException as e:  # a bug, or the device failing: say so, and fail everyone
+            logger.exception("the model thread stopped")
+            with self._cond:
+                self.failure = f"the model thread stopped: {type(e).__name__}: {e}"
+                handles = list(self._handles.values())
+            for h in handles:
+                self._detach(h, SessionFailed(self.failure, "internal"))
+
+    def _serve_steps(self) -> None:
         while True:
             with self._cond:
                 resets, tasks, batch = self._take()
                 if self._stopping:
+                    for _, fut in tasks:
+                        fut.cancel()
                     return
             for fn, fut in tasks:
                 if fut.set_running_or_notify_cancel():
@@ -320,10 +340,11 @@ class Engine:
                     self._detach(h, SessionFailed(f"could not reset the session's row: {e}",
                                                   "internal"))
             return
-        for s in slots:
-            h = self._handles.get(s)
-            if h is not None and not h.ready.done():
-                h.ready.set_result(s)
+        with self._cond:
+            for s in slots:
+                h = self._handles.get(s)
+                if h is not None and not h.closed and not h.ready.done():
+                    h.ready.set_result(s)
 
     def _reset(self, mask: torch.Tensor) -> None:
         with torch.no_grad():
@@ -380,9 +401,10 @@ class Engine:
             pcm.to(dev) if pcm is not None else None, codes.to(dev), ready.to(dev),
             encode.to(dev) if pcm is not None else None,
             decode.to(dev) if bool(decode.any()) else None)
-        out = out.cpu().numpy()  # the one host sync of the step
+        # Host syncs of the step: tokens with the flags in one copy, and the audio if any.
+        flagged = torch.cat([out, bad[:, None].to(out.dtype)], dim=1).cpu().numpy()
+        out, bad = flagged[:, :-1], flagged[:, -1].astype(bool)
         audio = audio.float().cpu().numpy() if audio is not None else None
-        bad = bad.cpu().numpy()
         self.steps += 1
         dt = time.perf_counter() - t0
         self.recent.append((dt, len(batch)))

@@ -87,6 +87,13 @@ class ServerProcess:
         self._log = open(self.log, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            return self._wait_ready()
+        except BaseException:  # timeout, Ctrl-C, an odd reply: never leave the child running
+            self.__exit__(None, None, None)
+            raise
+
+    def _wait_ready(self) -> "ServerProcess":
         deadline = time.monotonic() + 900
         while True:
             if self.proc.poll() is not None:

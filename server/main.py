@@ -7,13 +7,17 @@ Order of start-up (each step only if the previous one passed):
 2. bind the port; /health answers 503 while the weights load and the engine warms up;
 3. ready: /health 200, chat sessions accepted.
 SIGTERM (or Ctrl-C): stop accepting, end every session with an ERROR "server shutting down" and
-close code 1001, exit 0. A second signal exits at once.
+close code 1001, exit 0. A second signal skips the waiting (sessions, in-flight requests).
+
+An API key given as `?api_key=` would appear in uvicorn's connection log lines; they are
+redacted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from types import FrameType
 
@@ -32,7 +36,7 @@ def preflight(settings: ServeSettings) -> dict:
     a random-weights config, the config against the modules it builds."""
     import torch
 
-    from moshi_ttt.checkpoint import inspect_checkpoint
+    from moshi_ttt.checkpoint import CheckpointRef, inspect_checkpoint
     from moshi_ttt.config import load_config
     from moshi_ttt.dims import describe, validate
     from moshi_ttt.model import build_ttt_lm
@@ -43,7 +47,7 @@ def preflight(settings: ServeSettings) -> dict:
     lm = build_ttt_lm(cfg, device="meta", dtype=torch.bfloat16)
     validate(lm, cfg.lm, cfg.ttt, context=str(settings.random_config))
     info = describe(lm, cfg.ttt)
-    info["checkpoint"] = {"id": f"random:{settings.random_config}"}
+    info["checkpoint"] = {"id": CheckpointRef("random", settings.random_config).id}
     return info
 
 
@@ -76,7 +80,11 @@ class _Server(uvicorn.Server):
             await asyncio.sleep(0.1)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._draining or self.loop is None or not self.started:
+        if self._draining:
+            logger.warning("second signal: exiting without waiting")
+            self.should_exit = self.force_exit = True
+            return
+        if self.loop is None or not self.started:
             return super().handle_exit(sig, frame)
         self._draining = True
         logger.info("received %s: closing sessions, then exiting",
@@ -86,6 +94,21 @@ class _Server(uvicorn.Server):
     async def _drain(self) -> None:
         await self.host.drain()
         self.should_exit = True
+
+
+class RedactKeys(logging.Filter):
+    """Replace the value of `api_key=` in log records (uvicorn logs each websocket's path)."""
+
+    _pattern = re.compile(r"(api_key=)[^&\s\"']+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            record.args = tuple(self._pattern.sub(r"\1***", a) if isinstance(a, str) else a
+                                for a in args)
+        if isinstance(record.msg, str):
+            record.msg = self._pattern.sub(r"\1***", record.msg)
+        return True
 
 
 def serve(settings: ServeSettings) -> int:
@@ -111,6 +134,8 @@ def serve(settings: ServeSettings) -> int:
         logger.error("refusing to start: %s", e)
         return EXIT_INVALID
     app = create_app(settings, host)
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(RedactKeys())
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, lifespan="on",
                             ws_max_size=4 * settings.max_message_bytes,

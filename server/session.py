@@ -26,7 +26,8 @@ from moshi_ttt.protocol import (
 )
 
 from .engine import (
-    Engine, InputOverflow, SessionClosed, SessionFailed, SessionHandle, StepOutput,
+    CapacityError, Engine, InputOverflow, SessionClosed, SessionFailed, SessionHandle,
+    StepOutput,
 )
 from .metrics import ServerMetrics
 
@@ -61,7 +62,7 @@ class _End:
 class ChatSession:
     def __init__(self, ws: WebSocket, engine: Engine, mode: Mode, metrics: ServerMetrics,
                  tokenizer: Any, max_message_bytes: int, max_pending_output: int,
-                 card: int, info: dict[str, Any]):
+                 card: int, info: dict[str, Any], idle_timeout_s: float = 30.0):
         self.ws = ws
         self.engine = engine
         self.mode = mode
@@ -70,6 +71,7 @@ class ChatSession:
         self._vocab = tokenizer.vocab_size() if tokenizer is not None else 0
         self.max_buffered_frames = engine.cfg.max_buffered_frames
         self.max_message_bytes = max_message_bytes
+        self.idle_timeout_s = idle_timeout_s
         self.card = card
         self.info = info
         self.id = f"s{next(_ids)}"
@@ -84,7 +86,7 @@ class ChatSession:
         self.ended: _End | None = None
         self._tasks: set[asyncio.Task] = set()
 
-    # -- engine -> event loop ------------------------------------------------------------------------
+    # -- engine -> event loop ----------------------------------------------------------------------
     def _deliver(self, item: StepOutput | SessionFailed) -> None:
         """Called on the model thread."""
         try:
@@ -96,8 +98,7 @@ class ChatSession:
         if self.ended is not None:
             return
         if isinstance(item, SessionFailed):
-            code = {"slow_reader": Close.POLICY, "shutdown": Close.GOING_AWAY}.get(
-                item.kind, Close.INTERNAL)
+            code = Close.GOING_AWAY if item.kind == "shutdown" else Close.INTERNAL
             self.abort(_End(code, item.kind, item.reason))
             return
         try:
@@ -107,14 +108,18 @@ class ChatSession:
             self.abort(_End(Close.POLICY, "slow reader",
                             f"client is not reading: {self.out.maxsize} output frames unsent"))
 
-    # -- the session ---------------------------------------------------------------------------------
+    # -- the session ------------------------------------------------------------------------------
     async def run(self) -> None:
         """Open a slot, hand-shake, then stream both ways until one side ends."""
         try:
             self.handle = self.engine.open(self.mode is not Mode.TOKENS, self._deliver)
-        except Exception as e:  # CapacityError or shutting down
+        except CapacityError as e:
             self.metrics.sessions_refused.labels("capacity").inc()
             await self._finish(_End(Close.TRY_AGAIN, "server full", str(e)))
+            return
+        except SessionClosed as e:  # shutting down, or the model thread failed
+            self.metrics.sessions_refused.labels("unavailable").inc()
+            await self._finish(_End(Close.GOING_AWAY, "unavailable", str(e)))
             return
         self.metrics.sessions_total.inc()
         self.metrics.sessions_active.inc()
@@ -148,6 +153,7 @@ class ChatSession:
                     if not isinstance(e, (WebSocketDisconnect, OSError, RuntimeError)):
                         logger.error("session %s: %s failed", self.id, t.get_name(),
                                      exc_info=e)
+                        self.metrics.errors.labels("internal").inc()
                         self.abort(_End(Close.INTERNAL, "internal error",
                                         f"internal server error: {type(e).__name__}"))
                     else:
@@ -170,7 +176,14 @@ class ChatSession:
 
     async def _read(self) -> None:
         while self.ended is None:
-            msg = await self.ws.receive()
+            try:
+                msg = await asyncio.wait_for(self.ws.receive(), self.idle_timeout_s)
+            except asyncio.TimeoutError:
+                self.metrics.errors.labels("idle").inc()
+                self.abort(_End(Close.POLICY, "idle",
+                                f"no message for {self.idle_timeout_s:g} s: a session streams "
+                                f"audio (silence too) every 80 ms"))
+                return
             if msg["type"] == "websocket.disconnect":
                 self.abort(_End(Close.NORMAL, "client closed"))
                 return

@@ -51,6 +51,9 @@ class ServeSettings(BaseSettings):
     max_pending_output: int = Field(
         100, ge=1, description="output frames a session may leave unsent (a stalled reader)")
     max_message_bytes: int = Field(1 << 20, ge=1024, description="largest websocket message")
+    idle_timeout_s: float = Field(
+        30.0, gt=0, description="close a session that sends nothing for this long (it holds "
+        "a slot; a live client streams audio, silence included, every 80 ms)")
     warmup_frames: int = Field(4, ge=0, description="model steps run before accepting anyone")
 
     # access

@@ -10,8 +10,9 @@ class CapacityError(RuntimeError):
 
 
 class SessionSlots:
-    """A fixed set of batch rows handed out to sessions. Each grant carries a generation number,
-    so late output for a row's previous holder is recognised and dropped."""
+    """A fixed set of batch rows handed out to sessions, lowest free row first. Each grant
+    carries a generation number, so releasing twice (or releasing a row that has been granted
+    again since) is harmless."""
 
     def __init__(self, capacity: int):
         if capacity < 1:
@@ -38,10 +39,6 @@ class SessionSlots:
                 return False
             self._free.append(slot)
             return True
-
-    def holds(self, slot: int, generation: int) -> bool:
-        with self._lock:
-            return self._generation[slot] == generation and slot not in self._free
 
     @property
     def active(self) -> int:

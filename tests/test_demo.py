@@ -23,7 +23,8 @@ def test_demo_end_to_end_then_reused(tmp_path, monkeypatch):
     assert ckpt["step"] == 2
 
     mtimes = {p: p.stat().st_mtime_ns for p in (work / "data").rglob("*.wav")}
-    mtimes[work / "base" / "model.safetensors"] = (work / "base" / "model.safetensors").stat().st_mtime_ns
+    weights = work / "base" / "model.safetensors"
+    mtimes[weights] = weights.stat().st_mtime_ns
     out = CliRunner().invoke(app, ["demo", "--workdir", str(work), "--steps", "2", "--mode",
                                    "pcm", "--dialogues", "4"], catch_exceptions=False)
     assert out.exit_code == 0, out.output

@@ -521,3 +521,83 @@ def test_sigterm_closes_sessions_with_a_reason_and_exits_0(base):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# -- robustness of the engine ------------------------------------------------------------------
+
+def test_depformer_ttt_config_serves(tmp_path):
+    """TTT blocks in the depformer (moshi streams it per step, so they hold no state between
+    frames) must not trip the engine's per-step health check."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    cfg["ttt"]["depformer_layers"] = [0]
+    path = tmp_path / "dep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    s = ServeSettings(random_config=path, max_sessions=1, use_sampling=False, warmup_frames=1,
+                      cpu_threads=None)
+    with ServerThread(s) as srv:
+        assert get_json(srv.http("/health"))[1]["model"]["ttt"]["depformer_layers"] == [0]
+        with Peer(srv.url(mode="tokens")) as p:
+            p.send_codes(user_codes(4, 0))
+            assert len(p.wait_codes(4)) == 4 and not p.errors
+
+
+def test_silent_session_is_closed_after_the_idle_timeout(base):
+    with ServerThread(settings(base, idle_timeout_s=0.5)) as srv:
+        with Peer(srv.url(mode="tokens")) as p:
+            p.wait_closed(timeout=10)
+        assert p.close_code == Close.POLICY and "no message for 0.5 s" in p.errors[0]
+        wait_idle(srv)
+
+
+def test_a_dead_model_thread_fails_sessions_and_health(base):
+    with ServerThread(settings(base)) as srv:
+        with Peer(srv.url(mode="tokens")) as p:
+            def broken(*a, **kw):
+                raise RuntimeError("simulated device failure")
+            srv.engine._take = broken
+            p.send_codes(user_codes(1, 0))  # wakes the thread, which now dies
+            p.wait_closed()
+        assert p.close_code == Close.INTERNAL
+        assert "model thread stopped" in p.errors[0] and "simulated device failure" in p.errors[0]
+        status, h = get_json(srv.http("/health"))
+        assert status == 503 and h["status"] == "failed" and "simulated" in h["reason"]
+        with Peer(srv.url(mode="tokens"), handshake=False) as q:
+            q.wait_closed()
+        assert q.close_code == Close.TRY_AGAIN and "model not ready (failed)" in q.errors[0]
+
+
+def test_engine_stop_cancels_queued_tasks(base):
+    import concurrent.futures
+
+    from moshi_ttt.checkpoint import load_model
+    from server.engine import Engine, EngineConfig
+
+    m = load_model(base, with_codec=False)
+    eng = Engine(m.lm, None, EngineConfig(capacity=1))
+    eng.start()
+    gate = threading.Event()
+    first = eng.submit(lambda: gate.wait(10))
+    time.sleep(0.2)  # the model thread is inside `first`
+    second = eng.submit(lambda: 42)
+    stopper = threading.Thread(target=eng.stop)
+    stopper.start()
+    time.sleep(0.2)
+    gate.set()
+    stopper.join(timeout=30)
+    assert first.result(timeout=5) is True
+    with pytest.raises(concurrent.futures.CancelledError):
+        second.result(timeout=5)
+
+
+def test_api_keys_are_redacted_from_log_lines():
+    import logging
+
+    from server.main import RedactKeys
+
+    rec = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1,
+                            '%s - "WebSocket %s" [accepted]',
+                            ("127.0.0.1:5", "/api/chat?mode=pcm&api_key=s3cret&x=1"), None)
+    RedactKeys().filter(rec)
+    assert "s3cret" not in rec.getMessage() and "api_key=***&x=1" in rec.getMessage()

@@ -470,9 +470,9 @@ def fast_weight_drift(lm: LMModel) -> float:
         st = a.block._streaming_state
         if st is None:
             continue
-        w0 = st.initial(st.batch_size)
+        w0 = st.w0()
         for cur, init in ((st.w.w1, w0.w1), (st.w.w2, w0.w2)):
-            rel = (cur - init).flatten(1).norm(dim=1) / init.flatten(1).norm(dim=1)
+            rel = (cur - init).flatten(1).norm(dim=1) / init.flatten().norm()
             drift = max(drift, float(rel.max()))
     return drift
 

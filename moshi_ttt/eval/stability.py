@@ -80,11 +80,13 @@ def fast_weight_stats(lm: LMModel) -> dict[str, dict[str, Any]]:
     per-row relative distance from W0, and whether every row is finite."""
     out: dict[str, dict[str, Any]] = {}
     for a in ttt_blocks(lm):
+        if a.component != "transformer":
+            continue  # moshi streams the depformer per step: no state lives between frames
         st = a.block._streaming_state
         if st is None:
             raise RuntimeError("fast_weight_stats must be called inside the model's stream")
         cur = torch.cat([t.flatten(1) for t in st.w.as_tuple()], dim=1)
-        init = torch.cat([t.flatten(1) for t in st.initial(st.batch_size).as_tuple()], dim=1)
+        init = torch.cat([t.flatten()[None] for t in st.w0().as_tuple()], dim=1)
         out[f"{a.component}.{a.layer}"] = {
             "norm": cur.norm(dim=1).tolist(),
             "components": {name: t.flatten(1).norm(dim=1).tolist()
