@@ -130,6 +130,7 @@ class Engine:
         # inside every depformer step, so a depformer block holds no state between steps.
         self._blocks = [a.block for a in ttt_blocks(lm) if a.component == "transformer"]
         self.failure: str | None = None  # set if the model thread died
+        self._last_step_end = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -276,7 +277,10 @@ class Engine:
                         if h.inbox or now - h.last_push < 2 * FRAME_S]
             if not waiting or len(waiting) == len(expected):
                 break
-            left = min(h.inbox[0][0] for h in waiting) + self.cfg.batch_wait_s - now
+            # The window opens when a frame is waiting and the model is free: a frame queued
+            # during the previous step still gives the other sessions their chance to join.
+            opened = max(min(h.inbox[0][0] for h in waiting), self._last_step_end)
+            left = opened + self.cfg.batch_wait_s - now
             if left <= 0:
                 break
             self._cond.wait(timeout=left)
@@ -406,6 +410,7 @@ class Engine:
         out, bad = flagged[:, :-1], flagged[:, -1].astype(bool)
         audio = audio.float().cpu().numpy() if audio is not None else None
         self.steps += 1
+        self._last_step_end = time.monotonic()
         dt = time.perf_counter() - t0
         self.recent.append((dt, len(batch)))
         self.metrics.step_seconds.observe(dt)
