@@ -66,7 +66,7 @@ def prepare(workdir: Path, config: Path = TINY, steps: int | None = None,
 def run_demo(workdir: Path, config: Path = TINY, steps: int | None = None,
              mode: str = "opus", dialogues: int = 16) -> dict[str, Any]:
     from client.command import ChatCommand, run_command
-    from server.loadtest import ServerProcess, _health
+    from server.loadtest import ServerProcess, fetch_health
 
     t0 = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def run_demo(workdir: Path, config: Path = TINY, steps: int | None = None,
     out_wav, out_txt = workdir / "out.wav", workdir / "out.txt"
     with ServerProcess(["--checkpoint", str(paths["run"])], 2, ["--seed", "0"],
                        workdir / "server.log") as srv:
-        _, health = _health(srv.port)
+        _, health = fetch_health(srv.port)
         url = f"ws://127.0.0.1:{srv.port}/api/chat"
         _step(5, f"talk to it: {paths['data'] / 'sample_user.wav'} -> {url}")
         code = run_command(ChatCommand(url=url, input=paths["data"] / "sample_user.wav",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI, WebSocket
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 

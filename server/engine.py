@@ -58,7 +58,6 @@ class SessionClosed(RuntimeError):
 class StepOutput:
     """The model's answer to one input frame of one session."""
 
-    frame: int  # index of the input frame (0-based, per session)
     text_token: int  # -2 while the model's delays fill
     codes: np.ndarray  # [8] Moshi's audio codes, -2 while the delays fill
     pcm: np.ndarray | None  # [1920] float32 decoded audio (audio sessions, once generated)
@@ -429,7 +428,7 @@ class Engine:
                 continue
             generated = out[s, 1] >= 0
             res = StepOutput(
-                frame=h.frames_out, text_token=int(out[s, 0]), codes=out[s, 1:].copy(),
+                text_token=int(out[s, 0]), codes=out[s, 1:].copy(),
                 pcm=audio[s].copy() if (audio is not None and h.wants_audio and generated)
                 else None)
             h.frames_out += 1

@@ -60,13 +60,13 @@ class LoadResult:
     errors: list[str] = field(default_factory=list)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _health(port: int) -> tuple[int, dict[str, Any]]:
+def fetch_health(port: int) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
             return r.status, json.loads(r.read())
@@ -78,7 +78,7 @@ class ServerProcess:
     """`moshi-ttt serve` in a child process on a free loopback port."""
 
     def __init__(self, model_args: list[str], sessions: int, extra: list[str], log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.cmd = [sys.executable, "-m", "moshi_ttt.cli", "serve", *model_args,
                     "--port", str(self.port), "--max-sessions", str(sessions), *extra]
         self.log = log
@@ -100,7 +100,7 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
                                    f"{self.log.read_text()[-3000:]}")
             try:
-                status, body = _health(self.port)
+                status, body = fetch_health(self.port)
                 if status == 200:
                     self.health = body
                     return self
@@ -177,7 +177,7 @@ def run_load(model_args: list[str], sessions: int, seconds: float, mode: str = "
         before = srv.health
         results = asyncio.run(_load(f"ws://127.0.0.1:{srv.port}/api/chat", sessions, seconds,
                                     mode))
-        _, after = _health(srv.port)
+        _, after = fetch_health(srv.port)
     rtts, late, n_sent, n_ans, errors = [], 0, 0, 0, []
     for r in results:
         sent, ans = r["sent"], r["answered"]

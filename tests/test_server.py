@@ -21,6 +21,7 @@ import sphn
 import torch
 
 from moshi_ttt.protocol import FRAME_SIZE, Close, Kind
+from server.loadtest import free_port
 from server.settings import ServeSettings
 
 from conftest import REPO
@@ -441,12 +442,6 @@ def test_metrics_count_frames_and_latency(srv):
 
 # -- the process: start-up refusal, SIGTERM ------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_cmd(checkpoint, port) -> list[str]:
     return [sys.executable, "-m", "moshi_ttt.cli", "serve", "--checkpoint", str(checkpoint),
             "--port", str(port), "--max-sessions", "2"]
@@ -472,7 +467,7 @@ def test_startup_refuses_a_mismatched_checkpoint_before_binding(base, tmp_path):
     cfg.base.local_dir = str(base)
     run = tmp_path / "run"
     save_checkpoint(run, 1, tensors, cfg, resolve_base(cfg.base), detect_dims(lm))
-    port = _free_port()
+    port = free_port()
     r = subprocess.run(_serve_cmd(run, port), cwd=REPO, env=_env(), capture_output=True,
                        text=True, timeout=120)
     out = r.stdout + r.stderr
@@ -497,7 +492,7 @@ def test_startup_refuses_a_mismatched_checkpoint_before_binding(base, tmp_path):
 
 
 def test_sigterm_closes_sessions_with_a_reason_and_exits_0(base):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(_serve_cmd(base, port), cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
