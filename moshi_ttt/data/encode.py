@@ -68,12 +68,39 @@ def codec_fingerprint(mimi: torch.nn.Module, tokenizer_path: Path, spec: TextStr
     h = hashlib.sha256()
     for name, t in sorted(mimi.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().float().cpu().numpy().tobytes()[:4096])
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
         h.update(str(tuple(t.shape)).encode())
     h.update(str(getattr(mimi, "num_codebooks", "")).encode())
     h.update(Path(tokenizer_path).read_bytes())
     h.update(json.dumps(spec.__dict__, sort_keys=True).encode())
     return h.hexdigest()[:24]
+
+
+def read_stereo(f: AudioFile) -> np.ndarray:
+    """The file as [2, S] float32 at 24 kHz, or a DataError saying what is wrong with it."""
+    try:
+        pcm, sr = sphn.read(str(f.path))
+    except Exception as e:
+        raise DataError(f"cannot read audio {f.path}: {e} (expected a stereo wav)") from e
+    if pcm.ndim != 2 or pcm.shape[0] != 2:
+        chans = 1 if pcm.ndim == 1 else pcm.shape[0]
+        raise DataError(f"{f.path} has {chans} channel(s); expected a stereo file "
+                        f"(left = Moshi, right = user)")
+    if sr < MIN_SAMPLE_RATE:
+        raise DataError(f"{f.path} is sampled at {sr} Hz; expected at least "
+                        f"{MIN_SAMPLE_RATE} Hz (it is resampled to {SAMPLE_RATE} Hz, but "
+                        f"speech above {sr // 2} Hz would be missing)")
+    if pcm.shape[1] == 0:
+        raise DataError(f"{f.path} holds no audio")
+    duration = pcm.shape[1] / sr
+    if abs(duration - f.duration) > 0.5 + 0.05 * duration:
+        raise DataError(f"{f.path} lasts {duration:.2f} s at {sr} Hz but the index says "
+                        f"{f.duration:.2f} s: wrong sample rate in the file or a stale index")
+    if sr != SAMPLE_RATE:
+        pcm = resample_aligned(pcm, sr, SAMPLE_RATE)
+    if not np.isfinite(pcm).all():
+        raise DataError(f"{f.path} contains NaN or infinite samples")
+    return np.ascontiguousarray(pcm, dtype=np.float32)
 
 
 class StreamEncoder:
@@ -135,35 +162,9 @@ class StreamEncoder:
         tmp.write_text(json.dumps(self._memo))
         os.replace(tmp, self._memo_path)
 
-    def read_stereo(self, f: AudioFile) -> np.ndarray:
-        """The file as [2, S] float32 at 24 kHz, or a DataError saying what is wrong with it."""
-        try:
-            pcm, sr = sphn.read(str(f.path))
-        except Exception as e:
-            raise DataError(f"cannot read audio {f.path}: {e} (expected a stereo wav)") from e
-        if pcm.ndim != 2 or pcm.shape[0] != 2:
-            chans = 1 if pcm.ndim == 1 else pcm.shape[0]
-            raise DataError(f"{f.path} has {chans} channel(s); expected a stereo file "
-                            f"(left = Moshi, right = user)")
-        if sr < MIN_SAMPLE_RATE:
-            raise DataError(f"{f.path} is sampled at {sr} Hz; expected at least "
-                            f"{MIN_SAMPLE_RATE} Hz (it is resampled to {SAMPLE_RATE} Hz, but "
-                            f"speech above {sr // 2} Hz would be missing)")
-        if pcm.shape[1] == 0:
-            raise DataError(f"{f.path} holds no audio")
-        duration = pcm.shape[1] / sr
-        if abs(duration - f.duration) > 0.5 + 0.05 * duration:
-            raise DataError(f"{f.path} lasts {duration:.2f} s at {sr} Hz but the index says "
-                            f"{f.duration:.2f} s: wrong sample rate in the file or a stale index")
-        if sr != SAMPLE_RATE:
-            pcm = resample_aligned(pcm, sr, SAMPLE_RATE)
-        if not np.isfinite(pcm).all():
-            raise DataError(f"{f.path} contains NaN or infinite samples")
-        return np.ascontiguousarray(pcm, dtype=np.float32)
-
     @torch.no_grad()
     def _encode_uncached(self, f: AudioFile) -> torch.Tensor:
-        pcm = self.read_stereo(f)
+        pcm = read_stereo(f)
         duration = pcm.shape[1] / SAMPLE_RATE
         alignments = read_alignments(f, duration)
         T = frames_for(duration)
