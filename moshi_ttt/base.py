@@ -22,6 +22,7 @@ from moshi.models import loaders
 from safetensors.torch import save_file
 
 from .config import BaseModelRef, ProjectConfig
+from .codec.calibrate import CalibrationSettings
 from .dims import DimensionMismatch, Mismatch, read_safetensors_shapes
 
 logger = logging.getLogger(__name__)
@@ -176,15 +177,38 @@ def _settle(info: loaders.CheckpointInfo, ref: dict[str, Any], where: str) -> Re
     return ResolvedBase(info, kwargs, source, ref, notes=notes)
 
 
+def load_codec(base: ResolvedBase, device: str | torch.device = "cpu") -> Any:
+    """The base's Mimi, or a BaseModelError naming the file that could not be loaded."""
+    path = base.info.mimi_weights
+    try:
+        return base.info.get_mimi(device=device)
+    except Exception as e:  # a truncated or foreign weights file: say which, and why
+        raise BaseModelError(f"cannot load the codec (Mimi) of {base.ref} from {path}: "
+                             f"{type(e).__name__}: {e}") from e
+
+
 # -- init-base ----------------------------------------------------------------------------------
 
+CODEC_CALIBRATION_NAME = "codec_calibration.json"  # what calibrated the base's Mimi, and how well
+
+
 def init_random_base(cfg: ProjectConfig, out_dir: Path, tokenizer: Path, seed: int = 0,
-                     dtype: torch.dtype = torch.float32) -> Path:
+                     dtype: torch.dtype = torch.float32, calibrate_on: Path | None = None,
+                     codec_from: Path | None = None,
+                     calibration: CalibrationSettings | None = None) -> Path:
     """Write a random-initialised base in moshi's file layout (loadable by CheckpointInfo like a
     Hugging Face repo): config.json, model.safetensors, Mimi weights (+ its config when it is not
-    the real Mimi's), tokenizer, and moshi_ttt.yaml with the project config it was made from."""
+    the real Mimi's), tokenizer, and moshi_ttt.yaml with the project config it was made from.
+
+    The Mimi is calibrated on the training split of the dataset `calibrate_on` (see
+    `moshi_ttt.codec.calibrate`), or copied from the base `codec_from` (same Mimi config), or,
+    with neither, left random: then its codebooks are zero and every frame encodes to code 0.
+    moshi_ttt.yaml is written last: a base dir holding it is complete."""
     import sentencepiece
 
+    if calibrate_on is not None and codec_from is not None:
+        raise BaseModelError("give either a dataset to calibrate the codec on or a base to copy "
+                             "a calibrated codec from, not both")
     if not tokenizer.is_file():
         raise BaseModelError(f"tokenizer not found: {tokenizer} (make one with `moshi-ttt "
                              f"make-data`, which trains a sentencepiece model on its transcripts)")
@@ -192,16 +216,45 @@ def init_random_base(cfg: ProjectConfig, out_dir: Path, tokenizer: Path, seed: i
     if sp.vocab_size() > cfg.text_card:
         raise BaseModelError(f"tokenizer {tokenizer} has {sp.vocab_size()} pieces but "
                              f"lm.text_card is {cfg.text_card}: the text embedding cannot hold it")
+    mcfg = mimi_config(cfg.mimi)
+    codec_source = _codec_source(codec_from, mcfg) if codec_from is not None else None
+    if calibration is None:
+        try:
+            calibration = CalibrationSettings.model_validate(cfg.codec_calibration)
+        except ValueError as e:
+            raise BaseModelError(f"invalid codec_calibration section: {e}") from None
+    calib_audio = None
+    if calibrate_on is not None:  # read (and check) the speech before spending time on the LM
+        from .codec.calibrate import load_calibration_audio
+
+        calib_audio = load_calibration_audio(calibrate_on, _frame_size(mcfg),
+                                             calibration.max_seconds,
+                                             min_frames=calibration.segment_frames)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / PROJECT_CONFIG_NAME).unlink(missing_ok=True)
     torch.manual_seed(seed)
     lm = loaders.get_moshi_lm(None, lm_kwargs=dict(cfg.lm), device="cpu", dtype=dtype)
     save_file({k: v.contiguous() for k, v in lm.state_dict().items()},
               str(out_dir / loaders.MOSHI_NAME))
-    mcfg = mimi_config(cfg.mimi)
-    mimi = loaders.get_mimi(None, mcfg, num_codebooks=max(cfg.lm["dep_q"],
-                                                          cfg.lm["n_q"] - cfg.lm["dep_q"]))
     mimi_name = "mimi.safetensors"
-    save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(out_dir / mimi_name))
+    (out_dir / CODEC_CALIBRATION_NAME).unlink(missing_ok=True)
+    if codec_source is not None:
+        shutil.copyfile(codec_source, out_dir / mimi_name)
+        record = codec_source.parent / CODEC_CALIBRATION_NAME
+        if record.is_file():
+            shutil.copyfile(record, out_dir / CODEC_CALIBRATION_NAME)
+        logger.info("codec copied from %s", codec_source)
+    else:
+        mimi = loaders.get_mimi(None, mcfg, num_codebooks=max(cfg.lm["dep_q"],
+                                                              cfg.lm["n_q"] - cfg.lm["dep_q"]))
+        if calib_audio is not None:
+            record = _calibrate(mimi, calib_audio, calibration, calibrate_on)
+            (out_dir / CODEC_CALIBRATION_NAME).write_text(json.dumps(record, indent=2))
+        else:
+            logger.warning("the codec of %s is not calibrated: its codebooks are zero and every "
+                           "frame encodes to code 0 (pass a dataset to calibrate it on)", out_dir)
+        save_file({k: v.contiguous() for k, v in mimi.state_dict().items()},
+                  str(out_dir / mimi_name))
     raw = dict(cfg.lm)
     raw.update(moshi_name=loaders.MOSHI_NAME, mimi_name=mimi_name,
                tokenizer_name="tokenizer.model", model_type="moshi")
@@ -216,6 +269,50 @@ def init_random_base(cfg: ProjectConfig, out_dir: Path, tokenizer: Path, seed: i
     logger.info("wrote random base (%s parameters, seed %d) to %s",
                 f"{sum(p.numel() for p in lm.parameters()):,}", seed, out_dir)
     return out_dir
+
+
+def _frame_size(mcfg: dict[str, Any] | None) -> int:
+    m = mcfg or loaders._mimi_config
+    return int(m["sample_rate"] / m["frame_rate"])
+
+
+def _codec_source(base: Path, mcfg: dict[str, Any] | None) -> Path:
+    """The Mimi weights of an existing base dir, refused unless its Mimi config is `mcfg`."""
+    root = Path(base)
+    if not root.is_dir():
+        raise BaseModelError(f"base directory to copy the codec from not found: {root}")
+    raw: dict[str, Any] = {}
+    if (root / "config.json").is_file():
+        raw = json.loads((root / "config.json").read_text())
+    weights = root / raw.get("mimi_name", loaders.MIMI_NAME)
+    if not weights.is_file():
+        raise BaseModelError(f"{root} has no codec weights ({weights.name})")
+    theirs = None
+    if raw.get("mimi_config_name"):
+        theirs = json.loads((root / raw["mimi_config_name"]).read_text())
+    if theirs != mcfg:
+        raise BaseModelError(f"the codec of {root} has another Mimi config than this config's "
+                             f"`mimi` section: it cannot be copied")
+    return weights
+
+
+def _calibrate(mimi: Any, audio: Any, settings: CalibrationSettings,
+               data: Path) -> dict[str, Any]:
+    """Calibrate `mimi` and describe it: the calibration, and the codec report on the
+    dataset's held-out split (eval.jsonl beside train.jsonl) when there is one."""
+    from .codec.calibrate import calibrate_mimi, training_index
+    from .codec.report import codec_report, format_report
+    from .data.index import read_index
+
+    report = calibrate_mimi(mimi, audio, settings)
+    record: dict[str, Any] = {"calibration": report.to_json()}
+    held_out = training_index(data).parent / "eval.jsonl"
+    if held_out.is_file():
+        files = [f.path for f in read_index(held_out)]
+        figures = codec_report(mimi, files)
+        record["held_out"] = figures
+        logger.info("codec on the held-out split (%s):\n%s", held_out, format_report(figures))
+    return record
 
 
 def materialize_base(resolved: ResolvedBase, cfg: ProjectConfig, out_dir: Path) -> Path:

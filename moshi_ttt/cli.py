@@ -167,25 +167,37 @@ def _ranges(xs: list[int]) -> str:
 def init_base(
     out: Path = typer.Argument(..., help="directory to write the base into"),
     config: Path = typer.Option(..., "--config", "-c", help="project YAML config"),
+    calibrate_on: Optional[Path] = typer.Option(
+        None, "--calibrate-on", help="dataset (a make-data directory, or its train.jsonl) whose "
+        "training split calibrates the random base's codec"),
+    codec_from: Optional[Path] = typer.Option(
+        None, "--codec-from", help="or copy the calibrated codec of this base (same Mimi config)"),
+    no_calibrate: bool = typer.Option(
+        False, "--no-calibrate", help="keep the random codec: its codebooks are zero, every frame "
+        "encodes to code 0 (for tests of that case)"),
     tokenizer: Optional[Path] = typer.Option(
-        None, help="sentencepiece model for a random base (make-data writes one)"),
+        None, help="sentencepiece model for a random base [DATA/tokenizer.model with "
+        "--calibrate-on DATA]"),
     hf_repo: Optional[str] = typer.Option(
         None, "--hf-repo", help="take the base from this Hugging Face repo instead of random"),
     revision: Optional[str] = typer.Option(None, help="Hugging Face revision"),
     local: Optional[Path] = typer.Option(None, "--local", help="or from a local moshi-layout dir"),
     seed: int = typer.Option(0, help="seed of the random initialisation"),
 ) -> None:
-    """Write a base model directory in moshi's layout (config.json, model.safetensors, Mimi,
-    tokenizer, moshi_ttt.yaml): random-initialised from --config, or taken from a Hugging Face
-    repo / local directory after checking its dims against the weight shapes."""
+    """Write a base model directory in moshi's layout: random from --config, with its codec calibrated on speech, or taken from a Hugging Face repo or local directory."""
     _cpu_defaults()
     from .base import BaseModelError, init_random_base, materialize_base, resolve_base
     from .config import BaseModelRef, ConfigError, load_config
+    from .data.index import DataError
     from .dims import DimensionMismatch
 
+    codec_choices = (calibrate_on is not None) + (codec_from is not None) + no_calibrate
     try:
         cfg = load_config(config)
         if hf_repo or local:
+            if codec_choices:
+                fail("--calibrate-on, --codec-from and --no-calibrate are for random bases: a "
+                     "base from --hf-repo or --local keeps its own Mimi")
             ref = BaseModelRef(hf_repo=hf_repo, revision=revision,
                                local_dir=str(local) if local else None)
             resolved = resolve_base(ref)
@@ -193,13 +205,45 @@ def init_base(
             for note in resolved.notes:
                 logger.info(note)
         else:
+            if codec_choices != 1:
+                fail("a random base needs a codec: pass --calibrate-on DATA (a dataset from "
+                     "`moshi-ttt make-data DATA`) to calibrate it on speech, --codec-from BASE "
+                     "to copy a calibrated one, or --no-calibrate to keep it random (every "
+                     "frame then encodes to code 0); exactly one of them")
+            if tokenizer is None and calibrate_on is not None and calibrate_on.is_dir():
+                tokenizer = calibrate_on / "tokenizer.model"
             if tokenizer is None:
                 fail("a random base needs --tokenizer (e.g. DATA/tokenizer.model from "
                      "`moshi-ttt make-data DATA`), or pass --hf-repo / --local")
-            init_random_base(cfg, out, tokenizer, seed=seed)
-    except (ConfigError, BaseModelError, DimensionMismatch, FileNotFoundError) as e:
+            init_random_base(cfg, out, tokenizer, seed=seed, calibrate_on=calibrate_on,
+                             codec_from=codec_from)
+    except (ConfigError, BaseModelError, DimensionMismatch, DataError, FileNotFoundError) as e:
         fail(str(e))
     typer.echo(str(out))
+
+
+@app.command("codec-report")
+def codec_report_cmd(
+    base: str = typer.Argument(..., help="base directory (init-base) or hf://OWNER/REPO"),
+    wavs: list[Path] = typer.Argument(..., help="audio files (every channel is a signal)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+) -> None:
+    """How well a base's Mimi carries speech: codes used and perplexity per RVQ level, SNR and log-mel L1 of decode(encode(x))."""
+    _cpu_defaults()
+    from .base import BaseModelError, load_codec, resolve_base
+    from .codec.report import CodecReportError, codec_report, format_report
+    from .config import BaseModelRef
+    from .dims import DimensionMismatch
+
+    try:
+        ref = BaseModelRef(hf_repo=base.removeprefix("hf://")) if base.startswith("hf://") \
+            else BaseModelRef(local_dir=base)
+        mimi = load_codec(resolve_base(ref), device)
+        report = codec_report(mimi, wavs)
+    except (BaseModelError, CodecReportError, DimensionMismatch) as e:
+        fail(str(e))
+    typer.echo(json.dumps(report) if as_json else format_report(report))
 
 
 @app.command()
@@ -276,8 +320,17 @@ def demo(
         fail(f"demo failed: {type(e).__name__}: {e}", code=1)
     typer.echo(f"\noutput audio : {res['output_audio']}\ntranscript   : {res['transcript']}"
                f"\ncheckpoint   : {res['checkpoint']}\nserver log   : {res['server_log']}"
+               f"\nreply codes  : distinct codes per level {res['reply_codes_used']}"
+               f"\naudio loss   : {_loss_line(res['audio_loss'])}"
                f"\n/health      : {json.dumps(res['health'], indent=2)}"
                f"\ndone in {res['seconds']} s")
+
+
+def _loss_line(loss: dict | None) -> str:
+    if not loss:
+        return "(no metrics)"
+    return (f"{loss['first']:.3f} at step {loss['first_step']} -> {loss['last']:.3f} at step "
+            f"{loss['last_step']}")
 
 
 @app.command("make-data")

@@ -108,6 +108,9 @@ class ProjectConfig(BaseModel):
     # Overrides of moshi's Mimi config (`loaders._mimi_config`, nested per section); None = the
     # real Mimi. The tiny config uses a narrow Mimi of the same architecture and frame rate.
     mimi: dict[str, Any] | None = None
+    # How `init-base` calibrates a random Mimi on speech (moshi_ttt.codec.calibrate's
+    # CalibrationSettings; empty = its defaults).
+    codec_calibration: dict[str, Any] = Field(default_factory=dict)
     # Free-form sections owned by other subsystems (trainer, server, eval); each validates its own.
     train: dict[str, Any] = Field(default_factory=dict)
     serve: dict[str, Any] = Field(default_factory=dict)

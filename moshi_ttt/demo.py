@@ -1,7 +1,8 @@
 """`moshi-ttt demo` (`make demo`): the whole train-then-serve job, offline, on the tiny config.
 
     1. make-data   a two-speaker dataset synthesised with espeak-ng, a tokenizer, a sample wav
-    2. init-base   a random-initialised tiny Moshi in moshi's file layout
+    2. init-base   a random-initialised tiny Moshi in moshi's file layout, its codec calibrated
+                   on the dataset's training speech
     3. train       the TTT layers, briefly (CPU minutes), into a resumable run directory
     4. serve       `moshi-ttt serve --checkpoint RUN` on a free loopback port
     5. chat        the Python client streams the sample wav and records the answer
@@ -13,6 +14,7 @@ run's latest checkpoint at the target step), so a second `make demo` goes straig
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ def _step(n: int, what: str) -> None:
 def prepare(workdir: Path, config: Path = TINY, steps: int | None = None,
             dialogues: int = 16) -> dict[str, Path]:
     """Steps 1-3: data, base, trained run (each reused when already complete)."""
-    from .base import PROJECT_CONFIG_NAME, init_random_base
+    from .base import CODEC_CALIBRATION_NAME, PROJECT_CONFIG_NAME, init_random_base
     from .checkpoint import find_checkpoint, latest_checkpoint
     from .config import BaseModelRef, load_config
     from .data.synth import synthesize_dataset
@@ -43,12 +45,17 @@ def prepare(workdir: Path, config: Path = TINY, steps: int | None = None,
     _step(1, f"dataset in {data}")
     logger.info("%s", synthesize_dataset(data, n_dialogues=dialogues, seed=0))
 
-    _step(2, f"random tiny base in {base}")
-    if (base / PROJECT_CONFIG_NAME).is_file():  # written last by init-base: a complete base
+    _step(2, f"random tiny base in {base}, its codec calibrated on {data / 'train.jsonl'}")
+    # moshi_ttt.yaml is written last by init-base: a complete base. One without a calibration
+    # record predates codec calibration; it and the run trained on it are made again.
+    if (base / PROJECT_CONFIG_NAME).is_file() and (base / CODEC_CALIBRATION_NAME).is_file():
         find_checkpoint(base)
         logger.info("reusing %s", base)
     else:
-        init_random_base(cfg, base, data / "tokenizer.model", seed=0)
+        if run.exists():
+            logger.info("removing %s: it was trained on an earlier base", run)
+            shutil.rmtree(run)
+        init_random_base(cfg, base, data / "tokenizer.model", seed=0, calibrate_on=data)
 
     settings = TrainSettings.from_config(cfg.train, {
         "data": str(data / "train.jsonl"), "eval_data": str(data / "eval.jsonl"),
@@ -86,5 +93,33 @@ def run_demo(workdir: Path, config: Path = TINY, steps: int | None = None,
                            f"{workdir / 'server.log'}")
     result = {"output_audio": str(out_wav), "transcript": str(out_txt),
               "checkpoint": str(paths["checkpoint"]), "server_log": str(workdir / "server.log"),
+              "reply_codes_used": reply_codes(paths["base"], out_wav),
+              "audio_loss": audio_loss(paths["run"]),
               "health": health, "seconds": round(time.perf_counter() - t0, 1)}
     return result
+
+
+def reply_codes(base: Path, wav: Path) -> list[int]:
+    """Distinct codes per RVQ level of the reply, re-encoded with the base's codec: a reply
+    that is one repeated code (an uncalibrated codec, a silent model) shows as 1s."""
+    from .base import load_codec, resolve_base
+    from .codec.report import codec_report
+    from .config import BaseModelRef
+
+    report = codec_report(load_codec(resolve_base(BaseModelRef(local_dir=str(base)))), [wav])
+    return [lv["codes_used"] for lv in report["levels"]]
+
+
+def audio_loss(run: Path) -> dict[str, float] | None:
+    """The training loss of Moshi's audio codebooks at the first and the last logged step."""
+    import json
+
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "audio" in r]
+    if not rows:
+        return None
+    return {"first_step": rows[0]["step"], "first": round(rows[0]["audio"], 4),
+            "last_step": rows[-1]["step"], "last": round(rows[-1]["audio"], 4)}

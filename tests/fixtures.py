@@ -1,10 +1,14 @@
 """Small on-disk fixtures: a random two-speaker dataset in moshi-finetune's format, a text
-tokenizer for it, and a tiny random base. Plain functions so any test module can build them."""
+tokenizer for it, make-data's synthesised speech, and tiny random bases whose codec is calibrated
+on that speech. Plain functions so any test module can build them."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import random
+import shutil
+import tempfile
 import wave
 from pathlib import Path
 
@@ -65,7 +69,45 @@ def make_tokenizer(path: Path, vocab_size: int = 120) -> Path:
     return train_sentencepiece(texts, path, vocab_size)
 
 
+_SESSION: dict[str, Path] = {}
+
+
+def _session_dir() -> Path:
+    if "root" not in _SESSION:
+        root = Path(tempfile.mkdtemp(prefix="moshi-ttt-tests-"))
+        atexit.register(shutil.rmtree, root, True)
+        _SESSION["root"] = root
+    return _SESSION["root"]
+
+
+def speech_dataset() -> Path:
+    """make-data's dataset as `make demo` makes it (16 dialogues, seed 0), once per process."""
+    if "speech" not in _SESSION:
+        from moshi_ttt.data.synth import synthesize_dataset
+
+        synthesize_dataset(_session_dir() / "speech", n_dialogues=16, seed=0)
+        _SESSION["speech"] = _session_dir() / "speech"
+    return _SESSION["speech"]
+
+
+def calibrated_base() -> Path:
+    """The tiny base `init-base --calibrate-on` makes from `speech_dataset()`, with the shipped
+    calibration defaults, once per process; other bases copy its codec."""
+    if "codec" not in _SESSION:
+        from moshi_ttt.base import init_random_base
+        from moshi_ttt.config import load_config
+
+        from conftest import CONFIGS
+
+        data = speech_dataset()
+        _SESSION["codec"] = init_random_base(load_config(CONFIGS / "tiny.yaml"),
+                                             _session_dir() / "calibrated-base",
+                                             data / "tokenizer.model", seed=0, calibrate_on=data)
+    return _SESSION["codec"]
+
+
 def make_tiny_base(root: Path, cfg=None, seed: int = 0) -> Path:
+    """A tiny random base (LM seeded by `seed`) with the calibrated codec of `calibrated_base`."""
     from moshi_ttt.base import init_random_base
     from moshi_ttt.config import load_config
 
@@ -73,4 +115,4 @@ def make_tiny_base(root: Path, cfg=None, seed: int = 0) -> Path:
 
     cfg = cfg or load_config(CONFIGS / "tiny.yaml")
     tok = make_tokenizer(root / "tok" / "tokenizer.model")
-    return init_random_base(cfg, root / "base", tok, seed=seed)
+    return init_random_base(cfg, root / "base", tok, seed=seed, codec_from=calibrated_base())
