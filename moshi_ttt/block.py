@@ -22,8 +22,14 @@ from moshi.modules.streaming import State, StreamingModule
 from moshi.modules.transformer import RMSNorm, create_norm_fn
 from torch import nn
 
+from moshi.modules.conv import StreamingConv1d
+from moshi.modules.rope import apply_rope
+
 from .config import TTTConfig
-from .ttt_mlp import FastWeights, MiniBatchBuffer, position_scale, stream_step, ttt_scan
+from .ttt_mlp import (
+    FastWeights, MiniBatchBuffer, Settle, augmented_column_norms, position_scale, stream_step,
+    ttt_scan,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +37,7 @@ logger = logging.getLogger(__name__)
 INNER_PARAM_NAMES = (
     "inner.w1", "inner.b1", "inner.w2", "inner.b2",
     "inner.ttt_norm_weight", "inner.ttt_norm_bias",
-    "inner.lr_weight", "inner.lr_bias",
+    "inner.lr_weight", "inner.lr_bias", "inner.decay_logit",
 )
 
 
@@ -44,8 +50,11 @@ class FastWeightInit(nn.Module):
     """
 
     def __init__(self, num_heads: int, head_dim: int, d_model: int, hidden: int,
-                 mini_batch_size: int, learn_token_offset: bool, device=None):
+                 mini_batch_size: int, learn_token_offset: bool, device=None,
+                 init: str = "scaled", decay_init: float | None = None):
         super().__init__()
+        self.init = init
+        self.decay_init = decay_init
         kw = {"device": device, "dtype": torch.float32}
         self.w1 = nn.Parameter(torch.empty(num_heads, head_dim, hidden, **kw))
         self.b1 = nn.Parameter(torch.empty(num_heads, 1, hidden, **kw))
@@ -58,13 +67,31 @@ class FastWeightInit(nn.Module):
         self.token_offset = (
             nn.Parameter(torch.empty(mini_batch_size, **kw)) if learn_token_offset else None
         )
+        # per-head decay toward W0 per committed mini-batch: sigmoid(decay_logit)
+        self.decay_logit = (nn.Parameter(torch.empty(num_heads, **kw))
+                            if decay_init is not None else None)
 
     def reset_parameters(self) -> None:
+        """W0 at init. Keys and queries are L2-normalised, so with `scaled` the pre-activations
+        k W1 have unit variance (W1 ~ N(0, 1)) and the output the inner LayerNorm sees,
+        gelu(k W1) W2 with W2 ~ N(0, 1/hidden), has variance E[gelu(z)^2] ~ 0.43 per element,
+        at every head dim: far above ln_eps, so the LayerNorm backward (x 1/std) stays tame.
+        The `reference` init (ttt-lm's N(0, 0.02)) gives that output a variance of a few ln_eps
+        (2.3 x 1e-6 at head dim 16, 20 x at 128): the first commit then throws b2 far out and the
+        inner output stops depending on its input (measured by `moshi-ttt diagnose-ttt`)."""
         with torch.no_grad():
-            nn.init.normal_(self.w1, std=0.02)
+            if self.init == "scaled":
+                nn.init.normal_(self.w1, std=1.0)
+                nn.init.normal_(self.w2, std=1.0 / math.sqrt(self.w2.shape[-2]))
+            elif self.init == "reference":
+                nn.init.normal_(self.w1, std=0.02)
+                nn.init.normal_(self.w2, std=0.02)
+            else:
+                raise ValueError(f"unknown inner_init {self.init!r}: expected scaled or reference")
             nn.init.zeros_(self.b1)
-            nn.init.normal_(self.w2, std=0.02)
             nn.init.zeros_(self.b2)
+            if self.decay_logit is not None:
+                nn.init.constant_(self.decay_logit, math.log(self.decay_init / (1 - self.decay_init)))
             nn.init.ones_(self.ttt_norm_weight)
             nn.init.zeros_(self.ttt_norm_bias)
             nn.init.normal_(self.lr_weight, std=0.02)
@@ -84,6 +111,21 @@ class FastWeightInit(nn.Module):
     def fast_weights(self) -> FastWeights:
         """W0 as it is now, unbatched and detached (streaming reads it, never writes it)."""
         return FastWeights(*(p.detach() for p in (self.w1, self.b1, self.w2, self.b2)))
+
+    def settle_rule(self, forget: str, detach: bool) -> Settle | None:
+        """How committed states settle (`Settle`), from the current W0 (detached: streaming)."""
+        if forget == "none":
+            return None
+        w0 = FastWeights(self.w1, self.b1, self.w2, self.b2)
+        if detach:
+            w0 = FastWeights(*(t.detach() for t in w0.as_tuple()))
+        if forget == "decay":
+            assert self.decay_logit is not None
+            keep = 1.0 - torch.sigmoid(self.decay_logit)
+            return Settle(w0=w0, keep=keep.detach() if detach else keep)
+        if forget == "weight_norm":
+            return Settle(w0=w0, norms=augmented_column_norms(w0))
+        raise ValueError(f"unknown forget {forget!r}: expected none, decay or weight_norm")
 
     def tiled(self, batch_size: int) -> FastWeights:
         """W0 for `batch_size` rows (a fresh copy: the result may be updated in place)."""
@@ -148,6 +190,9 @@ class TTTBlock(StreamingModule[TTTState]):
         self.ln_eps = cfg.ln_eps
         self.gate_init = cfg.gate_init
         self.checkpoint_group = cfg.checkpoint_group
+        self.forget = cfg.forget
+        self.rope = cfg.rope
+        self.position_scale_kind = cfg.position_scale
         self.layer_index = layer_index
         kw = {"device": device, "dtype": dtype}
         self.pre_norm = create_norm_fn(norm, d_model, **kw)
@@ -156,9 +201,18 @@ class TTTBlock(StreamingModule[TTTState]):
         self.wv = nn.Linear(d_model, d_model, bias=True, **kw)
         self.wo = nn.Linear(d_model, d_model, bias=True, **kw)
         self.post_norm = create_norm_fn(norm, d_model, **kw)
+        # causal depthwise convs on the q and k projections (moshi's streaming conv: per-row
+        # state of the last frames, reset and exec masks honoured like the KV cache)
+        self.conv_q = self.conv_k = None
+        if cfg.qk_conv > 0:
+            self.conv_q, self.conv_k = (
+                StreamingConv1d(d_model, d_model, cfg.qk_conv, groups=d_model, causal=True)
+                .to(device=device, dtype=dtype) for _ in range(2))
         self.gate_alpha = nn.Parameter(torch.empty(d_model, **kw))
-        self.inner = FastWeightInit(self.num_heads, self.head_dim, d_model, self.hidden,
-                                    cfg.mini_batch_size, cfg.learn_token_offset, device=device)
+        self.inner = FastWeightInit(
+            self.num_heads, self.head_dim, d_model, self.hidden, cfg.mini_batch_size,
+            cfg.learn_token_offset, device=device, init=cfg.inner_init,
+            decay_init=cfg.decay_init if cfg.forget == "decay" else None)
         if device is None or torch.device(device).type != "meta":
             self.reset_parameters()
 
@@ -175,6 +229,9 @@ class TTTBlock(StreamingModule[TTTState]):
                 elif isinstance(norm, nn.LayerNorm):
                     norm.reset_parameters()
             nn.init.constant_(self.gate_alpha, self.gate_init)
+            for conv in (self.conv_q, self.conv_k):
+                if conv is not None:
+                    conv.conv.conv.reset_parameters()
             self.inner.reset_parameters()
 
     # -- shared projections ------------------------------------------------------------------
@@ -184,10 +241,14 @@ class TTTBlock(StreamingModule[TTTState]):
         h = xn.to(self.wq.weight.dtype)
 
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2).float()
+            return t.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2).float()
 
-        xq = F.normalize(heads(self.wq(h)), dim=-1)
-        xk = F.normalize(heads(self.wk(h)), dim=-1)
+        q, k = self.wq(h), self.wk(h)
+        if self.conv_q is not None:
+            q = self.conv_q(q.transpose(1, 2)).transpose(1, 2)
+            k = self.conv_k(k.transpose(1, 2)).transpose(1, 2)
+        xq = F.normalize(heads(q), dim=-1)
+        xk = F.normalize(heads(k), dim=-1)
         xv = heads(self.wv(h))
         with _fp32_region(x):
             gate = torch.einsum("btd,hd->bht", xn.float(), self.inner.lr_weight)
@@ -210,16 +271,44 @@ class TTTBlock(StreamingModule[TTTState]):
         inner = self.inner
         with _fp32_region(x):
             if self._streaming_state is None:
+                xq, xk = self._rope(xq, xk)
                 z, _ = ttt_scan(
                     self._w0(x.shape[0]),
                     xq, xk, xv, lr, self.mini_batch_size,
                     inner.ttt_norm_weight, inner.ttt_norm_bias, self.ln_eps,
-                    token_offset=inner.token_offset,
                     checkpoint_group=self.checkpoint_group if self.training else 0,
+                    rule=inner.settle_rule(self.forget, detach=False),
+                    scale=self._scale(xq.device),
                 )
             else:
                 z = self._stream(xq, xk, xv, lr)
         return self._out(x, z)
+
+    def _scale(self, device) -> torch.Tensor:
+        return position_scale(self.mini_batch_size, self.inner.token_offset, device=device,
+                              kind=self.position_scale_kind)
+
+    def _rope(self, xq: torch.Tensor, xk: torch.Tensor, pos: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embedding of q and k by each frame's position in its mini-batch (t mod K): the
+        whole sequence [B,H,T,HD] from position 0, or one frame [B,H,1,HD] at positions pos [B]."""
+        if not self.rope:
+            return xq, xk
+        if pos is not None:
+            return apply_rope(xq.contiguous(), xk.contiguous(), pos)
+        B, H, T, HD = xq.shape
+        K = self.mini_batch_size
+        n = -(-T // K)
+
+        def blocks(t: torch.Tensor) -> torch.Tensor:
+            t = F.pad(t, (0, 0, 0, n * K - T))
+            return t.view(B, H, n, K, HD).transpose(1, 2).reshape(B * n, H, K, HD)
+
+        def unblock(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, n, H, K, HD).transpose(1, 2).reshape(B, H, n * K, HD)[:, :, :T]
+
+        q, k = apply_rope(blocks(xq), blocks(xk), torch.zeros(B * n, device=xq.device))
+        return unblock(q), unblock(k)
 
     def _w0(self, batch_size: int) -> FastWeights:
         """W0 tiled per row as views (no copy): the scan never writes into its input state, and
@@ -245,13 +334,15 @@ class TTTBlock(StreamingModule[TTTState]):
         state = self._streaming_state
         assert state is not None
         inner = self.inner
-        scale = position_scale(self.mini_batch_size, inner.token_offset, device=xq.device)
+        scale = self._scale(xq.device)
+        rule = inner.settle_rule(self.forget, detach=True)
         outs = []
         for t in range(xq.shape[2]):
+            q, k = self._rope(xq[:, :, t:t + 1], xk[:, :, t:t + 1], state.pos)
             outs.append(stream_step(
                 state.w, state.buf, state.pos, state.exec_mask,
-                xq[:, :, t], xk[:, :, t], xv[:, :, t], lr[:, :, t], scale,
-                inner.ttt_norm_weight, inner.ttt_norm_bias, self.ln_eps,
+                q[:, :, 0], k[:, :, 0], xv[:, :, t], lr[:, :, t], scale,
+                inner.ttt_norm_weight, inner.ttt_norm_bias, self.ln_eps, rule,
             ))
         z = torch.stack(outs, dim=2)
         state.nonfinite |= ~torch.isfinite(z).flatten(1).all(dim=1) & state.exec_mask
@@ -260,7 +351,8 @@ class TTTBlock(StreamingModule[TTTState]):
     def extra_repr(self) -> str:
         return (f"layer={self.layer_index}, d_model={self.d_model}, heads={self.num_heads}, "
                 f"head_dim={self.head_dim}, hidden={self.hidden}, K={self.mini_batch_size}, "
-                f"base_lr={self.base_lr}")
+                f"base_lr={self.base_lr}, init={self.inner.init}, forget={self.forget}, "
+                f"rope={self.rope}, position_scale={self.position_scale_kind}")
 
 
 def _fp32_region(x: torch.Tensor):

@@ -422,6 +422,57 @@ def eval_memory(
     logger.info("results written to %s (%.0f s)", path, report["wall_seconds"])
 
 
+@app.command("diagnose-ttt")
+def diagnose_ttt(
+    config: Optional[Path] = typer.Option(None, "--config", "-c",
+                                          help="project YAML config (a random model of it)"),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="or a run, checkpoint or base directory"),
+    frames: int = typer.Option(1000, help="frames to stream (12.5 per second)"),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="stream this dataset's speech (a make-data directory or an index "
+        ".jsonl), encoded by the checkpoint's codec; default: random tokens"),
+    every: Optional[int] = typer.Option(None, help="frames between records [4 x K]"),
+    seed: int = typer.Option(0, help="seed of the random model, inputs and probe queries"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Stream frames through a TTT model and report, per layer over time, whether its inner learner still depends on its input, its fast-weight norms and its step size."""
+    _cpu_defaults()
+    import torch
+
+    from .checkpoint import CheckpointError, load_model
+    from .config import ConfigError, load_config
+    from .data.index import DataError
+    from .dims import DimensionMismatch
+    from .eval.diagnose import dataset_codes, diagnose, format_diagnosis, random_codes
+    from .model import build_ttt_lm
+
+    if (config is None) == (checkpoint is None):
+        fail("give exactly one of --config or --checkpoint")
+    if frames < 1:
+        fail(f"--frames must be at least 1, got {frames}")
+    try:
+        if checkpoint is not None:
+            loaded = load_model(checkpoint, "cpu", torch.float32, with_codec=data is not None)
+            lm, where = loaded.lm, str(checkpoint)
+        else:
+            if data is not None:
+                fail("--data needs --checkpoint (a base or run whose codec encodes the speech)")
+            torch.manual_seed(seed)
+            lm, where = build_ttt_lm(load_config(config)), f"random {config}"
+        codes = dataset_codes(loaded, data, frames) if data is not None else \
+            random_codes(lm, frames, seed)
+        report = diagnose(lm, codes, every=every, seed=seed)
+    except (ConfigError, CheckpointError, DimensionMismatch, DataError, ValueError) as e:
+        fail(str(e))
+    report["source"] = f"{where}, {'speech of ' + str(data) if data else 'random tokens'}"
+    typer.echo(json.dumps(report) if as_json else format_diagnosis(report))
+    for lay in report["layers"]:
+        if lay["collapsed"]:
+            logger.warning("layer %d: the inner output has collapsed (input dependence %.3f of "
+                           "its value at W0)", lay["layer"], lay["final_ratio"])
+
+
 @app.command("eval-stability")
 def eval_stability(
     config: Path = typer.Option(..., "--config", "-c", help="project YAML config with TTT"),

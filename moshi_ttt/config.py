@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -72,6 +72,24 @@ class TTTConfig(BaseModel):
         "training, used when the trainer does not checkpoint whole layers (inside a "
         "checkpointed layer it would only add a third forward pass)")
     ln_eps: float = 1e-6
+    inner_init: Literal["scaled", "reference"] = Field(
+        "scaled", description="W0 at init: `scaled` W1 ~ N(0, 1) and W2 ~ N(0, 1/hidden), so the "
+        "inner LayerNorm sees an output of variance ~0.4 at unit-norm keys; `reference` "
+        "N(0, 0.02) as ttt-lm (collapses with L2-normalised keys: variance ~2 ln_eps at head dim "
+        "16)")
+    forget: Literal["none", "decay", "weight_norm"] = Field(
+        "none", description="what a committed state does: `decay` toward W0 by a learned per-head "
+        "fraction per mini-batch, `weight_norm` rescales each unit's [W; b] column to W0's norm")
+    decay_init: float = Field(0.01, gt=0, lt=1, description="`decay`: initial fraction per "
+                              "mini-batch (learned per head)")
+    rope: bool = Field(False, description="rotary embedding of q and k by position in the "
+                       "mini-batch (t mod K), as ttt-lm")
+    qk_conv: int = Field(0, ge=0, description="kernel (frames) of a causal depthwise conv on the "
+                         "q and k projections, as ttt-lm's conv_q/conv_k (0: none): lets a key "
+                         "hold the frames just before it (e.g. key = previous token)")
+    position_scale: Literal["mean", "sum"] = Field(
+        "mean", description="s_i: `mean` 1/(i+1) (the reference: mini-batch GD on the mean "
+        "gradient), `sum` 1 (every frame writes with its own lr, within a mini-batch and after)")
 
     @field_validator("layers", "depformer_layers", mode="before")
     @classmethod

@@ -15,6 +15,11 @@ the state becomes W - s_{K-1} * sum_j lr_j grad l_j(W). Two exact ways compute t
 * `stream_step`: one frame at a time from a buffer of the current mini-batch's frames
   (inference), with a masked commit at i = K-1 so it has no host syncs.
 
+When a mini-batch commits, the new state may *settle* (`Settle`): decay toward the learned W0
+(forgetting) and/or renormalise each output unit's incoming weights, bias included, to W0's norm
+(bounded fast weights, as LaCT's weight norm). Settling happens only at commits, identically in
+both forms, so they stay exact.
+
 All arithmetic here is fp32; callers cast in and out. Like moshi's own small functions, the
 two hot ones are compiled lazily with torch.compile on GPU (`NO_TORCH_COMPILE=1` turns it off;
 moshi's layers disable it on CPU).
@@ -45,6 +50,50 @@ class FastWeights:
 
     def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.w1, self.b1, self.w2, self.b2
+
+
+@dataclass
+class Settle:
+    """What a committed state does before the next mini-batch reads it.
+
+    keep [H] (None: no decay): W <- W0 + keep * (W - W0), a per-head decay toward the learned
+    initial weights; norms (None: no renormalisation): the column norms of W0's [W1; b1] [H,1,F]
+    and [W2; b2] [H,1,HD], to which the committed state's columns are rescaled. `w0` is the
+    learned W0, unbatched ([H, ...]) or per row ([B, H, ...]).
+    """
+
+    w0: FastWeights | None = None
+    keep: torch.Tensor | None = None
+    norms: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.keep is not None or self.norms is not None
+
+
+def augmented_column_norms(w: FastWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """Norms of each output unit's incoming weights with its bias: ||[W1; b1]_:,j|| [.., 1, F]
+    and ||[W2; b2]_:,d|| [.., 1, HD]."""
+    n1 = (w.w1.pow(2).sum(-2, keepdim=True) + w.b1.pow(2)).sqrt()
+    n2 = (w.w2.pow(2).sum(-2, keepdim=True) + w.b2.pow(2)).sqrt()
+    return n1, n2
+
+
+def settle(w: FastWeights, rule: Settle | None) -> FastWeights:
+    """Apply `rule` to a just-committed state [B, H, ...] (see `Settle`)."""
+    if rule is None or not rule.active:
+        return w
+    if rule.keep is not None:
+        assert rule.w0 is not None
+        keep = rule.keep.float().view(-1, 1, 1)  # [H, 1, 1], broadcasts over [B, H, ., .]
+        w = FastWeights(*(init + keep * (cur - init)
+                          for cur, init in zip(w.as_tuple(), rule.w0.as_tuple())))
+    if rule.norms is not None:
+        t1, t2 = rule.norms
+        n1, n2 = augmented_column_norms(w)
+        g1, g2 = t1 / n1.clamp_min(1e-12), t2 / n2.clamp_min(1e-12)
+        w = FastWeights(w.w1 * g1, w.b1 * g1, w.w2 * g2, w.b2 * g2)
+    return w
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -105,10 +154,17 @@ def inner_grads(
     return x2, gz1, gz2
 
 
-def position_scale(k: int, offset: torch.Tensor | None = None, device=None) -> torch.Tensor:
-    """s_i = 1/(i+1) for positions i in a mini-batch of size k, plus an optional learned offset
-    clamped so that s_i >= 0."""
-    s = 1.0 / torch.arange(1, k + 1, device=device, dtype=torch.float32)
+def position_scale(k: int, offset: torch.Tensor | None = None, device=None,
+                   kind: str = "mean") -> torch.Tensor:
+    """s_i for positions i in a mini-batch of size k: 1/(i+1) (`mean`: frame i reads W0 minus
+    the mean of the lr-weighted gradients so far) or 1 (`sum`: minus their sum), plus an optional
+    learned offset clamped so that s_i >= 0."""
+    if kind == "mean":
+        s = 1.0 / torch.arange(1, k + 1, device=device, dtype=torch.float32)
+    elif kind == "sum":
+        s = torch.ones(k, device=device, dtype=torch.float32)
+    else:
+        raise ValueError(f"unknown position scale {kind!r}: expected mean or sum")
     if offset is not None:
         s = torch.clamp(s + offset[:k].float(), min=0.0)
     return s
@@ -125,12 +181,13 @@ def minibatch_forward(
     ln_w: torch.Tensor,
     ln_b: torch.Tensor,
     eps: float,
+    rule: Settle | None = None,
 ) -> tuple[torch.Tensor, FastWeights]:
     """Dual form over one mini-batch of k <= K frames.
 
     xq/xk/xv [B,H,k,HD], lr [B,H,k] (per-frame inner lr), scale [k] (s_i). Returns the outputs
-    z [B,H,k,HD] and the state after the mini-batch, W - s_{k-1} sum_j lr_j grad_j (the committed
-    state when k == K). Causal: row i of every mask is zero beyond column i.
+    z [B,H,k,HD] and the state after the mini-batch, W - s_{k-1} sum_j lr_j grad_j, settled by
+    `rule` (the committed state when k == K). Causal: row i of every mask is zero beyond column i.
     """
     k = xq.shape[-2]
     x2, gz1, gz2 = inner_grads(w, xk, xv, ln_w, ln_b, eps)
@@ -150,7 +207,7 @@ def minibatch_forward(
         w2=w.w2 - (x2 * last).transpose(-1, -2) @ gz2,
         b2=w.b2 - (last * gz2).sum(dim=-2, keepdim=True),
     )
-    return out, nxt
+    return out, settle(nxt, rule)
 
 
 def ttt_scan(
@@ -165,6 +222,8 @@ def ttt_scan(
     eps: float,
     token_offset: torch.Tensor | None = None,
     checkpoint_group: int = 0,
+    rule: Settle | None = None,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, FastWeights]:
     """Parallel (training) form over a whole sequence [B,H,T,HD] starting from `w`.
 
@@ -172,11 +231,14 @@ def ttt_scan(
     last mini-batch uses only its own frames (nothing is padded). With checkpoint_group > 0 and
     autograd on, groups of that many mini-batches are activation-checkpointed, so only the fast
     weights at group boundaries are kept for the backward pass.
+    `rule` settles the state after every full mini-batch; `scale` overrides the position scale
+    (default 1/(i+1) plus `token_offset`).
     Returns (z [B,H,T,HD], the fast weights after the last *full* mini-batch).
     """
     K = mini_batch_size
     T = xq.shape[-2]
-    scale = position_scale(K, token_offset, device=xq.device)
+    if scale is None:
+        scale = position_scale(K, token_offset, device=xq.device)
     n_full = T // K
 
     def run(lo: int, hi: int, w1, b1, w2, b2, *tensors: torch.Tensor):
@@ -186,7 +248,8 @@ def ttt_scan(
         for m in range(hi - lo):
             sl = slice(m * K, (m + 1) * K)
             z, state = minibatch_forward(
-                state, q[..., sl, :], k_[..., sl, :], v[..., sl, :], r[..., sl], s, ln_w, ln_b, eps
+                state, q[..., sl, :], k_[..., sl, :], v[..., sl, :], r[..., sl], s, ln_w, ln_b,
+                eps, rule,
             )
             outs.append(z)
         return (torch.cat(outs, dim=-2), *state.as_tuple())
@@ -242,6 +305,7 @@ def stream_step(
     ln_w: torch.Tensor,
     ln_b: torch.Tensor,
     eps: float,
+    rule: Settle | None = None,
 ) -> torch.Tensor:
     """One frame for every row, updating `w`, `buf` and `pos` in place. No host syncs.
 
@@ -270,12 +334,25 @@ def stream_step(
     z2 = x2q @ w.w2 + w.b2 - (eta * (x2q @ buf.x2.transpose(-1, -2) + 1.0)) @ buf.gz2
     out = xq + head_layer_norm(z2, ln_w, ln_b, eps)
 
-    # 3. commit at the last position: a masked update (zero for every other row), not a branch.
-    commit = ((pos == K - 1) & active).to(torch.float32)
-    c = (commit[:, None, None] * scale[K - 1] * buf.lr)[..., None]  # [B,H,K,1]
-    w.w1.sub_((buf.xk * c).transpose(-1, -2) @ buf.gz1)
-    w.b1.sub_((c * buf.gz1).sum(dim=-2, keepdim=True))
-    w.w2.sub_((buf.x2 * c).transpose(-1, -2) @ buf.gz2)
-    w.b2.sub_((c * buf.gz2).sum(dim=-2, keepdim=True))
+    # 3. commit at the last position: a masked update (every other row keeps its state), not a
+    #    branch. Settling (decay, weight norm) is part of the commit.
+    commit = (pos == K - 1) & active
+    if rule is None or not rule.active:
+        c = (commit.to(torch.float32)[:, None, None] * scale[K - 1] * buf.lr)[..., None]
+        w.w1.sub_((buf.xk * c).transpose(-1, -2) @ buf.gz1)
+        w.b1.sub_((c * buf.gz1).sum(dim=-2, keepdim=True))
+        w.w2.sub_((buf.x2 * c).transpose(-1, -2) @ buf.gz2)
+        w.b2.sub_((c * buf.gz2).sum(dim=-2, keepdim=True))
+    else:
+        c = (scale[K - 1] * buf.lr)[..., None]  # [B,H,K,1]
+        nxt = settle(FastWeights(
+            w1=w.w1 - (buf.xk * c).transpose(-1, -2) @ buf.gz1,
+            b1=w.b1 - (c * buf.gz1).sum(dim=-2, keepdim=True),
+            w2=w.w2 - (buf.x2 * c).transpose(-1, -2) @ buf.gz2,
+            b2=w.b2 - (c * buf.gz2).sum(dim=-2, keepdim=True),
+        ), rule)
+        m4 = commit.view(-1, 1, 1, 1)
+        for cur, new in zip(w.as_tuple(), nxt.as_tuple()):
+            cur.copy_(torch.where(m4, new, cur))
     pos.copy_(torch.where(active, (pos + 1) % K, pos))
     return out[:, :, 0]

@@ -9,12 +9,32 @@ from __future__ import annotations
 
 import torch
 
-from .ttt_mlp import FastWeights, gelu_tanh, head_layer_norm, position_scale
+from .ttt_mlp import FastWeights, gelu_tanh, head_layer_norm
 
 
 def _f(w: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
     w1, b1, w2, b2 = w
     return gelu_tanh(x @ w1 + b1) @ w2 + b2
+
+
+def _settled(state: tuple[torch.Tensor, ...], w0: tuple[torch.Tensor, ...] | None,
+             keep: torch.Tensor | None, weight_norm: bool) -> tuple[torch.Tensor, ...]:
+    """The committed state after decay toward w0 and/or weight normalisation, written out:
+    each output unit's incoming weights and bias, stacked as one column, get W0's column norm."""
+    if keep is not None:
+        assert w0 is not None
+        state = tuple(i + keep[:, None, None] * (c - i) for c, i in zip(state, w0))
+    if weight_norm:
+        assert w0 is not None
+        out = []
+        for (w, b), (w_init, b_init) in ((state[:2], w0[:2]), (state[2:], w0[2:])):
+            col = torch.cat([w, b], dim=-2)
+            target = torch.linalg.vector_norm(torch.cat([w_init, b_init], dim=-2), dim=-2,
+                                              keepdim=True)
+            col = col * (target / torch.linalg.vector_norm(col, dim=-2, keepdim=True))
+            out += [col[..., :-1, :], col[..., -1:, :]]
+        state = tuple(out)
+    return state
 
 
 def naive_ttt(
@@ -28,14 +48,20 @@ def naive_ttt(
     ln_b: torch.Tensor,
     eps: float,
     differentiable: bool = False,
+    scale_kind: str = "mean",
+    w0: FastWeights | None = None,
+    keep: torch.Tensor | None = None,
+    weight_norm: bool = False,
 ) -> torch.Tensor:
     """z [B,H,T,HD] from the TTT rule written out literally:
     for frame t at position i of its mini-batch (start state W),
         W_i = W - s_i * sum_{j<=i} lr_j * dl_j/dW (at W),  z_t = q_t + LN(f_{W_i}(q_t));
-    at the end of each full mini-batch, W <- W_{K-1}."""
+    at the end of each full mini-batch, W <- W_{K-1}, then (if asked) decayed toward `w0` by
+    `keep` [H] and/or weight-normalised to `w0`'s column norms."""
     K = mini_batch_size
     T = xq.shape[-2]
-    scale = position_scale(K, device=xq.device)
+    scale = [1.0 / (i + 1) if scale_kind == "mean" else 1.0 for i in range(K)]
+    init = w0.as_tuple() if w0 is not None else None
     state = tuple(t for t in w.as_tuple())
     acc = [torch.zeros_like(t) for t in state]
     outs = []
@@ -59,5 +85,5 @@ def naive_ttt(
         q = xq[..., t:t + 1, :]
         outs.append(q + head_layer_norm(_f(w_i, q), ln_w, ln_b, eps))
         if i == K - 1:
-            state = w_i
+            state = _settled(w_i, init, keep, weight_norm)
     return torch.cat(outs, dim=-2)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moshi_ttt.ttt_mlp import (
-    FastWeights, MiniBatchBuffer, gelu_tanh, gelu_tanh_grad, head_layer_norm,
-    head_layer_norm_l2_grad, inner_grads, position_scale, stream_step, ttt_scan,
+    FastWeights, MiniBatchBuffer, Settle, augmented_column_norms, gelu_tanh, gelu_tanh_grad,
+    head_layer_norm, head_layer_norm_l2_grad, inner_grads, position_scale, stream_step, ttt_scan,
 )
 from moshi_ttt.ttt_reference import naive_ttt
 
@@ -25,6 +25,32 @@ def _inputs(T: int, seed: int = 0, scale: float = 0.5):
     ln_w = 1.0 + r(H, HD, std=0.1)
     ln_b = r(H, HD, std=0.1)
     return w, xq, xk, xv, lr, ln_w, ln_b
+
+
+FORGET = ("none", "decay", "weight_norm")
+
+
+def _w0_keep(seed: int = 7):
+    """A learned W0 ([H, ...], not the rows' start state) and per-head keep factors."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, std=1.0: torch.randn(*s, generator=g) * std  # noqa: E731
+    w0 = FastWeights(r(H, HD, FH, std=0.5), r(H, 1, FH, std=0.1), r(H, FH, HD, std=0.5),
+                     r(H, 1, HD, std=0.1))
+    keep = 0.5 + 0.4 * torch.rand(H, generator=g)  # strong decay: its effect must show
+    return w0, keep
+
+
+def _rule(forget: str, w0: FastWeights, keep: torch.Tensor) -> Settle | None:
+    if forget == "decay":
+        return Settle(w0=w0, keep=keep)
+    if forget == "weight_norm":
+        return Settle(w0=w0, norms=augmented_column_norms(w0))
+    return None
+
+
+def _oracle_rule(forget: str, w0: FastWeights, keep: torch.Tensor) -> dict:
+    return {"w0": w0, "keep": keep if forget == "decay" else None,
+            "weight_norm": forget == "weight_norm"}
 
 
 def test_gelu_grad_matches_autograd():
@@ -56,16 +82,26 @@ def test_inner_grads_match_autograd():
 
 
 @pytest.mark.parametrize("T", [1, K - 1, K, 3 * K + 1, 3 * K + 3])
-def test_dual_form_matches_frame_by_frame_oracle(T):
+@pytest.mark.parametrize("forget", FORGET)
+@pytest.mark.parametrize("kind", ["mean", "sum"])
+def test_dual_form_matches_frame_by_frame_oracle(T, forget, kind):
     w, xq, xk, xv, lr, ln_w, ln_b = _inputs(T)
-    z, _ = ttt_scan(w, xq, xk, xv, lr, K, ln_w, ln_b, EPS)
-    ref = naive_ttt(w, xq, xk, xv, lr, K, ln_w, ln_b, EPS)
+    w0, keep = _w0_keep()
+    z, _ = ttt_scan(w, xq, xk, xv, lr, K, ln_w, ln_b, EPS, rule=_rule(forget, w0, keep),
+                    scale=position_scale(K, kind=kind))
+    ref = naive_ttt(w, xq, xk, xv, lr, K, ln_w, ln_b, EPS, scale_kind=kind,
+                    **_oracle_rule(forget, w0, keep))
     assert z.shape == (B, H, T, HD)
     assert (z - ref).abs().max() < 1e-5
-    # The test has teeth: with no inner learning the outputs are clearly different.
+    # The test has teeth: with no inner learning the outputs are clearly different...
     frozen = naive_ttt(w, xq, xk, xv, lr * 0, K, ln_w, ln_b, EPS)
     if T > 1:
         assert (frozen - ref).abs().max() > 1e-2
+    # ... and the settling rule and the position scale change what later mini-batches read.
+    if T > K:
+        plain = naive_ttt(w, xq, xk, xv, lr, K, ln_w, ln_b, EPS, scale_kind="mean")
+        if forget != "none" or kind != "mean":
+            assert (plain - ref)[..., K:, :].abs().max() > 1e-2
 
 
 def test_state_after_full_minibatches_matches_oracle():
@@ -107,67 +143,84 @@ def test_partial_last_minibatch_is_a_prefix_not_padding():
     assert torch.allclose(z_short, z_long[..., :T, :], atol=1e-6)
 
 
-def _stream(w, xq, xk, xv, lr, ln_w, ln_b, active=None):
+def _stream(w, xq, xk, xv, lr, ln_w, ln_b, active=None, rule=None, scale=None):
     T = xq.shape[-2]
     state = FastWeights(*(t.clone() for t in w.as_tuple()))
     z = lambda *s: torch.zeros(B, H, *s)  # noqa: E731
     buf = MiniBatchBuffer(z(K, HD), z(K, FH), z(K, FH), z(K, HD), z(K))
     pos = torch.zeros(B, dtype=torch.long)
-    scale = position_scale(K)
+    scale = position_scale(K) if scale is None else scale
     outs = []
     for t in range(T):
         a = torch.ones(B, dtype=torch.bool) if active is None else active[t]
         outs.append(stream_step(state, buf, pos, a, xq[..., t, :], xk[..., t, :], xv[..., t, :],
-                                lr[..., t], scale, ln_w, ln_b, EPS))
+                                lr[..., t], scale, ln_w, ln_b, EPS, rule))
     return torch.stack(outs, dim=2), state, pos
 
 
-def test_stream_step_equals_dual_form():
+@pytest.mark.parametrize("forget", FORGET)
+@pytest.mark.parametrize("kind", ["mean", "sum"])
+def test_stream_step_equals_dual_form(forget, kind):
     T = 3 * K + 3
     w, xq, xk, xv, lr, ln_w, ln_b = _inputs(T)
-    z, state = ttt_scan(w, xq, xk, xv, lr, K, ln_w, ln_b, EPS)
-    zs, sstate, pos = _stream(w, xq, xk, xv, lr, ln_w, ln_b)
+    rule = _rule(forget, *_w0_keep())
+    scale = position_scale(K, kind=kind)
+    z, state = ttt_scan(w, xq, xk, xv, lr, K, ln_w, ln_b, EPS, rule=rule, scale=scale)
+    zs, sstate, pos = _stream(w, xq, xk, xv, lr, ln_w, ln_b, rule=rule, scale=scale)
     assert (z - zs).abs().max() < 1e-5
     assert torch.equal(pos, torch.full((B,), T % K))
     for a, b in zip(state.as_tuple(), sstate.as_tuple()):
         assert (a - b).abs().max() < 1e-5
 
 
-def test_stream_inactive_rows_do_not_advance():
+@pytest.mark.parametrize("forget", FORGET)
+def test_stream_inactive_rows_do_not_advance(forget):
     T = 2 * K
     w, xq, xk, xv, lr, ln_w, ln_b = _inputs(T)
+    rule = _rule(forget, *_w0_keep())
     # row 1 is inactive for frames 3..(K+5): its state must be exactly as if those never came.
     active = [torch.tensor([True, not (3 <= t <= K + 5)]) for t in range(T)]
-    zs, state, pos = _stream(w, xq, xk, xv, lr, ln_w, ln_b, active)
+    zs, state, pos = _stream(w, xq, xk, xv, lr, ln_w, ln_b, active, rule=rule)
     keep = [t for t in range(T) if active[t][1]]
     sub = lambda x: x[..., keep, :] if x.dim() == 4 else x[..., keep]  # noqa: E731
-    z_ref, ref_state, ref_pos = _stream(w, sub(xq), sub(xk), sub(xv), sub(lr), ln_w, ln_b)
+    z_ref, ref_state, ref_pos = _stream(w, sub(xq), sub(xk), sub(xv), sub(lr), ln_w, ln_b,
+                                        rule=rule)
     assert pos[1] == ref_pos[1] == len(keep) % K
     assert (zs[1][:, keep] - z_ref[1]).abs().max() < 1e-6
     for a, b in zip(state.as_tuple(), ref_state.as_tuple()):
         assert torch.allclose(a[1], b[1], atol=1e-6)
-    z_full, _, _ = _stream(w, xq, xk, xv, lr, ln_w, ln_b)
+    z_full, _, _ = _stream(w, xq, xk, xv, lr, ln_w, ln_b, rule=rule)
     assert torch.allclose(zs[0], z_full[0], atol=1e-6)  # row 0 unaffected
 
 
-def test_training_gradients_match_oracle_and_checkpointing():
+@pytest.mark.parametrize("forget", FORGET)
+def test_training_gradients_match_oracle_and_checkpointing(forget):
+    """Gradients wrt the start state, the norm, the lr, the keys and (settled) the learned W0
+    and the decay: the dual form, its checkpointed scan and the autograd oracle agree."""
     T = 3 * K + 2
     w, xq, xk, xv, lr, ln_w, ln_b = _inputs(T)
+    w0, keep = _w0_keep()
     target = torch.randn(B, H, T, HD)
 
     def grads(fn):
-        leaves = [t.clone().requires_grad_(True) for t in (*w.as_tuple(), ln_w, ln_b, lr, xk)]
-        ww = FastWeights(*leaves[:4])
-        z = fn(ww, xq, leaves[7], xv, leaves[6], leaves[4], leaves[5])
+        leaves = [t.clone().requires_grad_(True) for t in
+                  (*w.as_tuple(), ln_w, ln_b, lr, xk, *w0.as_tuple(), keep)]
+        ww, init = FastWeights(*leaves[:4]), FastWeights(*leaves[8:12])
+        z = fn(ww, xq, leaves[7], xv, leaves[6], leaves[4], leaves[5], init, leaves[12])
         loss = ((z - target) ** 2).mean()
-        return torch.autograd.grad(loss, leaves)
+        used = leaves if forget != "none" else leaves[:8]
+        return torch.autograd.grad(loss, used, allow_unused=forget == "weight_norm")
 
-    g_dual = grads(lambda ww, q, k, v, r, a, b: ttt_scan(ww, q, k, v, r, K, a, b, EPS)[0])
-    g_ckpt = grads(lambda ww, q, k, v, r, a, b: ttt_scan(ww, q, k, v, r, K, a, b, EPS,
-                                                          checkpoint_group=2)[0])
-    g_ref = grads(lambda ww, q, k, v, r, a, b: naive_ttt(ww, q, k, v, r, K, a, b, EPS,
-                                                           differentiable=True))
+    g_dual = grads(lambda ww, q, k, v, r, a, b, i, kp: ttt_scan(
+        ww, q, k, v, r, K, a, b, EPS, rule=_rule(forget, i, kp))[0])
+    g_ckpt = grads(lambda ww, q, k, v, r, a, b, i, kp: ttt_scan(
+        ww, q, k, v, r, K, a, b, EPS, checkpoint_group=2, rule=_rule(forget, i, kp))[0])
+    g_ref = grads(lambda ww, q, k, v, r, a, b, i, kp: naive_ttt(
+        ww, q, k, v, r, K, a, b, EPS, differentiable=True, **_oracle_rule(forget, i, kp)))
     for gd, gc, gr in zip(g_dual, g_ckpt, g_ref):
+        if gr is None:  # weight norm: the decay factor is unused
+            assert gd is None and gc is None
+            continue
         assert torch.allclose(gd, gc, atol=1e-6)
         assert (gd - gr).abs().max() <= 1e-5 + 1e-4 * gr.abs().max()
         assert gd.abs().max() > 0

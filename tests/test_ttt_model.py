@@ -14,12 +14,12 @@ from moshi_ttt.model import build_ttt_lm, freeze_base, ttt_blocks
 from moshi_ttt.streaming import reset_rows
 
 
-def _lm(cfg, gate=0.5, context=None):
+def _lm(cfg, gate=None, context=None):
+    """The config's TTT model at its shipped initialisation (`gate` 0: TTT switched off)."""
     lm = build_ttt_lm(cfg)
-    for a in ttt_blocks(lm):  # a visible TTT contribution, so equalities below mean something
-        torch.nn.init.constant_(a.block.gate_alpha, gate)
-        torch.nn.init.normal_(a.block.inner.w1, std=0.3)
-        torch.nn.init.normal_(a.block.inner.w2, std=0.3)
+    if gate is not None:
+        for a in ttt_blocks(lm):
+            torch.nn.init.constant_(a.block.gate_alpha, gate)
     if context is not None:
         set_attention_context(lm.transformer, context)
     return lm.eval()
@@ -67,10 +67,32 @@ def test_structure(tiny_cfg):
     assert "transformer.layers.2.ttt.inner.w1" in names
 
 
-@pytest.mark.parametrize("context", [None, 16])
-def test_lm_forward_equals_teacher_forced_streaming(tiny_cfg, context):
+#: TTT variants beside the shipped one: every option must stay streaming-exact.
+VARIANTS = {
+    "shipped": {},
+    "decay": {"forget": "decay", "decay_init": 0.3},
+    "weight_norm": {"forget": "weight_norm"},
+    "no_forget": {"forget": "none"},
+    "rope": {"rope": True},
+    "no_rope": {"rope": False},
+    "sum_scale": {"position_scale": "sum"},
+    "reference_init": {"inner_init": "reference"},
+    "qk_conv": {"qk_conv": 4},
+    "no_qk_conv": {"qk_conv": 0},
+}
+
+
+def _variant(cfg, name):
+    return cfg.model_copy(update={"ttt": cfg.ttt.model_copy(update=VARIANTS[name])})
+
+
+@pytest.mark.parametrize("context,variant", [(None, "shipped"), (16, "shipped"),
+                                             *((16, v) for v in VARIANTS if v != "shipped")])
+def test_lm_forward_equals_teacher_forced_streaming(tiny_cfg, context, variant):
     """LMModel.forward (training path, B=2, T=3K+5) vs frame-by-frame streaming of the same
-    tokens: same TTT-block outputs, same text and audio logits, also with context < T."""
+    tokens: same TTT-block outputs, same text and audio logits, also with context < T, for the
+    shipped TTT and every variant of it."""
+    tiny_cfg = _variant(tiny_cfg, variant)
     K = tiny_cfg.ttt.mini_batch_size
     B, T = 2, 3 * K + 5
     lm = _lm(tiny_cfg, context=context)
