@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .index import AudioFile, DataError, read_alignments
 from .interleave import TextStreamSpec, frames_for, text_stream
+from .mimi_chunks import encode_chunked
 
 logger = logging.getLogger(__name__)
 
@@ -162,14 +163,18 @@ class StreamEncoder:
         tmp.write_text(json.dumps(self._memo))
         os.replace(tmp, self._memo_path)
 
+    #: Frames Mimi encodes per call (60 s): bounded memory for any file length, the codes of
+    #: one call over the whole file (see `mimi_chunks`).
+    chunk_frames: int = 750
+
     @torch.no_grad()
     def _encode_uncached(self, f: AudioFile) -> torch.Tensor:
         pcm = read_stereo(f)
         duration = pcm.shape[1] / SAMPLE_RATE
         alignments = read_alignments(f, duration)
         T = frames_for(duration)
-        wav = torch.from_numpy(pcm).to(self.device)[:, None]  # [2, 1, S]
-        audio = self.mimi.encode(wav)  # [2, Q, T']
+        audio = encode_chunked(self.mimi, torch.from_numpy(pcm)[:, None], self.chunk_frames,
+                               self.device)  # [2, Q, T']
         nq = 8
         audio = audio[:, :nq, :T]
         if audio.shape[-1] < T:  # pad a short tail with "no input"

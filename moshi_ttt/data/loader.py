@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from .encode import StreamEncoder
-from .index import AudioFile, read_index
+from .index import AudioFile, DataError, read_alignments, read_index
+from .interleave import TextStreamSpec
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +39,39 @@ class LoaderPosition:
     cursor: int = 0  # segments of this epoch already consumed (globally)
 
 
+def check_duration(f: AudioFile, codes: torch.Tensor, frame_rate: float = 12.5) -> None:
+    """The index's duration against the encoded length, so a stale index is caught on a cache
+    hit too (the audio itself is only read on a miss). Same tolerance as reading the audio,
+    plus the one frame that encoding rounds up."""
+    frames = codes.shape[-1]
+    duration = frames / frame_rate
+    if abs(duration - f.duration) > 0.5 + 0.05 * duration + 1 / frame_rate:
+        raise DataError(f"{f.path} lasts {duration:.2f} s ({frames} frames as encoded) but the "
+                        f"index says {f.duration:.2f} s: a stale index or the wrong file")
+
+
+def check_main_speaker(f: AudioFile, codes: torch.Tensor, spec: TextStreamSpec) -> None:
+    """A file whose text stream holds no word although its alignments have words: their speaker
+    labels are not the main speaker's, and training would teach Moshi silence."""
+    text = codes[0]
+    words = (text != spec.text_padding) & (text != spec.end_of_text_padding) & (text != -1)
+    if bool(words.any()):
+        return
+    speakers = Counter(spk for w, _, spk in read_alignments(f, math.inf) if w.strip())
+    if speakers and spec.main_speaker not in speakers:
+        found = ", ".join(f"{k!r} ({n} words)" for k, n in speakers.most_common())
+        raise DataError(
+            f"{f.alignments_path}: none of its {sum(speakers.values())} words is by the main "
+            f"speaker {spec.main_speaker!r} (found {found}). Moshi's text stream is the main "
+            f"speaker's words (the left channel): label them {spec.main_speaker!r}")
+
+
 class SegmentLoader:
     def __init__(self, index: str | Path, encoder: StreamEncoder, segment_seconds: float,
                  seed: int = 0, min_seconds: float = 1.0, frame_rate: float = 12.5,
-                 show_progress: bool = True):
+                 show_progress: bool = True, save_memo: bool = True):
+        """`save_memo=False` for processes that only read a cache another one wrote (several
+        writers of the memo would race on its temporary file)."""
         self.index = Path(index)
         self.files: list[AudioFile] = read_index(self.index)
         self.seg_frames = max(1, int(round(segment_seconds * frame_rate)))
@@ -50,8 +81,12 @@ class SegmentLoader:
         if show_progress:
             it = tqdm(it, desc=f"encoding {self.index.name}", unit="file", leave=False)
         for f in it:
-            self.codes.append(encoder.encode(f))
-        encoder.save_memo()
+            codes = encoder.encode(f)
+            check_duration(f, codes, frame_rate)
+            check_main_speaker(f, codes, encoder.spec)
+            self.codes.append(codes)
+        if save_memo:
+            encoder.save_memo()
         min_frames = max(1, int(round(min_seconds * frame_rate)))
         self.segments: list[Segment] = []
         for i, c in enumerate(self.codes):
