@@ -6,7 +6,7 @@ A run directory holds
                                                   (lm, ttt, mimi), detected dims, step, data
                                                   fingerprint, training summary
                                ttt.safetensors    TTT parameters (and LoRA / full-FT tensors)
-                               trainer_state.pt   optimiser, scheduler, RNG, data position
+                               trainer_state.pt   optimiser, RNG, data position, skipped steps
     checkpoints/latest         the name of the newest *complete* checkpoint
 
 Each checkpoint is written to a temporary directory and renamed into place, then `latest` is
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -36,7 +37,8 @@ from safetensors.torch import load_file, save_file
 from .base import PROJECT_CONFIG_NAME, BaseModelError, ResolvedBase, resolve_base
 from .config import BaseModelRef, ConfigError, ProjectConfig, load_config
 from .dims import (
-    DimensionMismatch, Mismatch, ModelDims, check_not_meta, describe, validate,
+    DimensionMismatch, Mismatch, ModelDims, check_not_meta, check_recorded, describe, detect_dims,
+    validate,
 )
 from .model import attach_ttt, build_base_lm, is_ttt_param, ttt_blocks
 
@@ -76,6 +78,26 @@ def fingerprint_file(path: str | Path, samples: int = 16, block: int = 1 << 16) 
     return h.hexdigest()[:32]
 
 
+# -- finiteness -------------------------------------------------------------------------------
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, v in tensors.items()
+            if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())]
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None: JSON has no NaN or Infinity, and
+    json.dumps would write them as bare tokens that no JSON parser reads."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 # -- writing ----------------------------------------------------------------------------------
 
 def _fsync_dir(path: Path) -> None:
@@ -102,7 +124,14 @@ def save_checkpoint(
     keep: int = 0,
 ) -> Path:
     """Write `checkpoints/step_XXXXXX` atomically and point `latest` at it; keep the newest
-    `keep` checkpoints (0: all)."""
+    `keep` checkpoints (0: all). Non-finite tensors are refused before anything is written:
+    `latest` never names them and no good checkpoint is rotated out for them."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise CheckpointError(
+            f"refusing to write checkpoint step {step}: {len(bad)} tensor(s) hold NaN or inf "
+            f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); the existing checkpoints "
+            f"are left as they were")
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -126,12 +155,12 @@ def save_checkpoint(
             "dims": dims.to_dict(),
             "data_fingerprint": data_fingerprint,
             "tensors": sorted(tensors),
-            "summary": summary or {},
+            "summary": json_safe(summary or {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if "local_dir" in base.ref:
             meta["base"]["relative_dir"] = os.path.relpath(base.ref["local_dir"], final)
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
         for p in tmp.iterdir():
@@ -227,7 +256,24 @@ def find_checkpoint(path: str | Path) -> CheckpointRef:
         f"init-base` ({PROJECT_CONFIG_NAME})")
 
 
-def _base_for(ref: CheckpointRef, override: BaseModelRef | None) -> tuple[ProjectConfig, ResolvedBase]:
+def _base_dims_problems(recorded: dict[str, Any] | None, base: ResolvedBase) -> list[Mismatch]:
+    """The base dims a checkpoint recorded against those of `base` (built on meta from its LM
+    config; TTT blocks left out, they come from the checkpoint). Empty when they agree or when
+    `base` cannot even be built."""
+    if not recorded:
+        return []
+    try:
+        dims = detect_dims(build_base_lm(base.lm_kwargs, device="meta", dtype=torch.bfloat16))
+    except Exception as e:  # noqa: BLE001 - a base that cannot be built is reported elsewhere
+        logger.debug("cannot build %s on meta to compare dims: %s", base.weights, e)
+        return []
+    return check_recorded({k: v for k, v in recorded.items() if k != "ttt"}, dims)
+
+
+def _base_for(ref: CheckpointRef, override: BaseModelRef | None,
+              base_hint: str | None = None) -> tuple[ProjectConfig, ResolvedBase]:
+    """The project config and base a reference needs. `base_hint` is what the calling command
+    offers when the recorded base is gone (e.g. train's --base / --hf-repo)."""
     if ref.kind == "base":
         cfg = load_config(ref.path / PROJECT_CONFIG_NAME)
         return cfg, resolve_base(BaseModelRef(local_dir=str(ref.path)))
@@ -244,9 +290,11 @@ def _base_for(ref: CheckpointRef, override: BaseModelRef | None) -> tuple[Projec
             candidates.insert(0, (ref.path / b["relative_dir"]).resolve())
         found = next((c for c in candidates if c.is_dir()), None)
         if found is None:
+            looked = " and ".join(str(c) for c in dict.fromkeys(candidates))
             raise CheckpointError(
                 f"checkpoint {ref.path} was trained on the base in {b['local_dir']}, which is "
-                f"gone; pass the base explicitly (--base DIR or --hf-repo REPO)")
+                f"gone (looked in {looked}): put that base directory back there"
+                f"{f', or {base_hint}' if base_hint else ''}")
         base = resolve_base(BaseModelRef(local_dir=str(found)))
     elif b.get("hf_repo"):
         base = resolve_base(BaseModelRef(hf_repo=b["hf_repo"], revision=b.get("revision")))
@@ -255,11 +303,19 @@ def _base_for(ref: CheckpointRef, override: BaseModelRef | None) -> tuple[Projec
     want = b.get("fingerprint")
     if want:
         have = fingerprint_file(base.weights)
+        problems = _base_dims_problems(ref.meta.get("dims"), base) if have != want else []
+        if problems:
+            lines = "\n  ".join(str(p) for p in problems[:20])
+            raise CheckpointError(
+                f"checkpoint {ref.path} was trained on another base model: {base.weights} has "
+                f"other dims than the base it records ({b.get('weights')}):\n  {lines}\n"
+                f"Use the base it was trained on.")
         if have != want:
             raise CheckpointError(
                 f"checkpoint {ref.path} was trained on another base model: it records base "
                 f"weights {b.get('weights')} with fingerprint {want}, but {base.weights} has "
-                f"fingerprint {have}. Serve it with the base it was trained on.")
+                f"fingerprint {have} (same dims, other weights). Use the base it was trained "
+                f"on.")
     return cfg, base
 
 
@@ -310,10 +366,13 @@ def assemble_model(
     recorded_dims: dict[str, Any] | None = None,
     context: str = "",
     seed: int = 0,
+    load_weights: bool = True,
 ) -> tuple[LMModel, ModelDims]:
     """Build moshi's LM on meta, attach TTT (and LoRA), validate every dim against the base
     weights and `ttt_weights` from their headers, then load. Without `ttt_weights` the TTT blocks
-    (and LoRA adapters) get a fresh initialisation seeded by `seed`."""
+    (and LoRA adapters) get a fresh initialisation seeded by `seed`. `load_weights=False` stops
+    after the checks and returns the model on the meta device: a caller that receives the
+    weights another way (FSDP's broadcast from rank 0) never reads them."""
     device = torch.device(device)
     from .lora import apply_lora_from_config, lora_param_filter, materialize_lora
 
@@ -326,6 +385,8 @@ def assemble_model(
         weights.append((ttt_weights, in_ckpt))
     dims = validate(lm, lm_cfg=cfg.lm, ttt_cfg=cfg.ttt, weights=weights,
                     recorded_dims=recorded_dims, context=context)
+    if not load_weights:
+        return lm, dims
 
     state = load_file(str(base.weights), device=str(device))
     _cast_like_moshi(state, dtype)
@@ -367,13 +428,18 @@ def load_model(
     base_override: BaseModelRef | None = None,
     cfg_override: ProjectConfig | None = None,
     seed: int = 0,
+    load_weights: bool = True,
+    base_hint: str | None = None,
 ) -> LoadedModel:
     """Load a TTT model for inference or further training, validating every dim first.
-    `cfg_override` replaces the project config of a *base* directory (e.g. other TTT layers)."""
+    `cfg_override` replaces the project config of a *base* directory (e.g. other TTT layers);
+    `load_weights=False` leaves the LM on the meta device (see `assemble_model`); `base_hint`
+    is the calling command's way to name another base, for the message when the recorded one
+    is gone."""
     device = torch.device(device)
     ref = find_checkpoint(path)
     try:
-        cfg, base = _base_for(ref, base_override)
+        cfg, base = _base_for(ref, base_override, base_hint)
     except (BaseModelError, ConfigError) as e:
         raise CheckpointError(str(e)) from e
     if cfg_override is not None:
@@ -384,7 +450,7 @@ def load_model(
         cfg, base, device, dtype,
         ttt_weights=ref.path / TTT_WEIGHTS if ref.kind == "ttt" else None,
         recorded_dims=ref.meta.get("dims") if ref.kind == "ttt" else None,
-        context=str(ref.path), seed=seed)
+        context=str(ref.path), seed=seed, load_weights=load_weights)
     loaded = LoadedModel(lm, cfg, base, dims, ref)
     if with_codec:
         loaded.mimi = base.info.get_mimi(device=device)

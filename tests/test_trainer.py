@@ -3,15 +3,19 @@ clear refusals. Everything on the tiny config, CPU, fp32."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from moshi_ttt.checkpoint import CheckpointError, find_checkpoint, latest_checkpoint, load_model
+from moshi_ttt.checkpoint import (
+    CheckpointError, find_checkpoint, latest_checkpoint, load_model, save_checkpoint,
+)
 from moshi_ttt.config import BaseModelRef, load_config
 from moshi_ttt.data.index import DataError
 from moshi_ttt.train.settings import TrainSettings
-from moshi_ttt.train.trainer import Trainer, TrainingError, train
+from moshi_ttt.train.trainer import Trainer, TrainingError, _lr_lambda, train
 
 from conftest import CONFIGS
 from fixtures import make_tiny_base, write_random_dataset, write_wav
@@ -38,10 +42,9 @@ def _cfg():
     return load_config(CONFIGS / "tiny.yaml")
 
 
-def _run(env, out, cfg=None, **kw):
+def _run(env, out, cfg=None, resume=False, **kw):
     return train(cfg or _cfg(), _settings(env, **kw), out,
-                 base_override=BaseModelRef(local_dir=str(env["base"])),
-                 resume=kw.pop("resume", False) if "resume" in kw else False)
+                 base_override=BaseModelRef(local_dir=str(env["base"])), resume=resume)
 
 
 def _losses(out):
@@ -178,6 +181,7 @@ def _bad_index(tmp_path, mutate):
     ("wrong_duration", "index says"),
     ("not_json", "not valid JSON"),
     ("unreadable", "cannot read audio"),
+    ("wrong_speaker", r"none of its \d+ words is by the main speaker 'SPEAKER_MAIN' \(found 'A'"),
 ])
 def test_bad_data_is_named_clearly(env, tmp_path, case, match):
     import numpy as np
@@ -202,6 +206,11 @@ def test_bad_data_is_named_clearly(env, tmp_path, case, match):
             idx.write_text("{path: nope}\n")
         elif case == "unreadable":
             wav.write_bytes(b"RIFF....garbage")
+        elif case == "wrong_speaker":  # labels of another convention: no main speaker at all
+            ali = json.loads(wav.with_suffix(".json").read_text())
+            for a in ali["alignments"]:
+                a[2] = "A" if a[2] == "SPEAKER_MAIN" else "B"
+            wav.with_suffix(".json").write_text(json.dumps(ali))
 
     idx = _bad_index(tmp_path, mutate)
     with pytest.raises(DataError, match=match) as e:
@@ -209,3 +218,233 @@ def test_bad_data_is_named_clearly(env, tmp_path, case, match):
              cache_dir=str(tmp_path / "cache"))
     if case not in ("empty", "not_json"):
         assert "train_000" in str(e.value)  # the file is named
+
+
+# -- multi-GPU plumbing that CPU can check ----------------------------------------------------------
+
+def test_stream_sums_stay_on_the_device_of_the_loss():
+    """NCCL reduces CUDA tensors only: the sums must never be copied to the host (meta stands in
+    for a device here: a copy of a meta tensor to the CPU fails)."""
+    from moshi_ttt.train.loss import StreamSums
+
+    def z(*shape):
+        return torch.zeros(*shape, device="meta")
+    s = StreamSums(z(()), z(()), z(()), z(()), z(()), z(()), z(()), z(()), z(8), z(8))
+    v = s.flat()
+    assert v.device.type == "meta" and v.shape == (24,)
+    both = StreamSums.from_flat(v + v, dep_q=8)
+    assert both.audio_ce.device.type == "meta" and both.audio_ce.shape == (8,)
+
+
+def test_process_group_has_a_cpu_backend_beside_nccl():
+    from moshi_ttt.train.distributed import backend_for
+
+    assert backend_for(torch.device("cuda", 3)) == "cpu:gloo,cuda:nccl"
+    assert backend_for(torch.device("cpu")) == "gloo"
+
+
+# -- divergence -------------------------------------------------------------------------------------
+
+def _strict_json(line):
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_divergence_skips_steps_then_stops_and_latest_stays_finite(env, tmp_path):
+    out = tmp_path / "r"
+    with pytest.raises(TrainingError, match=r"diverged: 3 steps in a row \(steps 2\.\.4\)") as e:
+        _run(env, out, lr=1e30, max_steps=8, ckpt_every=1, max_nonfinite_steps=3,
+             eval_data=None)
+    assert "step_000001" in str(e.value)  # names the checkpoint to resume from
+    recs = [_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert [r["skipped"] for r in recs] == [False, True, True, True]
+    assert [r["skipped_steps"] for r in recs] == [0, 1, 2, 3]
+    assert math.isfinite(recs[0]["loss"]) and all(r["loss"] is None for r in recs[1:])
+    # no checkpoint for a skipped step, none deleted for them, latest names a finite one
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000001"]
+    ck = latest_checkpoint(out)
+    assert ck.name == "step_000001"
+    assert all(torch.isfinite(t).all() for t in load_file(str(ck / "ttt.safetensors")).values())
+    assert json.loads((ck / "config.json").read_text())["summary"]["skipped_steps"] == 0
+
+
+@pytest.fixture(scope="module")
+def run2(env):
+    """A finished 2-step run (checkpoints at steps 1 and 2) that tests copy and then alter."""
+    out = env["root"] / "run2"
+    _run(env, out, max_steps=2, ckpt_every=1, eval_data=None, keep_checkpoints=0)
+    return out
+
+
+def _copy(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+def test_save_refuses_nonfinite_tensors_and_keeps_latest(run2, tmp_path):
+    out = _copy(run2, tmp_path)
+    m = load_model(out, with_codec=False)
+    bad = {"transformer.layers.1.ttt.inner.w1": torch.full((2, 2), float("nan"))}
+    with pytest.raises(CheckpointError, match="step 5: 1 tensor.*NaN or inf.*inner.w1"):
+        save_checkpoint(out, 5, bad, m.cfg, m.base, m.dims, keep=1)
+    assert latest_checkpoint(out).name == "step_000002"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest", "step_000001", "step_000002"]
+
+
+def test_resume_refuses_a_nonfinite_checkpoint(env, run2, tmp_path):
+    out = _copy(run2, tmp_path)
+    f = latest_checkpoint(out) / "ttt.safetensors"
+    tensors = load_file(str(f))
+    tensors["transformer.layers.2.ttt.inner.b1"][0, 0, 0] = float("inf")
+    save_file(tensors, str(f), metadata={"format": "moshi-ttt/1"})
+    with pytest.raises(TrainingError, match=r"refusing to resume .* NaN or inf "
+                                            r"\(transformer\.layers\.2\.ttt\.inner\.b1\)"):
+        _run(env, out, max_steps=3, eval_data=None, resume=True)
+
+
+# -- weight decay -----------------------------------------------------------------------------------
+
+def test_weight_decay_spares_norms_biases_and_gates(env, tmp_path):
+    t = Trainer(_cfg(), _settings(env, weight_decay=0.3), tmp_path / "wd",
+                base_override=BaseModelRef(local_dir=str(env["base"])))
+    t._prepare_params()
+    t._optimizer()
+    names = {id(p): n for n, p in t.lm.named_parameters()}
+    wd = {names[id(p)]: g["weight_decay"] for g in t.opt.param_groups for p in g["params"]}
+    layer = "transformer.layers.1.ttt."
+    mine = {k.removeprefix(layer): v for k, v in wd.items() if k.startswith(layer)}
+    assert {k for k, v in mine.items() if v == 0.3} == {
+        "wq.weight", "wk.weight", "wv.weight", "wo.weight", "inner.w1", "inner.w2"}
+    assert {k for k, v in mine.items() if v == 0.0} == {
+        "gate_alpha", "pre_norm.alpha", "post_norm.alpha", "wq.bias", "wk.bias", "wv.bias",
+        "wo.bias", "inner.b1", "inner.b2", "inner.ttt_norm_weight", "inner.ttt_norm_bias",
+        "inner.lr_weight", "inner.lr_bias"}
+
+
+# -- checkpoints gather only what is trained --------------------------------------------------------
+
+def test_checkpoints_gather_only_trained_tensors(env, tmp_path, monkeypatch):
+    """The full-state gather is what costs (the whole frozen 7B on every save): it must see the
+    trained tensors only."""
+    import torch.distributed.checkpoint.state_dict as dsd
+
+    gathered: list[set[str]] = []
+    real = dsd._gather_state_dict
+
+    def spy(state_dict, *args, **kwargs):
+        gathered.append(set(state_dict))
+        return real(state_dict, *args, **kwargs)
+    monkeypatch.setattr(dsd, "_gather_state_dict", spy)
+    out = tmp_path / "r"
+    _run(env, out, max_steps=1, eval_data=None)
+    saved = set(load_file(str(latest_checkpoint(out) / "ttt.safetensors")))
+    model_keys = set().union(*gathered) - {"state", "param_groups"}  # minus the optimiser's
+    assert model_keys == saved
+    assert saved and all(".ttt." in k for k in saved)
+
+
+# -- resume: what may not change, and what it says --------------------------------------------------
+
+def test_resume_names_a_changed_model_config(env, run2, tmp_path):
+    out = _copy(run2, tmp_path)
+    cfg = _cfg()
+    cfg.ttt.layers = [1, 2, 3]
+    cfg.ttt.base_lr = 0.2
+    cfg.lm["context"] = 100
+    with pytest.raises(TrainingError, match="another model") as e:
+        _run(env, out, cfg=cfg, max_steps=3, eval_data=None, resume=True)
+    msg = str(e.value)
+    for line in ("ttt.layers: [1, 2] -> [1, 2, 3]", "ttt.base_lr: 0.1 -> 0.2",
+                 "lm.context: 250 -> 100"):
+        assert line in msg, msg
+    with pytest.raises(TrainingError, match=r"train\.lora\.enable: False -> True"):
+        _run(env, out, max_steps=3, eval_data=None, resume=True,
+             lora={"enable": True, "rank": 4})
+
+
+def test_resume_names_changed_data(env, run2, tmp_path):
+    out = _copy(run2, tmp_path)
+    other = write_random_dataset(tmp_path / "other", n_files=2, seconds=6.0, seed=5)
+    with pytest.raises(TrainingError, match="training data differs") as e:
+        _run(env, out, data=str(other), max_steps=3, eval_data=None, resume=True)
+    msg = str(e.value)
+    assert str(env["data"]) in msg and str(other) in msg and "files: 4 -> 2" in msg
+
+
+def test_a_base_of_other_dims_is_refused_naming_the_dims(run2, tmp_path):
+    cfg = _cfg()
+    cfg.lm["dim"] = 32
+    wide = make_tiny_base(tmp_path / "narrow", cfg=cfg)
+    with pytest.raises(CheckpointError, match=r"other dims") as e:
+        load_model(run2, base_override=BaseModelRef(local_dir=str(wide)))
+    assert "main.d_model: expected dim 64 (checkpoint), found 32" in str(e.value)
+
+
+def test_a_missing_base_is_reported_per_command(env, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(env["base"], base)
+    out = tmp_path / "r"
+    train(_cfg(), _settings(env, max_steps=1, eval_data=None), out,
+          base_override=BaseModelRef(local_dir=str(base)))
+    base.rename(tmp_path / "moved")
+    with pytest.raises(CheckpointError, match="which is gone") as e:  # serve, inspect
+        load_model(out)
+    assert "--base" not in str(e.value) and "--hf-repo" not in str(e.value)
+    assert "put that base directory back" in str(e.value) and str(base) in str(e.value)
+    with pytest.raises(CheckpointError, match="--base DIR or --hf-repo REPO"):  # train
+        train(_cfg(), _settings(env, max_steps=2, eval_data=None), out, resume=True)
+
+
+def test_resume_after_a_crash_logs_each_step_once(env, tmp_path):
+    out = tmp_path / "r"
+    _run(env, out, max_steps=3, ckpt_every=2, eval_data=None, keep_checkpoints=0)
+    before = _losses(out)
+    # killed after step 3 was logged, before its checkpoint existed; a torn line at the end
+    shutil.rmtree(out / "checkpoints" / "step_000003")
+    (out / "checkpoints" / "latest").write_text("step_000002\n")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    _run(env, out, max_steps=4, ckpt_every=2, eval_data=None, resume=True)
+    recs = [_strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert recs[2]["loss"] == pytest.approx(before[2]["loss"], abs=1e-6)  # step 3 trained again
+
+
+def test_logged_lr_is_the_one_each_step_applied(env, tmp_path):
+    out = tmp_path / "r"
+    _run(env, out, max_steps=4, warmup_steps=2, lr=1e-3, min_lr_ratio=0.1, ckpt_every=1,
+         keep_checkpoints=0, eval_data=None)
+    lrs = [r["lr"] for r in _losses(out)]
+    assert lrs == pytest.approx([0.5e-3, 1e-3, 1e-3, 0.55e-3])
+    assert lrs == pytest.approx([1e-3 * _lr_lambda(s - 1, 2, 4, 0.1) for s in (1, 2, 3, 4)])
+    # AdamW's first update moves a non-decayed parameter by lr * g / |g|: at most lr, and lr
+    # wherever the gradient is not tiny
+    k = "transformer.layers.1.ttt.gate_alpha"
+    w0 = load_model(env["base"], with_codec=False).lm.state_dict()[k]
+    w1 = load_file(str(out / "checkpoints" / "step_000001" / "ttt.safetensors"))[k]
+    assert (w1 - w0).abs().max().item() == pytest.approx(lrs[0], rel=1e-3)
+
+
+def _encoder(env, cache):
+    from moshi_ttt.base import resolve_base
+    from moshi_ttt.data.encode import StreamEncoder
+
+    base = resolve_base(BaseModelRef(local_dir=str(env["base"])))
+    return StreamEncoder(base.info.get_mimi(device="cpu"), base.info.get_text_tokenizer(),
+                         base.info.tokenizer, cache)
+
+
+def test_a_stale_duration_is_caught_on_a_cache_hit(env, tmp_path):
+    from moshi_ttt.data.loader import SegmentLoader
+
+    idx = write_random_dataset(tmp_path / "d", n_files=1, seconds=3.0)
+    SegmentLoader(idx, _encoder(env, tmp_path / "cache"), 2.0, show_progress=False)
+    idx.write_text(json.dumps({"path": "audio/train_000.wav", "duration": 30.0}) + "\n")
+    enc = _encoder(env, tmp_path / "cache")
+    with pytest.raises(DataError, match=r"train_000\.wav lasts 3\.04 s .* index says 30\.00 s"):
+        SegmentLoader(idx, enc, 2.0, show_progress=False)
+    assert (enc.hits, enc.misses) == (1, 0)  # the audio was never read again

@@ -50,7 +50,10 @@ class StreamSums:
                 self.text_n, self.text_word_ce, self.text_word_n, self.audio_ce, self.audio_n]
 
     def flat(self) -> torch.Tensor:
-        return torch.cat([t.detach().float().reshape(-1).cpu() for t in self.tensors()])
+        """Every sum in one fp32 vector, on the device of the loss (`text_wce`): it is added up
+        and all-reduced there, so NCCL gets a CUDA tensor and no step waits on a host copy."""
+        device = self.text_wce.device
+        return torch.cat([t.detach().float().reshape(-1).to(device) for t in self.tensors()])
 
     @classmethod
     def from_flat(cls, v: torch.Tensor, dep_q: int) -> "StreamSums":
@@ -122,7 +125,8 @@ def stream_sums(out: LMOutput, codes: torch.Tensor, w: LossWeights,
     return StreamSums(
         text_wce=(wt * ce_t).sum(), text_w=wt.sum(),
         audio_wce=(wa * ce_a).sum(), audio_w=wa.sum(),
-        text_ce=ce_t.detach().sum(), text_n=torch.tensor(float(ce_t.numel())),
+        text_ce=ce_t.detach().sum(),
+        text_n=torch.tensor(float(ce_t.numel()), device=codes.device),
         text_word_ce=ce_t.detach()[word].sum(), text_word_n=word.sum().float(),
         audio_ce=audio_ce, audio_n=audio_n,
     )

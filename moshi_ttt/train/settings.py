@@ -41,6 +41,9 @@ class TrainSettings(BaseModel):
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at max_steps
     clip_grad: float = 1.0
+    # A step whose loss or gradient norm is NaN/inf is skipped (no update, no checkpoint); this
+    # many in a row stop the run with an error (divergence), leaving `latest` at a good one.
+    max_nonfinite_steps: int = Field(5, ge=1)
     seed: int = 0
     ckpt_every: int = 50
     keep_checkpoints: int = 3

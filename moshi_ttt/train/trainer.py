@@ -4,6 +4,15 @@ One process or `torchrun --nproc_per_node N`: the same code, the same global bat
 (batch_size x grad_accum x world segments), the same loss (see `loss.py` for why it is exact).
 A run directory receives `metrics.jsonl`, `train.log`-style logging, and checkpoints that
 `moshi-ttt serve --checkpoint RUN_DIR` loads as they are.
+
+Under torchrun only rank 0 reads the weights (the others build the model on the meta device and
+receive their shards from it), only rank 0 encodes the data (the others read its cache), and a
+failure on any rank during set-up is raised on every rank with its own message, so each process
+exits with the CLI's status 2 instead of a backend error.
+
+A step whose loss or gradient norm is not finite is skipped: no update, no checkpoint at that
+step (a due one waits for the next finite step). `max_nonfinite_steps` of them in a row stop the
+run with a TrainingError; `latest` keeps naming the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -17,19 +26,22 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from ..base import ResolvedBase, resolve_base
+from ..base import BaseModelError, resolve_base
+from ..block import FastWeightInit
 from ..checkpoint import (
-    TRAINER_STATE, assemble_model, find_checkpoint, latest_checkpoint, load_model,
-    save_checkpoint,
+    TRAINER_STATE, CheckpointError, assemble_model, find_checkpoint, json_safe,
+    latest_checkpoint, load_model, nonfinite_tensors, save_checkpoint,
 )
-from ..config import BaseModelRef, ProjectConfig
+from ..config import BaseModelRef, ConfigError, ProjectConfig
 from ..data.encode import StreamEncoder
+from ..data.index import DataError
 from ..data.loader import LoaderPosition, SegmentLoader
 from ..dims import count_params
 from ..lora import is_lora_param
@@ -42,9 +54,28 @@ logger = logging.getLogger(__name__)
 
 TEXT_PADDING_IDS = (3, 0)
 
+#: What `train` offers when a checkpoint's recorded base is gone.
+BASE_HINT = "pass the base to `moshi-ttt train` with --base DIR or --hf-repo REPO"
+
+#: TTT settings that change how training computes, not what the model is: free to change on resume.
+_COMPUTE_ONLY_TTT = {"checkpoint_group"}
+#: Training settings that decide which tensors exist or are trained: fixed for a run.
+_STRUCTURAL_SETTINGS = ("lora", "full_finetune", "train_ttt")
+
 
 class TrainingError(RuntimeError):
     """The run cannot start or continue; the message says why and what to do."""
+
+
+_ERROR_KINDS: dict[str, type[Exception]] = {
+    cls.__name__: cls
+    for cls in (TrainingError, DataError, CheckpointError, BaseModelError, ConfigError)
+}
+
+
+def _rebuild_error(kind: str, message: str) -> Exception:
+    """Another rank's set-up failure, raised here as the same kind where the CLI knows it."""
+    return _ERROR_KINDS.get(kind, TrainingError)(message)
 
 
 def _device(setting: str) -> torch.device:
@@ -54,7 +85,7 @@ def _device(setting: str) -> torch.device:
 
 
 def _lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to min_ratio at `total`."""
+    """Linear warm-up to 1, then cosine decay to min_ratio at `total` (`step` counts from 0)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -67,20 +98,87 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def decays(module: nn.Module, param_name: str) -> bool:
+    """Whether a parameter gets weight decay, by the module that owns it and its name there.
+
+    Decayed: the weight matrices of linear maps (TTT's q/k/v/o projections, LoRA's A and B, base
+    linears under full fine-tuning) and TTT's fast-weight matrices W1 and W2. Not decayed:
+    biases (including the fast-weight biases b1, b2), norm gains (RMSNorm's alpha, the inner
+    ttt_norm weight and bias), the output gate alpha, the inner learning-rate gate (lr_weight,
+    lr_bias), the token offset, and embeddings. Decay pulls a value toward 0: for a gain or a
+    gate that means switching the layer off, for an embedding row forgetting a rare token, and
+    a bias carries no scale that needs regularising. Shapes cannot tell these apart (a gain is
+    (1, 1, dim), b1 is (H, 1, F), ttt_norm_weight (H, HD)), so names decide.
+    """
+    if isinstance(module, nn.Linear):
+        return param_name == "weight"
+    if isinstance(module, FastWeightInit):
+        return param_name in ("w1", "w2")
+    return False
+
+
+def decayed_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters `decays` selects."""
+    out = set()
+    for mod_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            if decays(module, name):
+                out.add(f"{mod_name}.{name}" if mod_name else name)
+    return out
+
+
+def _diff(recorded: Any, now: Any, path: str, out: list[str]) -> None:
+    """Leaf-by-leaf differences of two JSON-like values, as 'path: recorded -> now' lines."""
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        for k in sorted(set(recorded) | set(now), key=str):
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in now:
+                out.append(f"{sub}: {recorded[k]!r} -> (absent)")
+            elif k not in recorded:
+                out.append(f"{sub}: (absent) -> {now[k]!r}")
+            else:
+                _diff(recorded[k], now[k], sub, out)
+    elif recorded != now:
+        out.append(f"{path}: {recorded!r} -> {now!r}")
+
+
+def trim_metrics(path: Path, upto: int) -> None:
+    """Keep the records of steps <= `upto` (the step training continues after) and drop the rest,
+    so a resumed run logs each step once. A torn last line (a kill mid-write) is dropped; records
+    an older version wrote with bare NaN are rewritten as valid JSON (null)."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= upto:
+            kept.append(json.dumps(json_safe(rec), allow_nan=False))
+        else:
+            dropped += 1
+    if dropped:
+        logger.info("%s: dropped %d record(s) after step %d (they are trained again)", path,
+                    dropped, upto)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 class Trainer:
     def __init__(self, cfg: ProjectConfig, settings: TrainSettings, out_dir: str | Path,
                  base_override: BaseModelRef | None = None, resume: bool = False):
         self.cfg = cfg
         self.s = settings
         self.out = Path(out_dir)
-        self.device = _device(settings.device)
+        self.device = dist_util.local_device(_device(settings.device))
         self.rank, self.world = dist_util.init(self.device)
+        self.distributed = dist_util.is_distributed()
         self.is_main = self.rank == 0
-        if self.device.type == "cuda" and dist_util.is_torchrun():
-            import os
-
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(self.device)
         bf16 = settings.precision == "bf16" or (settings.precision == "auto"
                                                 and self.device.type == "cuda")
         self.model_dtype = torch.bfloat16 if bf16 else torch.float32
@@ -89,8 +187,14 @@ class Trainer:
         self._seed(settings.seed)
         self.start_step = 0
         self.pos = LoaderPosition()
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient, whole run
+        self.nonfinite_streak = 0  # of them, in a row up to now
         self._resume_state: dict[str, Any] | None = None
-        self._load(base_override, resume)
+        self._resume_meta: dict[str, Any] | None = None
+        self._agree(lambda: self._load(base_override, resume))
+
+    def _agree(self, fn: Callable[[], Any]) -> Any:
+        return dist_util.agree(fn, _rebuild_error)
 
     # -- setup ----------------------------------------------------------------------------------
     def _seed(self, seed: int) -> None:
@@ -99,18 +203,34 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _load(self, base_override: BaseModelRef | None, resume: bool) -> None:
+        # Under torchrun only rank 0 reads weights; the others get their shards from it.
+        load_weights = not (self.distributed and not self.is_main)
         latest = latest_checkpoint(self.out) if (self.out / "checkpoints").exists() else None
         if latest is not None and not resume:
             raise TrainingError(f"{self.out} already holds checkpoints (latest {latest.name}); "
                                 f"pass --resume to continue that run, or choose another --out")
         if resume and latest is not None:
+            self._resume_meta = find_checkpoint(latest).meta
+            self._check_resume_config(latest)
             loaded = load_model(latest, self.device, self.model_dtype, with_codec=True,
-                                base_override=base_override)
+                                base_override=base_override, load_weights=load_weights,
+                                base_hint=BASE_HINT)
             self.cfg = loaded.cfg
             self.lm, self.base, self.dims = loaded.lm, loaded.base, loaded.dims
             self.mimi, self.tokenizer = loaded.mimi, loaded.tokenizer
+            if load_weights:
+                params = dict(self.lm.named_parameters())
+                bad = nonfinite_tensors({k: params[k] for k in self._resume_meta.get("tensors", [])
+                                         if k in params})
+                if bad:
+                    raise TrainingError(
+                        f"refusing to resume from {latest}: {len(bad)} of its tensors hold NaN "
+                        f"or inf ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). Point "
+                        f"{latest.parent / 'latest'} at an earlier checkpoint (its directory "
+                        f"name, e.g. step_000100) or start a new run")
+            # mmap: ranks other than 0 never touch the optimiser state they do not restore
             self._resume_state = torch.load(latest / TRAINER_STATE, map_location="cpu",
-                                            weights_only=False)
+                                            weights_only=False, mmap=True)
             self.start_step = int(self._resume_state["step"])
             logger.info("resuming %s from %s (step %d)", self.out, latest, self.start_step)
         else:
@@ -119,11 +239,44 @@ class Trainer:
             self.base = resolve_base(base_override or self.cfg.base)
             self.lm, self.dims = assemble_model(self.cfg, self.base, self.device,
                                                 self.model_dtype, seed=self.s.seed,
-                                                context="base " + str(self.base.ref))
+                                                context="base " + str(self.base.ref),
+                                                load_weights=load_weights)
             self.mimi = self.base.info.get_mimi(device=self.device)
             self.tokenizer = self.base.info.get_text_tokenizer()
         for p in self.mimi.parameters():
             p.requires_grad_(False)
+
+    def _check_resume_config(self, latest: Path) -> None:
+        """A resumed run trains the model it saved: refuse a config whose model differs, naming
+        every difference; report changed training settings (they take effect)."""
+        meta = self._resume_meta or {}
+        try:
+            recorded = ProjectConfig.model_validate(meta["project"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{latest}/config.json has no valid project config: {e}") from e
+        diffs: list[str] = []
+        _diff(recorded.lm, self.cfg.lm, "lm", diffs)
+        ttt_then = recorded.ttt.model_dump(mode="json", exclude=_COMPUTE_ONLY_TTT)
+        ttt_now = self.cfg.ttt.model_dump(mode="json", exclude=_COMPUTE_ONLY_TTT)
+        _diff(ttt_then, ttt_now, "ttt", diffs)
+        _diff(recorded.mimi, self.cfg.mimi, "mimi", diffs)
+        defaults = TrainSettings().model_dump(mode="json")
+        now = self.s.model_dump(mode="json")
+        for key in _STRUCTURAL_SETTINGS:
+            _diff(recorded.train.get(key, defaults[key]), now[key], f"train.{key}", diffs)
+        if diffs:
+            raise TrainingError(
+                f"--resume: {latest} was trained with another model than this config describes "
+                f"(checkpoint -> now):\n  " + "\n  ".join(diffs) + "\nA run's model cannot "
+                f"change: resume with the config it was trained with, or train the new model "
+                f"in another --out")
+        then = {k: v for k, v in recorded.train.items() if k in now}
+        changed: list[str] = []
+        _diff({k: v for k, v in then.items() if k not in ("data", "stop_after")},
+              {k: now[k] for k in then if k not in ("data", "stop_after")}, "train", changed)
+        if changed:
+            logger.warning("resuming with changed training settings (checkpoint -> now): %s",
+                           "; ".join(changed))
 
     def _trainable_name(self, name: str) -> bool:
         if is_ttt_param(name):
@@ -155,23 +308,32 @@ class Trainer:
         return counts
 
     def _optimizer(self) -> None:
+        decayed = decayed_names(self.lm)
         groups: dict[str, list[torch.nn.Parameter]] = {}
         for name, p in self.lm.named_parameters():
             if not p.requires_grad:
                 continue
             kind = "ttt" if is_ttt_param(name) else "lora" if is_lora_param(name) else "base"
-            decay = p.dim() >= 2
-            groups.setdefault(f"{kind}{'' if decay else '_nodecay'}", []).append(p)
-        lrs = {"ttt": self.s.lr, "lora": self.s.lora_lr, "base": self.s.base_lr}
+            groups.setdefault(f"{kind}{'' if name in decayed else '_nodecay'}", []).append(p)
+        self._peak_lr = {"ttt": self.s.lr, "lora": self.s.lora_lr, "base": self.s.base_lr}
         param_groups = [
-            {"params": ps, "lr": lrs[k.split("_")[0]],
-             "weight_decay": 0.0 if k.endswith("_nodecay") else self.s.weight_decay, "name": k}
+            {"params": ps, "lr": self._peak_lr[k.split("_")[0]],
+             "weight_decay": self._group_decay(k), "name": k}
             for k, ps in sorted(groups.items())
         ]
         self.opt = torch.optim.AdamW(param_groups, betas=self.s.betas, eps=1e-8)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda step: _lr_lambda(step, self.s.warmup_steps, self.s.max_steps,
-                                              self.s.min_lr_ratio))
+
+    def _group_decay(self, group: str) -> float:
+        return 0.0 if group.endswith("_nodecay") else self.s.weight_decay
+
+    def _set_lr(self, step: int) -> float:
+        """The learning rates of `step` (from 1) set on every group, before its update: a pure
+        function of the step, so a resumed run follows the same schedule. Returns the first
+        group's, which the metrics log for that step."""
+        factor = _lr_lambda(step - 1, self.s.warmup_steps, self.s.max_steps, self.s.min_lr_ratio)
+        for g in self.opt.param_groups:
+            g["lr"] = self._peak_lr[g["name"].split("_")[0]] * factor
+        return float(self.opt.param_groups[0]["lr"])
 
     def _data(self) -> None:
         if not self.s.data:
@@ -180,20 +342,49 @@ class Trainer:
             Path(self.s.data).resolve().parent / ".token-cache"
         enc = StreamEncoder(self.mimi, self.tokenizer, Path(self.base.info.tokenizer), cache,
                             device=self.device)
-        if self.world > 1 and not self.is_main:  # rank 0 encodes, the others read its cache
-            torch.distributed.barrier()
 
         def loader(index: str) -> SegmentLoader:
             return SegmentLoader(index, enc, self.s.segment_seconds, seed=self.s.seed,
                                  min_seconds=self.s.min_segment_seconds,
-                                 show_progress=self.is_main)
+                                 show_progress=self.is_main, save_memo=self.is_main)
 
-        self.train_data = loader(self.s.data)
-        self.eval_data = loader(self.s.eval_data) if self.s.eval_data else None
-        if self.world > 1 and self.is_main:
-            torch.distributed.barrier()
+        def build() -> None:
+            self.train_data = loader(self.s.data)
+            self.eval_data = loader(self.s.eval_data) if self.s.eval_data else None
+
+        # Rank 0 encodes (filling the cache) while the others wait; then they read the cache.
+        # Either phase failing on any rank fails every rank with that rank's message.
+        self._agree(build if self.is_main else lambda: None)
+        if self.distributed:
+            self._agree(lambda: None if self.is_main else build())
+        if self._resume_meta is not None:
+            self._check_resume_data()
         self.eval_batches = (self.eval_data.eval_batches(self.s.batch_size, self.s.eval_batches)
                              if self.eval_data else [])
+
+    def _data_summary(self) -> dict[str, Any]:
+        d = self.train_data
+        return {"index": str(d.index), "fingerprint": d.fingerprint, "files": len(d.files),
+                "segments": len(d.segments), "segment_frames": d.seg_frames}
+
+    def _check_resume_data(self) -> None:
+        """A resumed run continues on the data it was trained on (its position in the seeded
+        order means nothing on other data)."""
+        want = (self._resume_meta or {}).get("data_fingerprint")
+        now = self._data_summary()
+        if not want or want == now["fingerprint"]:
+            return
+        then = (self._resume_state or {}).get("data") or {}
+        index = then.get("index") or ((self._resume_state or {}).get("settings") or {}).get("data")
+        lines = [f"index: {index!r} -> {now['index']!r}"]
+        for key in ("files", "segments", "segment_frames"):
+            if key in then and then[key] != now[key]:
+                lines.append(f"{key}: {then[key]} -> {now[key]}")
+        lines.append(f"fingerprint of the encoded data: {want} -> {now['fingerprint']}")
+        raise TrainingError(
+            "--resume: the training data differs from the data this run was trained on "
+            "(checkpoint -> now):\n  " + "\n  ".join(lines) + "\nResume with the same --data "
+            "and segment_seconds, or train on the new data in another --out")
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -210,39 +401,57 @@ class Trainer:
                 else self.cfg.ttt.checkpoint_group
         self.lm.train()
         self._data()
-        if self.world > 1:
+        if self.distributed:
+            full = self.lm.state_dict() if self.is_main else {}
             dist_util.shard_model(self.lm)
+            dist_util.fill_from_rank0(self.lm, full, self.device)
+            del full
         self._optimizer()
         if self._resume_state is not None:
             self._restore(self._resume_state)
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(self.out / "metrics.jsonl", "a") if self.is_main else None
+        metrics_file = None
+        if self.is_main:
+            trim_metrics(self.out / "metrics.jsonl", self.start_step)
+            metrics_file = open(self.out / "metrics.jsonl", "a")
         tb = self._tensorboard()
         bar = tqdm(total=self.s.max_steps, initial=self.start_step, desc="train", unit="step",
                    disable=not self.is_main, dynamic_ncols=True)
         last: dict[str, Any] = {}
+        save_due = False
         try:
             for step in range(self.start_step + 1, self.s.max_steps + 1):
                 last = self._train_step(step)
                 if self.eval_batches and (step % self.s.eval_every == 0
                                           or step == self.s.max_steps):
                     last.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-                if self.is_main and (step % self.s.log_every == 0 or step == self.s.max_steps):
-                    metrics_file.write(json.dumps(last) + "\n")
+                if self.is_main and (step % self.s.log_every == 0 or step == self.s.max_steps
+                                     or last["skipped"]):
+                    metrics_file.write(json.dumps(json_safe(last), allow_nan=False) + "\n")
                     metrics_file.flush()
                     if tb is not None:
                         for k, v in last.items():
-                            if isinstance(v, (int, float)):
+                            if isinstance(v, (int, float)) and math.isfinite(v):
                                 tb.add_scalar(k, v, step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}",
                                 tok_s=f"{last['tokens_per_s']:.0f}")
+                if self.nonfinite_streak >= self.s.max_nonfinite_steps:
+                    raise TrainingError(self._divergence_message(step, last))
                 stopping = self.s.stop_after is not None and step >= self.s.stop_after
-                if step % self.s.ckpt_every == 0 or step == self.s.max_steps or stopping:
+                save_due |= step % self.s.ckpt_every == 0 or step == self.s.max_steps or stopping
+                if save_due and last["skipped"]:
+                    logger.warning("step %d: checkpoint postponed to the next step with a finite "
+                                   "loss (this one's was not)", step)
+                elif save_due:
                     self.save(step, last)
+                    save_due = False
                 if stopping:
                     logger.info("stopping after step %d as asked (resume with --resume)", step)
                     break
+            if save_due:
+                logger.warning("no checkpoint after step %s: its loss was not finite; the latest "
+                               "checkpoint is %s", last.get("step"), self._latest_name())
         finally:
             bar.close()
             if metrics_file:
@@ -251,8 +460,25 @@ class Trainer:
                 tb.close()
         return last
 
+    def _latest_name(self) -> str:
+        try:
+            latest = latest_checkpoint(self.out)
+        except CheckpointError:
+            latest = None
+        return str(latest) if latest is not None else "none (no checkpoint was written)"
+
+    def _divergence_message(self, step: int, last: dict[str, Any]) -> str:
+        n = self.nonfinite_streak
+        return (f"training diverged: {n} steps in a row (steps {step - n + 1}..{step}) had a "
+                f"non-finite loss or gradient norm (last: loss {last['loss']}, grad norm "
+                f"{last['grad_norm']}); their updates were skipped and no checkpoint was written "
+                f"for them. The latest checkpoint is {self._latest_name()}. Lower the learning "
+                f"rate (train.lr is {self.s.lr:g}) or raise train.max_nonfinite_steps "
+                f"({self.s.max_nonfinite_steps}), then --resume")
+
     def _train_step(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
+        lr = self._set_lr(step)
         B, A, W = self.s.batch_size, self.s.grad_accum, self.world
         segs = self.train_data.next_global_batch(self.pos, B * A * W)
         codes = self.train_data.batch(segs)  # every rank builds the whole global batch (cheap)
@@ -263,7 +489,7 @@ class Trainer:
         for i in range(A):
             lo = (i * W + self.rank) * B
             mb = codes[lo:lo + B].to(self.device)
-            if W > 1:
+            if self.distributed:
                 self.lm.set_requires_gradient_sync(i == A - 1)
             with self.autocast:
                 out = self.lm(mb)
@@ -277,23 +503,34 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.s.clip_grad)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        self.opt.step()
-        self.sched.step()
+        # Global figures, identical on every rank, so every rank takes the same decision.
+        total = StreamSums.from_flat(dist_util.all_reduce_sum(sums), self.lm.dep_q)
+        figures = summarize(total, self.s.loss)
+        gnorm = float(grad_norm)
+        finite = math.isfinite(figures["loss"]) and math.isfinite(gnorm)
+        if finite:
+            self.opt.step()
+            self.nonfinite_streak = 0
+        else:
+            self.skipped_steps += 1
+            self.nonfinite_streak += 1
+            logger.warning("step %d: loss %s, grad norm %s: update skipped (%d in a row; the run "
+                           "stops at %d)", step, figures["loss"], gnorm, self.nonfinite_streak,
+                           self.s.max_nonfinite_steps)
         self.opt.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        total = StreamSums.from_flat(dist_util.all_reduce_sum(sums), self.lm.dep_q)
         T = codes.shape[-1]
         tokens = B * A * W * T * (1 + self.lm.dep_q)  # predicted tokens, as moshi-finetune counts
-        rec: dict[str, Any] = {
-            "step": step, **summarize(total, self.s.loss),
-            "lr": self.opt.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+        return {
+            "step": step, **figures,
+            "lr": lr, "grad_norm": gnorm, "skipped": not finite,
+            "skipped_steps": self.skipped_steps,
             "tokens_per_s": tokens / dt, "step_s": dt, "frames": B * A * W * T,
             "peak_mem_mb": _peak_memory_mb(self.device), "epoch": self.pos.epoch,
             **self._ttt_norms(),
         }
-        return rec
 
     def _ttt_norms(self) -> dict[str, Any]:
         gate, fast = {}, {}
@@ -326,52 +563,91 @@ class Trainer:
         return summarize(StreamSums.from_flat(sums, self.lm.dep_q), self.s.loss)
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def _full_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _nonfinite_params(self) -> list[str]:
+        """Trainable parameters holding NaN or inf on any rank (each rank checks its shards)."""
+        names, flags = [], []
+        for name, p in self.lm.named_parameters():
+            if p.requires_grad:
+                local = p.to_local() if hasattr(p, "to_local") else p
+                names.append(name)
+                flags.append((~torch.isfinite(local.detach())).any())
+        if not flags:
+            return []
+        found = dist_util.all_reduce_sum(torch.stack(flags).float())
+        return [n for n, f in zip(names, found.tolist()) if f > 0]
+
+    def _checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What a checkpoint holds, gathered on rank 0 (the others get empty dicts): the trainable
+        parameters only (DCP's ignore_frozen_params: the frozen base is never gathered), plus the
+        TTT tensors when they are frozen (a LoRA-only run still ships its TTT blocks); and the
+        optimiser state."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
         )
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         sd = get_model_state_dict(self.lm, options=opts)
-        osd = get_optimizer_state_dict(self.lm, self.opt, options=opts)
-        keep = {k: v for k, v in sd.items()
-                if is_ttt_param(k) or (is_lora_param(k) and self.s.lora.enable)
-                or self.s.full_finetune}
-        return keep, osd
+        for name, p in self.lm.named_parameters():
+            if is_ttt_param(name) and not p.requires_grad:
+                t = p.full_tensor() if hasattr(p, "full_tensor") else p
+                if self.is_main:
+                    sd[name] = t.detach().cpu()
+        osd = get_optimizer_state_dict(self.lm, self.opt,
+                                       options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+        return sd, osd
 
     def save(self, step: int, last: dict[str, Any]) -> Path | None:
-        tensors, osd = self._full_state()
-        path = None
-        if self.is_main:
+        bad = self._nonfinite_params()
+        if bad:
+            raise TrainingError(
+                f"step {step}: the trained weights hold NaN or inf ({', '.join(bad[:5])}"
+                f"{', ...' if len(bad) > 5 else ''}); no checkpoint written. The latest "
+                f"checkpoint is {self._latest_name()}. Lower the learning rate (train.lr is "
+                f"{self.s.lr:g}), then --resume")
+        tensors, osd = self._checkpoint_state()
+
+        def write() -> Path | None:
+            if not self.is_main:
+                return None
             state = {
-                "step": step, "optimizer": osd, "scheduler": self.sched.state_dict(),
+                "step": step, "optimizer": osd,
                 "position": asdict(self.pos), "settings": self.s.model_dump(mode="json"),
                 "rng": {"torch": torch.random.get_rng_state(), "numpy": np.random.get_state(),
                         "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available()
                         else None},
                 "world_size": self.world,
+                "skipped_steps": self.skipped_steps,
+                "nonfinite_streak": self.nonfinite_streak,
+                "data": self._data_summary(),
             }
             cfg = self.cfg.model_copy(deep=True)
             cfg.train = {**cfg.train, **self.s.model_dump(mode="json")}
             summary = {k: v for k, v in last.items() if isinstance(v, (int, float))}
-            path = save_checkpoint(self.out, step, tensors, cfg, self.base, self.dims,
+            return save_checkpoint(self.out, step, tensors, cfg, self.base, self.dims,
                                    data_fingerprint=self.train_data.fingerprint,
                                    trainer_state=state, summary=summary,
                                    keep=self.s.keep_checkpoints)
-        if self.world > 1:
-            torch.distributed.barrier()
-        return path
+
+        # rank 0 writes; a failure there (disk full, ...) fails every rank with its message
+        return self._agree(write)
 
     def _restore(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, set_optimizer_state_dict,
         )
 
-        set_optimizer_state_dict(self.lm, self.opt, optim_state_dict=state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-        self.sched.load_state_dict(state["scheduler"])
+        # Under torchrun rank 0 alone holds the optimiser state and broadcasts it.
+        osd = state["optimizer"] if self.is_main else {}
+        set_optimizer_state_dict(self.lm, self.opt, optim_state_dict=osd,
+                                 options=StateDictOptions(full_state_dict=True,
+                                                          broadcast_from_rank0=self.distributed))
+        for g in self.opt.param_groups:  # this run's settings and grouping, not the saved ones
+            g["weight_decay"] = self._group_decay(g["name"])
         self.pos = LoaderPosition(**state["position"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
         rng = state.get("rng") or {}
         if rng.get("torch") is not None:
             torch.random.set_rng_state(rng["torch"])
@@ -416,8 +692,10 @@ class Trainer:
 
 def train(cfg: ProjectConfig, settings: TrainSettings, out_dir: str | Path,
           base_override: BaseModelRef | None = None, resume: bool = False) -> dict[str, Any]:
-    trainer = Trainer(cfg, settings, out_dir, base_override, resume)
+    clean = False
     try:
-        return trainer.run()
+        last = Trainer(cfg, settings, out_dir, base_override, resume).run()
+        clean = True
+        return last
     finally:
-        dist_util.shutdown()
+        dist_util.shutdown(clean=clean)
