@@ -79,6 +79,16 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def config_path(path: Optional[Path]) -> Optional[Path]:
+    """Callback of every config option: the README's `configs/NAME.yaml` also works outside a
+    checkout (a wheel install), naming the packaged config (`moshi_ttt.resources`)."""
+    if path is None:
+        return None
+    from .resources import resolve_config
+
+    return resolve_config(path)
+
+
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
     setup_logging(verbose)
@@ -86,7 +96,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logg
 
 @app.command()
 def inspect(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="project YAML config"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", callback=config_path,
+                                          help="project YAML config"),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="a checkpoint directory written by `moshi-ttt train`"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -166,7 +177,8 @@ def _ranges(xs: list[int]) -> str:
 @app.command("init-base")
 def init_base(
     out: Path = typer.Argument(..., help="directory to write the base into"),
-    config: Path = typer.Option(..., "--config", "-c", help="project YAML config"),
+    config: Path = typer.Option(..., "--config", "-c", callback=config_path,
+                                help="project YAML config"),
     calibrate_on: Optional[Path] = typer.Option(
         None, "--calibrate-on", help="dataset (a make-data directory, or its train.jsonl) whose "
         "training split calibrates the random base's codec"),
@@ -248,7 +260,8 @@ def codec_report_cmd(
 
 @app.command()
 def train(
-    config: Path = typer.Option(..., "--config", "-c", help="project YAML config"),
+    config: Path = typer.Option(..., "--config", "-c", callback=config_path,
+                                help="project YAML config"),
     out: Path = typer.Option(..., "--out", "-o", help="run directory (checkpoints, metrics)"),
     data: Optional[Path] = typer.Option(None, help="training index .jsonl (or train.data)"),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="held-out index .jsonl"),
@@ -302,7 +315,7 @@ def train(
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="where everything goes"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c",
+    config: Optional[Path] = typer.Option(None, "--config", "-c", callback=config_path,
                                           help="project config [configs/tiny.yaml]"),
     steps: Optional[int] = typer.Option(None, help="training steps [the config's]"),
     mode: str = typer.Option("opus", help="client audio: opus or pcm"),
@@ -368,7 +381,8 @@ def serve(
     seed: Optional[int] = typer.Option(None, help="seed the sampler at start-up"),
     greedy: bool = typer.Option(False, "--greedy", help="argmax instead of sampling"),
     random_config: Optional[Path] = typer.Option(
-        None, "--random-config", help="serve this config with random weights instead of a "
+        None, "--random-config", callback=config_path,
+        help="serve this config with random weights instead of a "
         "checkpoint (benchmarks at real sizes without downloads)"),
 ) -> None:
     """Serve a checkpoint over websockets (Moshi's protocol, plus PCM and token modes), with a
@@ -390,7 +404,8 @@ def serve(
 
 @app.command("eval-memory")
 def eval_memory(
-    config: Path = typer.Option(..., "--config", "-c", help="project YAML config (eval.memory)"),
+    config: Path = typer.Option(..., "--config", "-c", callback=config_path,
+                                help="project YAML config (eval.memory)"),
     quick: bool = typer.Option(False, "--quick", help="tiny task and budget: checks the "
                                "machinery in seconds, says nothing about memory"),
     steps: Optional[int] = typer.Option(None, help="optimiser steps per method"),
@@ -424,7 +439,7 @@ def eval_memory(
 
 @app.command("diagnose-ttt")
 def diagnose_ttt(
-    config: Optional[Path] = typer.Option(None, "--config", "-c",
+    config: Optional[Path] = typer.Option(None, "--config", "-c", callback=config_path,
                                           help="project YAML config (a random model of it)"),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="or a run, checkpoint or base directory"),
@@ -475,7 +490,8 @@ def diagnose_ttt(
 
 @app.command("eval-stability")
 def eval_stability(
-    config: Path = typer.Option(..., "--config", "-c", help="project YAML config with TTT"),
+    config: Path = typer.Option(..., "--config", "-c", callback=config_path,
+                                help="project YAML config with TTT"),
     frames: Optional[int] = typer.Option(None, help="session length [15000 = 20 min]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="sessions at once [1]"),
     driver: Optional[str] = typer.Option(
@@ -574,7 +590,8 @@ def bench_ttt(
 def bench_serve(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint to serve"),
     random_config: Optional[Path] = typer.Option(
-        None, "--random-config", help="or a config served with random weights (e.g. the 7B)"),
+        None, "--random-config", callback=config_path,
+        help="or a config served with random weights (e.g. the 7B)"),
     sessions: str = typer.Option("1,4", help="session counts, one server each"),
     seconds: float = typer.Option(15.0, help="seconds of real-time streaming per count"),
     mode: str = typer.Option("pcm", help="pcm (server runs the codec) or tokens (LM only)"),
@@ -606,7 +623,8 @@ def bench_serve(
 
 @bench_app.command("train")
 def bench_train(
-    config: Path = typer.Option(..., "--config", "-c", help="project YAML config"),
+    config: Path = typer.Option(..., "--config", "-c", callback=config_path,
+                                help="project YAML config"),
     steps: int = typer.Option(4, help="training steps (the first is not counted)"),
     frames: int = typer.Option(1250, help="frames per sequence (1250 = 100 s)"),
     batch: int = typer.Option(1, help="sequences per step"),

@@ -19,14 +19,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .resources import packaged_config
+
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "configs" / "tiny.yaml"
+TINY = packaged_config("tiny.yaml")  # shipped in the package: a wheel install finds it too
+_progress = {"step": "[0/5] start"}
 
 
 def _step(n: int, what: str) -> None:
-    logger.info("[%d/5] %s", n, what)
+    _progress["step"] = f"[{n}/5] {what}"
+    logger.info("%s", _progress["step"])
+
+
+def current_step() -> str:
+    """The step announced last: what `moshi-ttt demo` names when the demo fails."""
+    return _progress["step"]
 
 
 def prepare(workdir: Path, config: Path = TINY, steps: int | None = None,
@@ -40,6 +48,7 @@ def prepare(workdir: Path, config: Path = TINY, steps: int | None = None,
     from .train.trainer import train
 
     cfg = load_config(config)
+    logger.info("config %s", config)
     data, base, run = workdir / "data", workdir / "base", workdir / "run"
 
     _step(1, f"dataset in {data}")

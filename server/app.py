@@ -13,7 +13,6 @@ import hmac
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 
 from moshi_ttt import protocol
 from moshi_ttt.protocol import FRAME_RATE, NUM_CODEBOOKS, SAMPLE_RATE, Close, Mode
+from moshi_ttt.resources import ResourceError, web_dir
 
 from .engine import Engine, EngineConfig
 from .metrics import ServerMetrics
@@ -30,8 +30,6 @@ from .session import ChatSession, _End
 from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
-
-WEB_DIR = Path(__file__).resolve().parent.parent / "client" / "web"
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -238,11 +236,15 @@ def create_app(settings: ServeSettings, host: ModelHost | None = None,
         finally:
             host.sessions.discard(sess)
 
-    if WEB_DIR.is_dir():
+    try:  # the installed `client` package's files, as a wheel ships them
+        web = web_dir()
+    except ResourceError as e:
+        logger.warning("no browser client at /: %s", e)
+    else:
         @app.get("/")
         def index() -> FileResponse:
-            return FileResponse(WEB_DIR / "index.html")
+            return FileResponse(web / "index.html")
 
-        app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+        app.mount("/static", StaticFiles(directory=web), name="static")
 
     return app
