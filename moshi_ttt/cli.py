@@ -7,8 +7,9 @@ import json
 import logging
 import os
 import sys
+from inspect import cleandoc  # (`inspect` is a command here)
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
@@ -19,7 +20,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-bench_app = typer.Typer(help="Benchmarks that print measured figures (they assert nothing).",
+bench_app = typer.Typer(help="Run benchmarks that print measured figures.\n\nThey assert "
+                        "nothing; the README's benchmark table names the command of each figure.",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -74,9 +76,37 @@ def _cpu_defaults() -> None:
         os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 
-def fail(msg: str, code: int = 2) -> None:
+def fail(msg: str, code: int = 2) -> NoReturn:
+    """A documented failure: its message on stderr (no traceback) and exit status `code`."""
     logger.error(msg)
     raise typer.Exit(code)
+
+
+def reason(e: BaseException) -> str:
+    """The message of a documented error. A pydantic validation error, raised directly or as
+    the cause of a config/settings error, becomes one line (`field: problem (got value)`)
+    instead of pydantic's multi-line report with its documentation links."""
+    from pydantic import ValidationError
+
+    v = e if isinstance(e, ValidationError) else e.__cause__
+    if not isinstance(v, ValidationError):
+        return str(e)
+    problems = []
+    for err in v.errors():
+        where = ".".join(str(x) for x in err["loc"])
+        text = err["msg"].removeprefix("Value error, ")
+        if err["type"] not in ("value_error", "missing") and "input" in err:
+            text += f" (got {err['input']!r})"
+        problems.append(f"{where}: {text}" if where else text)
+    head = f"invalid {v.title}" if v is e else str(e).split("\n", 1)[0].rstrip(": ")
+    return f"{head}: {'; '.join(problems)}"
+
+
+def os_reason(e: OSError) -> str:
+    """An I/O failure as one line naming the file: `path: No such file or directory`."""
+    if e.filename is None:
+        return str(e)
+    return f"{e.filename}: {e.strerror or e}"
 
 
 def config_path(path: Optional[Path]) -> Optional[Path]:
@@ -87,6 +117,43 @@ def config_path(path: Optional[Path]) -> Optional[Path]:
     from .resources import resolve_config
 
     return resolve_config(path)
+
+
+def check_device(device: Optional[str], flag: str = "--device") -> None:
+    """A device that cannot be used (a typo, CUDA on a machine without it) is one line now,
+    not a torch assertion deep inside a run."""
+    if device is None or device == "auto":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        fail(f"{flag} {device!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU build" if torch.version.cuda is None else "no GPU visible"
+        fail(f"{flag} {device}: torch sees no CUDA device (torch {torch.__version__}, {build}); "
+             f"use {flag} cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        fail(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def int_list(text: str, flag: str, multiple_of: int = 1) -> list[int]:
+    """A comma-separated list of positive integers (each a multiple of `multiple_of`)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 or v % multiple_of for v in values):
+        what = f"positive multiples of {multiple_of}" if multiple_of > 1 else "positive integers"
+        fail(f"{flag} {text!r}: expected comma-separated {what}, e.g. "
+             f"{multiple_of},{4 * multiple_of}")
+    return values
+
+
+def at_least(value: Optional[float], minimum: float, flag: str) -> None:
+    if value is not None and value < minimum:
+        fail(f"{flag} must be at least {minimum:g}, got {value:g}")
 
 
 @app.callback()
@@ -102,11 +169,16 @@ def inspect(
         None, "--checkpoint", help="a checkpoint directory written by `moshi-ttt train`"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Build the model on the meta device (no weights, no memory) and print its dims and
-    parameter counts, as detected from the built modules and checked against the config."""
+    """Print a model's dims and parameter counts.
+
+    The model is built on the meta device (no weights, no memory); dims are detected from the
+    built modules and checked against the config (and a checkpoint's weight file headers).
+    """
     _cpu_defaults()
     import torch
 
+    from .base import BaseModelError
+    from .checkpoint import CheckpointError, inspect_checkpoint
     from .config import ConfigError, load_config
     from .dims import DimensionMismatch, describe, validate
     from .model import build_ttt_lm
@@ -115,16 +187,15 @@ def inspect(
         fail("give exactly one of --config or --checkpoint")
     try:
         if checkpoint is not None:
-            from .checkpoint import inspect_checkpoint
-
             info = inspect_checkpoint(checkpoint)
         else:
             cfg = load_config(config)
             lm = build_ttt_lm(cfg, device="meta", dtype=torch.bfloat16)
             validate(lm, cfg.lm, cfg.ttt, context=str(config))
             info = describe(lm, cfg.ttt)
-    except (ConfigError, DimensionMismatch, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    except (ConfigError, CheckpointError, BaseModelError, DimensionMismatch,
+            ValueError) as e:  # ValueError: a weight file whose header cannot be read
+        fail(reason(e))
     if as_json:
         typer.echo(json.dumps(info, indent=2))
     else:
@@ -196,7 +267,11 @@ def init_base(
     local: Optional[Path] = typer.Option(None, "--local", help="or from a local moshi-layout dir"),
     seed: int = typer.Option(0, help="seed of the random initialisation"),
 ) -> None:
-    """Write a base model directory in moshi's layout: random from --config, with its codec calibrated on speech, or taken from a Hugging Face repo or local directory."""
+    """Write a base model directory in moshi's layout.
+
+    Random from --config, with its codec calibrated on speech, or taken from a Hugging Face
+    repo or a local directory.
+    """
     _cpu_defaults()
     from .base import BaseModelError, init_random_base, materialize_base, resolve_base
     from .config import BaseModelRef, ConfigError, load_config
@@ -222,6 +297,9 @@ def init_base(
                      "`moshi-ttt make-data DATA`) to calibrate it on speech, --codec-from BASE "
                      "to copy a calibrated one, or --no-calibrate to keep it random (every "
                      "frame then encodes to code 0); exactly one of them")
+            if calibrate_on is not None and not calibrate_on.exists():
+                fail(f"calibration data not found: --calibrate-on {calibrate_on} (expected a "
+                     f"dataset directory from `moshi-ttt make-data`, or its train.jsonl)")
             if tokenizer is None and calibrate_on is not None and calibrate_on.is_dir():
                 tokenizer = calibrate_on / "tokenizer.model"
             if tokenizer is None:
@@ -229,8 +307,10 @@ def init_base(
                      "`moshi-ttt make-data DATA`), or pass --hf-repo / --local")
             init_random_base(cfg, out, tokenizer, seed=seed, calibrate_on=calibrate_on,
                              codec_from=codec_from)
-    except (ConfigError, BaseModelError, DimensionMismatch, DataError, FileNotFoundError) as e:
-        fail(str(e))
+    except (ConfigError, BaseModelError, DimensionMismatch, DataError) as e:
+        fail(reason(e))
+    except OSError as e:  # e.g. an output directory that cannot be written
+        fail(os_reason(e))
     typer.echo(str(out))
 
 
@@ -241,20 +321,24 @@ def codec_report_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
 ) -> None:
-    """How well a base's Mimi carries speech: codes used and perplexity per RVQ level, SNR and log-mel L1 of decode(encode(x))."""
+    """Measure how well a base's Mimi codec carries speech.
+
+    Codes used and perplexity per RVQ level, SNR and log-mel L1 of decode(encode(x)).
+    """
     _cpu_defaults()
     from .base import BaseModelError, load_codec, resolve_base
     from .codec.report import CodecReportError, codec_report, format_report
     from .config import BaseModelRef
     from .dims import DimensionMismatch
 
+    check_device(device)
     try:
         ref = BaseModelRef(hf_repo=base.removeprefix("hf://")) if base.startswith("hf://") \
             else BaseModelRef(local_dir=base)
         mimi = load_codec(resolve_base(ref), device)
         report = codec_report(mimi, wavs)
     except (BaseModelError, CodecReportError, DimensionMismatch) as e:
-        fail(str(e))
+        fail(reason(e))
     typer.echo(json.dumps(report) if as_json else format_report(report))
 
 
@@ -280,8 +364,11 @@ def train(
     seed: Optional[int] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT's latest checkpoint"),
 ) -> None:
-    """Train the TTT layers of a frozen Moshi (optionally LoRA / full fine-tuning). The same
-    command under `torchrun --nproc_per_node N` shards with FSDP2."""
+    """Train the TTT layers of a frozen Moshi.
+
+    Optionally LoRA or full fine-tuning too. The same command under
+    `torchrun --nproc_per_node N` shards with FSDP2.
+    """
     _cpu_defaults()
     from .base import BaseModelError
     from .checkpoint import CheckpointError
@@ -291,6 +378,7 @@ def train(
     from .train.settings import TrainSettings
     from .train.trainer import TrainingError, train as run_training
 
+    check_device(device)
     try:
         cfg = load_config(config)
         overrides = {
@@ -305,8 +393,10 @@ def train(
             base_ref = BaseModelRef(local_dir=str(base) if base else None, hf_repo=hf_repo)
         last = run_training(cfg, settings, out, base_override=base_ref, resume=resume)
     except (ConfigError, BaseModelError, CheckpointError, DimensionMismatch, DataError,
-            TrainingError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+            TrainingError, ValueError) as e:  # ValueError: flags TrainSettings refuses
+        fail(reason(e))
+    except OSError as e:  # e.g. a run directory that cannot be written
+        fail(os_reason(e))
     if last:
         logger.info("done: step %s, loss %.4f; checkpoints in %s", last.get("step"),
                     last.get("loss", float("nan")), out / "checkpoints")
@@ -321,16 +411,31 @@ def demo(
     mode: str = typer.Option("opus", help="client audio: opus or pcm"),
     dialogues: int = typer.Option(16, help="dialogues to synthesise"),
 ) -> None:
-    """The main job offline: synthesise data, make a tiny base, train its TTT layers, serve the
-    checkpoint and talk to it with the Python client. A second run reuses what the first
-    built."""
-    _cpu_defaults()
-    from .demo import TINY, run_demo
+    """Run the offline job: data, base, training, serving, chat.
 
+    Synthesise data, make a tiny base, train its TTT layers, serve the checkpoint and talk to
+    it with the Python client. A second run reuses what the first built.
+    """
+    _cpu_defaults()
+    from .config import ConfigError, load_config
+    from .demo import TINY, current_step, run_demo
+
+    # Usage errors first (exit 2): they are the caller's, not a step's.
+    try:
+        load_config(config or TINY)
+    except ConfigError as e:
+        fail(reason(e))
+    if mode not in ("opus", "pcm"):
+        fail(f"--mode {mode!r}: expected opus or pcm")
+    if dialogues < 3:
+        fail(f"--dialogues must be at least 3 (two are held out for evaluation), got {dialogues}")
+    at_least(steps, 1, "--steps")
     try:
         res = run_demo(workdir, config or TINY, steps, mode, dialogues)
-    except Exception as e:  # each step already logged what it was doing
-        fail(f"demo failed: {type(e).__name__}: {e}", code=1)
+    except Exception as e:  # noqa: BLE001 - any failure ends the demo: say in which step
+        logger.debug("the demo failed", exc_info=e)
+        fail(f"demo failed in step {current_step()}: {type(e).__name__}: {e} (-v shows the "
+             f"traceback)", code=1)
     typer.echo(f"\noutput audio : {res['output_audio']}\ntranscript   : {res['transcript']}"
                f"\ncheckpoint   : {res['checkpoint']}\nserver log   : {res['server_log']}"
                f"\nreply codes  : distinct codes per level {res['reply_codes_used']}"
@@ -353,14 +458,19 @@ def make_data(
     seed: int = typer.Option(0),
     vocab_size: int = typer.Option(1000, "--vocab-size", help="text tokenizer vocabulary cap"),
 ) -> None:
-    """Synthesise a small two-speaker dataset offline (espeak-ng), in moshi-finetune's format,
-    with exact word alignments and a sentencepiece tokenizer trained on its transcripts."""
+    """Synthesise a small two-speaker dataset offline.
+
+    With espeak-ng, in moshi-finetune's format, with exact word alignments and a sentencepiece
+    tokenizer trained on its transcripts.
+    """
     from .data.synth import SynthesisError, synthesize_dataset
 
     try:
         res = synthesize_dataset(out, n_dialogues=dialogues, seed=seed, vocab_size=vocab_size)
-    except (SynthesisError, OSError, ValueError) as e:
-        fail(str(e))
+    except (SynthesisError, ValueError) as e:  # ValueError: too few dialogues, tiny vocabulary
+        fail(reason(e))
+    except OSError as e:  # e.g. OUT is a file
+        fail(os_reason(e))
     typer.echo(str(out))
     logger.info("%s", res)
 
@@ -385,12 +495,17 @@ def serve(
         help="serve this config with random weights instead of a "
         "checkpoint (benchmarks at real sizes without downloads)"),
 ) -> None:
-    """Serve a checkpoint over websockets (Moshi's protocol, plus PCM and token modes), with a
-    browser client at /. Every dim is validated before the port is bound. Settings: flags >
-    MOSHI_TTT_* environment variables > --settings YAML > defaults."""
+    """Serve a checkpoint over websockets, with a browser client.
+
+    Moshi's protocol plus PCM and token modes at /api/chat, the browser client at /. Every dim
+    is validated before the port is bound. Settings: flags > MOSHI_TTT_* environment
+    variables > --settings YAML > defaults.
+    """
     _cpu_defaults()
     from server.main import serve as run_server
     from server.settings import ServeSettings, SettingsError
+
+    from .base import BaseModelError
 
     try:
         settings = ServeSettings.load(
@@ -398,8 +513,12 @@ def serve(
             max_sessions=max_sessions, device=device, dtype=dtype, api_key=api_key, seed=seed,
             use_sampling=False if greedy else None, random_config=random_config)
     except SettingsError as e:
-        fail(str(e))
-    raise typer.Exit(run_server(settings))
+        fail(reason(e))
+    try:
+        code = run_server(settings)
+    except BaseModelError as e:  # the header check of a base dir that lacks a file
+        fail(f"refusing to start: {e}")
+    raise typer.Exit(code)
 
 
 @app.command("eval-memory")
@@ -417,9 +536,12 @@ def eval_memory(
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="results JSON [runs/eval-memory/results(-quick).json]"),
 ) -> None:
-    """Memory beyond the attention window: LoRA vs TTT vs the frozen base on a long-range recall
-    task (same base, data, steps and seed), scored frame by frame through LMGen on the frames
-    that need out-of-window content and on the rest. Prints a markdown table, writes JSON."""
+    """Compare LoRA, TTT and the frozen base on long-range recall.
+
+    Memory beyond the attention window: the same base, data, steps and seed for each, scored
+    frame by frame through LMGen on the frames that need out-of-window content and on the
+    rest. Prints a markdown table, writes JSON.
+    """
     _cpu_defaults()
     from .config import ConfigError, load_config
     from .eval.memory import MemoryEvalSettings, format_table, run_memory_eval, write_results
@@ -430,7 +552,7 @@ def eval_memory(
                                                   seed=seed, threads=threads)
         report = run_memory_eval(cfg, settings)
     except (ConfigError, ValueError) as e:
-        fail(str(e))
+        fail(reason(e))
     path = out or Path("runs/eval-memory") / ("results-quick.json" if quick else "results.json")
     write_results(report, path)
     typer.echo(format_table(report))
@@ -451,7 +573,11 @@ def diagnose_ttt(
     seed: int = typer.Option(0, help="seed of the random model, inputs and probe queries"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Stream frames through a TTT model and report, per layer over time, whether its inner learner still depends on its input, its fast-weight norms and its step size."""
+    """Report per layer whether the TTT inner learner still learns.
+
+    Streams frames through a TTT model and reports, per layer over time, whether its inner
+    learner still depends on its input, its fast-weight norms and its step size.
+    """
     _cpu_defaults()
     import torch
 
@@ -479,7 +605,7 @@ def diagnose_ttt(
             random_codes(lm, frames, seed)
         report = diagnose(lm, codes, every=every, seed=seed)
     except (ConfigError, CheckpointError, DimensionMismatch, DataError, ValueError) as e:
-        fail(str(e))
+        fail(reason(e))
     report["source"] = f"{where}, {'speech of ' + str(data) if data else 'random tokens'}"
     typer.echo(json.dumps(report) if as_json else format_diagnosis(report))
     for lay in report["layers"]:
@@ -501,8 +627,11 @@ def eval_stability(
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="report JSON [runs/eval-stability/results.json]"),
 ) -> None:
-    """A long session through the TTT model, one frame per step: fast-weight norms, per-frame
-    step time (first vs last 1000 frames) and resident memory over the whole session."""
+    """Run one long session: fast-weight norms, step time, memory.
+
+    One frame per step through the TTT model: fast-weight norms, per-frame step time (first vs
+    last 1000 frames) and resident memory over the whole session.
+    """
     _cpu_defaults()
     from .config import ConfigError, load_config
     from .eval.stability import StabilitySettings, format_summary, run_stability, write_report
@@ -513,7 +642,7 @@ def eval_stability(
                                                  driver=driver, seed=seed, threads=threads)
         report = run_stability(cfg, settings)
     except (ConfigError, ValueError) as e:
-        fail(str(e))
+        fail(reason(e))
     path = out or Path("runs/eval-stability") / "results.json"
     write_report(report, path)
     typer.echo(format_summary(report))
@@ -554,10 +683,12 @@ def chat(
     timeout: float = typer.Option(10.0, "--timeout", help="seconds allowed to connect"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
 ) -> None:
-    """Talk to a `moshi-ttt serve` server: stream a file (or the microphone), record the audio
-    and text that come back, and report frames, first-audio latency and per-frame round trips.
-    Exit codes: 2 usage or file problem, 3 connection failed or lost, 4 refused or server
-    error, 130 interrupted."""
+    """Talk to a server: stream a file or the microphone.
+
+    Streams to a `moshi-ttt serve` server, records the audio and text that come back, and
+    reports frames, first-audio latency and per-frame round trips. Exit codes: 2 usage or
+    file problem, 3 connection failed or lost, 4 refused or server error, 130 interrupted.
+    """
     from client.command import ChatCommand, run_command
 
     raise typer.Exit(run_command(ChatCommand(
@@ -575,15 +706,22 @@ def bench_ttt(
     dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on GPU)"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
 ) -> None:
-    """Dual form vs naive loop, hybrid vs plain layer step, per-session TTT state bytes."""
+    """Time the TTT-MLP: dual form, streaming step, state size.
+
+    Dual form vs naive loop, hybrid vs plain layer step, per-session TTT state bytes.
+    """
     _cpu_defaults()
     from .bench_ttt import run_bench
 
-    res = run_bench(frames=frames, dims=[int(d) for d in dims.split(",") if d],
-                    steps=steps, device=device, dtype=dtype)
+    d_models = int_list(dims, "--dims", multiple_of=128)  # heads = d_model / 128
+    at_least(frames, 1, "--frames")
+    at_least(steps, 1, "--steps")
+    check_device(device)
+    if dtype not in ("auto", "float32", "bfloat16"):
+        fail(f"--dtype {dtype!r}: expected auto, float32 or bfloat16")
+    res = run_bench(frames=frames, dims=d_models, steps=steps, device=device, dtype=dtype)
     if json_out:
         json_out.write_text(json.dumps(res, indent=2))
-
 
 
 @bench_app.command("serve")
@@ -600,14 +738,24 @@ def bench_serve(
     batch_wait_ms: Optional[float] = typer.Option(None, "--batch-wait-ms"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
 ) -> None:
-    """N real-time synthetic clients against a fresh `moshi-ttt serve` per session count:
-    step latency p50/p99, real-time factor, round trip, late frames, memory before/after."""
+    """Load a fresh server with real-time synthetic clients.
+
+    N clients against a fresh `moshi-ttt serve` per session count: step latency p50/p99,
+    real-time factor, round trip, late frames, memory before/after.
+    """
     from server.loadtest import run_bench
 
     if (checkpoint is None) == (random_config is None):
         fail("give exactly one of --checkpoint or --random-config")
     if mode not in ("pcm", "tokens"):
         fail(f"--mode must be pcm or tokens (the load clients send raw frames), got {mode!r}")
+    for path, what in ((checkpoint, "checkpoint path"), (random_config, "config file")):
+        if path is not None and not path.exists():  # before a server is started for it
+            fail(f"{what} not found: {path}")
+    counts = int_list(sessions, "--sessions")
+    if seconds <= 0:
+        fail(f"--seconds must be > 0, got {seconds:g}")
+    check_device(device)
     model = ["--checkpoint", str(checkpoint)] if checkpoint else \
         ["--random-config", str(random_config)]
     extra = ["--device", device, "--dtype", dtype]
@@ -615,10 +763,9 @@ def bench_serve(
         else {}
     os.environ.update(env_wait)
     try:
-        run_bench(model, [int(n) for n in sessions.split(",") if n], seconds, mode, extra,
-                  json_out)
+        run_bench(model, counts, seconds, mode, extra, json_out)
     except RuntimeError as e:
-        fail(str(e))
+        fail(reason(e))
 
 
 @bench_app.command("train")
@@ -632,17 +779,39 @@ def bench_train(
     checkpointing: bool = typer.Option(True, help="activation checkpointing"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
 ) -> None:
-    """The trainer's step on random weights and tokens at the config's real size: tokens/s,
-    s/step, peak memory, next to the memory plan on paper."""
+    """Time the trainer's step at a config's real size.
+
+    Random weights and tokens: tokens/s, s/step, peak memory, next to the memory plan on
+    paper.
+    """
     _cpu_defaults()
     from .bench_train import run_bench as run_train_bench
     from .config import ConfigError, load_config
 
+    for value, flag in ((steps, "--steps"), (frames, "--frames"), (batch, "--batch")):
+        at_least(value, 1, flag)
+    check_device(device)
     try:
         cfg = load_config(config)
     except ConfigError as e:
-        fail(str(e))
+        fail(reason(e))
     run_train_bench(cfg, steps, frames, batch, device, checkpointing, json_out)
+
+def one_line_paragraphs(text: str) -> str:
+    """Each paragraph of a docstring on one line. Typer's rich help keeps a docstring's line
+    breaks, which cut command summaries and sentences at the source's line length; as single
+    lines, rich wraps them to the terminal instead."""
+    paragraphs = cleandoc(text).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
+
+
+# After every command is registered: typer builds its click commands from these when run.
+for _group in (app, bench_app):
+    for _info in _group.registered_commands:
+        _doc = _info.help or (_info.callback.__doc__ if _info.callback else None)
+        if _doc:
+            _info.help = one_line_paragraphs(_doc)
+
 
 def run() -> None:  # pragma: no cover - console entry point alias
     app()
