@@ -24,10 +24,12 @@ import enum
 import json
 import logging
 import socket
+import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,6 +81,7 @@ class ChatOptions:
     drain_timeout_s: float = 5.0  # after the last frame: give up when nothing came for this long
     stall_timeout_s: float = 30.0  # held back by max_ahead_s: fail when nothing came this long
     close_timeout_s: float = 5.0
+    ssl: ssl.SSLContext | None = None  # wss:// only; None there: the system's trusted CAs
 
     @property
     def max_ahead_frames(self) -> int:
@@ -179,6 +182,37 @@ def chat_url(url: str, mode: Mode) -> str:
     query.append(("mode", mode.value))
     return urllib.parse.urlunsplit((scheme, parts.netloc, path,
                                     urllib.parse.urlencode(query), ""))
+
+
+def tls_context(url: str, ca_file: Path | None = None,
+                insecure: bool = False) -> ssl.SSLContext | None:
+    """How a wss:// connection checks the server: against `ca_file` only (e.g. the ca.pem of
+    `moshi-ttt tls-cert`), not at all with `insecure`, else against the system's trusted CAs.
+    None for ws:// (where either option is a usage error)."""
+    scheme = urllib.parse.urlsplit(url.strip()).scheme
+    if scheme not in ("wss", "https"):
+        if ca_file is not None or insecure:
+            raise ChatUsageError(f"--ca-file and --insecure are for wss:// (or https://) URLs; "
+                                 f"{url} is not TLS")
+        return None
+    if ca_file is not None and insecure:
+        raise ChatUsageError("give --ca-file or --insecure, not both")
+    if insecure:
+        logger.warning("--insecure: the server's certificate is not checked; anyone on the "
+                       "network path can read and change the session")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    if ca_file is None:
+        return ssl.create_default_context()
+    if not ca_file.is_file():
+        raise ChatUsageError(f"--ca-file {ca_file}: no such file")
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except ssl.SSLError as e:
+        raise ChatUsageError(f"--ca-file {ca_file}: not a PEM certificate file "
+                             f"({e.reason or e})") from None
 
 
 def _describe_close(code: int | None, reason: str) -> str:
@@ -387,12 +421,22 @@ async def _open(url: str, opts: ChatOptions) -> ClientConnection:
     host = urllib.parse.urlsplit(url)
     where = f"{host.hostname}:{host.port or (443 if host.scheme == 'wss' else 80)}"
     headers = {"X-API-Key": opts.api_key} if opts.api_key else None
+    tls = {"ssl": opts.ssl} if host.scheme == "wss" and opts.ssl is not None else {}
     try:
         return await connect(url, additional_headers=headers, open_timeout=opts.connect_timeout_s,
-                             close_timeout=opts.close_timeout_s, max_size=None)
+                             close_timeout=opts.close_timeout_s, max_size=None, **tls)
     except ConnectionRefusedError:
         raise ChatConnectionError(f"could not connect to {where}: connection refused (is the "
                                   f"server running, on that port?)") from None
+    except ssl.SSLCertVerificationError as e:
+        raise ChatConnectionError(
+            f"could not connect to {where}: its TLS certificate is not trusted "
+            f"({e.verify_message}); pass --ca-file with the certificate of the CA that signed "
+            f"it (for `moshi-ttt tls-cert DIR`: DIR/ca.pem), or --insecure") from None
+    except ssl.SSLError as e:
+        raise ChatConnectionError(
+            f"could not connect to {where}: TLS handshake failed ({e.reason or e}); is it "
+            f"serving TLS? (a server started without --ssl-certfile speaks ws://)") from None
     except OSError as e:
         if isinstance(e, socket.gaierror):
             raise ChatConnectionError(f"could not connect to {where}: cannot resolve host name "
@@ -410,8 +454,9 @@ async def _open(url: str, opts: ChatOptions) -> ClientConnection:
     except InvalidURI as e:
         raise ChatUsageError(f"invalid server URL {url!r}: {e}") from None
     except (InvalidHandshake, WebSocketException) as e:
+        hint = " (if it serves TLS, use wss://)" if host.scheme == "ws" else ""
         raise ChatConnectionError(f"{where} is not a websocket server or broke the "
-                                  f"handshake: {e}") from None
+                                  f"handshake: {e}{hint}") from None
 
 
 async def run_chat(url: str, frames: Iterable[np.ndarray] | AsyncIterable[np.ndarray],

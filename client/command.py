@@ -26,7 +26,7 @@ from .audio import (
     AudioInputError, LiveAudio, MicUnavailable, import_sounddevice, load_audio, tail_frames,
     to_frames, write_audio,
 )
-from .chat import ChatError, ChatOptions, ChatResult, ExitCode, chat_url, run_chat
+from .chat import ChatError, ChatOptions, ChatResult, ExitCode, chat_url, run_chat, tls_context
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class ChatCommand:
     api_key: str | None = None
     timeout: float = 10.0
     as_json: bool = False
+    ca_file: Path | None = None  # wss://: trust this CA (PEM) only
+    insecure: bool = False  # wss://: do not check the server's certificate
 
 
 class _Usage(Exception):
@@ -116,7 +118,8 @@ def _prepare(cmd: ChatCommand) -> tuple[ChatOptions, list[np.ndarray] | None]:
     chat_url(cmd.url, mode)  # a malformed URL is a usage error
     opts = ChatOptions(mode=mode, api_key=cmd.api_key, max_ahead_s=cmd.max_ahead,
                        speed=None if cmd.fast or cmd.mic else cmd.speed,
-                       connect_timeout_s=cmd.timeout)
+                       connect_timeout_s=cmd.timeout,
+                       ssl=tls_context(cmd.url, cmd.ca_file, cmd.insecure))
     if cmd.mic:
         import_sounddevice()  # says how to install it before anything else happens
         return opts, None

@@ -494,6 +494,11 @@ def serve(
         None, "--random-config", callback=config_path,
         help="serve this config with random weights instead of a "
         "checkpoint (benchmarks at real sizes without downloads)"),
+    ssl_certfile: Optional[Path] = typer.Option(
+        None, "--ssl-certfile", help="serve https/wss with this PEM certificate (chain); a "
+        "browser on another machine gets the microphone only over https"),
+    ssl_keyfile: Optional[Path] = typer.Option(
+        None, "--ssl-keyfile", help="the certificate's PEM private key (unencrypted)"),
 ) -> None:
     """Serve a checkpoint over websockets, with a browser client.
 
@@ -506,7 +511,12 @@ def serve(
     from server.settings import ServeSettings, SettingsError
 
     from .base import BaseModelError
+    from .tls import TLSError, TLSFiles
 
+    try:
+        tls = TLSFiles.from_flags(ssl_certfile, ssl_keyfile)
+    except TLSError as e:
+        fail(str(e))
     try:
         settings = ServeSettings.load(
             settings_file, checkpoint=checkpoint, host=host, port=port,
@@ -515,10 +525,42 @@ def serve(
     except SettingsError as e:
         fail(reason(e))
     try:
-        code = run_server(settings)
+        code = run_server(settings, tls)
     except BaseModelError as e:  # the header check of a base dir that lacks a file
         fail(f"refusing to start: {e}")
     raise typer.Exit(code)
+
+
+@app.command("tls-cert")
+def tls_cert(
+    out: Path = typer.Argument(..., help="directory to write ca.pem, cert.pem and key.pem into"),
+    hosts: Optional[list[str]] = typer.Option(
+        None, "--host", help="a host name or IP address clients will use to reach the server "
+        "(repeatable); localhost, 127.0.0.1 and ::1 are always included"),
+    days: int = typer.Option(365, help="validity in days (at most 398, what browsers accept)"),
+    force: bool = typer.Option(False, "--force", help="replace existing files"),
+) -> None:
+    """Make a self-signed TLS certificate for serve.
+
+    A one-off local CA (ca.pem; its private key is not kept) signs a server certificate
+    (cert.pem) for the given hosts; key.pem is its private key. Clients trust the server with
+    `moshi-ttt chat --ca-file DIR/ca.pem` or by importing ca.pem into the browser.
+    """
+    from .tls import CA_NAME, TLSError, make_self_signed
+
+    try:
+        files = make_self_signed(out, hosts or [], days=days, overwrite=force)
+    except TLSError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(os_reason(e))
+    host = (hosts or ["127.0.0.1"])[0]
+    url_host = f"[{host}]" if ":" in host else host
+    logger.info("wrote %s, %s and %s", out / CA_NAME, files.certfile, files.keyfile)
+    typer.echo(f"serve:   moshi-ttt serve ... --ssl-certfile {files.certfile} --ssl-keyfile "
+               f"{files.keyfile}\nchat:    moshi-ttt chat --url wss://{url_host}:8998 "
+               f"--ca-file {out / CA_NAME} ...\nbrowser: https://{url_host}:8998/ (import "
+               f"{out / CA_NAME} as a trusted authority, or accept the warning)")
 
 
 @app.command("eval-memory")
@@ -682,6 +724,11 @@ def chat(
                                           help="sent as the X-API-Key header"),
     timeout: float = typer.Option(10.0, "--timeout", help="seconds allowed to connect"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+    ca_file: Optional[Path] = typer.Option(
+        None, "--ca-file", help="wss://: trust only this CA certificate (PEM), e.g. the ca.pem "
+        "of `moshi-ttt tls-cert` [the system's trusted CAs]"),
+    insecure: bool = typer.Option(False, "--insecure", help="wss://: do not check the "
+                                  "server's certificate (anyone on the path can listen in)"),
 ) -> None:
     """Talk to a server: stream a file or the microphone.
 
@@ -694,7 +741,8 @@ def chat(
     raise typer.Exit(run_command(ChatCommand(
         url=url, input=input_file, mic=mic, output=output, transcript=transcript, mode=mode,
         speed=speed, fast=fast, max_ahead=max_ahead, tail=tail, channel=channel,
-        duration=duration, api_key=api_key, timeout=timeout, as_json=as_json)))
+        duration=duration, api_key=api_key, timeout=timeout, as_json=as_json,
+        ca_file=ca_file, insecure=insecure)))
 
 
 @bench_app.command("ttt")

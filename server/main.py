@@ -23,6 +23,8 @@ from types import FrameType
 
 import uvicorn
 
+from moshi_ttt.tls import TLSError, TLSFiles
+
 from .app import ModelHost, create_app
 from .settings import ServeSettings
 
@@ -66,7 +68,9 @@ class _Server(uvicorn.Server):
         if self.started:
             for sock in (self.servers[0].sockets if self.servers else []):
                 h, p = sock.getsockname()[:2]
-                logger.info("listening on http://%s:%s (chat: ws://%s:%s/api/chat)", h, p, h, p)
+                http, ws = ("https", "wss") if self.config.is_ssl else ("http", "ws")
+                logger.info("listening on %s://%s:%s (chat: %s://%s:%s/api/chat)", http, h, p,
+                            ws, h, p)
             self.loop.create_task(self._watch_load())
 
     async def _watch_load(self) -> None:
@@ -111,12 +115,19 @@ class RedactKeys(logging.Filter):
         return True
 
 
-def serve(settings: ServeSettings) -> int:
-    """Run the server in this process; returns the exit status."""
+def serve(settings: ServeSettings, tls: TLSFiles | None = None) -> int:
+    """Run the server in this process; returns the exit status.
+    With `tls`, it speaks https and wss (uvicorn's TLS)."""
     from moshi_ttt.checkpoint import CheckpointError
     from moshi_ttt.config import ConfigError
     from moshi_ttt.dims import DimensionMismatch
 
+    if tls is not None:
+        try:
+            tls.check()
+        except TLSError as e:
+            logger.error("refusing to start: %s", e)
+            return EXIT_INVALID
     try:
         info = preflight(settings)
     except (DimensionMismatch, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
@@ -139,7 +150,8 @@ def serve(settings: ServeSettings) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, lifespan="on",
                             ws_max_size=4 * settings.max_message_bytes,
-                            timeout_graceful_shutdown=5, log_config=None)
+                            timeout_graceful_shutdown=5, log_config=None,
+                            **(tls.uvicorn_options() if tls is not None else {}))
     server = _Server(config, host)
     server.run()
     if host.failed.is_set():

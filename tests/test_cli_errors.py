@@ -118,6 +118,16 @@ CASES_2 = {
         (["--settings", "{nowhere}.yaml"], "settings file not found"),
         (["--checkpoint", "{base}", "--max-sessions", "0"],
          "max_sessions: Input should be greater than or equal to 1 (got 0)"),
+        (["--checkpoint", "{base}", "--ssl-certfile", "{wav}"],
+         "give both --ssl-certfile and --ssl-keyfile"),
+        (["--checkpoint", "{base}", "--ssl-certfile", "{nowhere}.pem", "--ssl-keyfile",
+          "{nowhere}.pem"], "no such file"),
+        (["--checkpoint", "{base}", "--ssl-certfile", "{wav}", "--ssl-keyfile", "{wav}"],
+         "cannot use certificate"),
+    ],
+    "tls-cert": [
+        (["{root}/tls", "--host", "not a host"], "not a host name or an IP address"),
+        (["{root}/tls", "--days", "1000"], "--days must be between 1 and 398"),
     ],
     "eval-memory": [
         (["-c", "{nowhere}.yaml"], "config file not found"),
@@ -145,6 +155,13 @@ CASES_2 = {
         (["--input", "{nowhere}.wav"], "input file not found"),
         (["--input", "{wav}", "--mode", "tokens"], "this client speaks 'opus' or 'pcm'"),
         (["--input", "{wav}", "--url", "ftp://x"], "invalid server URL"),
+        (["--input", "{wav}", "--ca-file", "{wav}"], "are for wss:// (or https://) URLs"),
+        (["--input", "{wav}", "--url", "wss://127.0.0.1:1", "--ca-file", "{nowhere}.pem"],
+         "--ca-file"),
+        (["--input", "{wav}", "--url", "wss://127.0.0.1:1", "--ca-file", "{wav}"],
+         "not a PEM certificate file"),
+        (["--input", "{wav}", "--url", "wss://127.0.0.1:1", "--ca-file", "{wav}",
+          "--insecure"], "not both"),
     ],
     "bench ttt": [
         (["--dims", "abc"], "expected comma-separated positive multiples of 128"),
@@ -213,6 +230,19 @@ def test_chat_connection_refused_is_one_line_and_exit_3(w):
     r = invoke(["chat", "--input", w["wav"], "--url", f"ws://127.0.0.1:{free_port()}"])
     assert r.exit_code == 3, r.output
     _one_error_line(r.output, "connection refused")
+
+
+def test_tls_cert_refuses_to_overwrite_without_force(w):
+    out = w["root"] / "tls-once"
+    assert invoke(["tls-cert", out]).exit_code == 0
+    key = (out / "key.pem").read_bytes()
+    r = invoke(["tls-cert", out])
+    assert r.exit_code == 2
+    _one_error_line(r.output, "pass --force")
+    assert (out / "key.pem").read_bytes() == key
+    assert invoke(["tls-cert", out, "--force"]).exit_code == 0
+    assert (out / "key.pem").read_bytes() != key
+    assert (out / "key.pem").stat().st_mode & 0o077 == 0
 
 
 def test_demo_failure_names_the_step_and_exits_1(w, monkeypatch):

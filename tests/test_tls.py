@@ -1,0 +1,177 @@
+"""TLS: `moshi-ttt serve --ssl-certfile/--ssl-keyfile` serves https and wss with a certificate
+made in the test by `moshi-ttt tls-cert`'s code, and the Python client (`moshi-ttt chat`) talks
+to it over wss:// when told to trust its CA (--ca-file) or not to check (--insecure), and says
+what to do when it is not."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from client.command import ChatCommand, run_command
+from moshi_ttt.cli import app
+from moshi_ttt.tls import make_self_signed
+from server.loadtest import free_port
+
+from conftest import CONFIGS, REPO
+from fixtures import write_wav
+
+TINY = str(CONFIGS / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tls") / "certs"
+    make_self_signed(out, ["127.0.0.1"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def wav(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tls-audio") / "in.wav"
+    write_wav(path, np.random.default_rng(0).normal(0, 0.1, (1, 24000)).astype(np.float32), 24000)
+    return path
+
+
+def _https(url: str, cafile: Path) -> tuple[int, bytes]:
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    with urllib.request.urlopen(url, timeout=10, context=ctx) as r:
+        return r.status, r.read()
+
+
+@pytest.fixture(scope="module")
+def server(certs, tmp_path_factory):
+    """`moshi-ttt serve` over TLS (random tiny weights), as a user starts it."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("tls-server") / "serve.log"
+    cmd = [sys.executable, "-m", "moshi_ttt.cli", "serve", "--random-config", TINY, "--port",
+           str(port), "--max-sessions", "2", "--device", "cpu", "--ssl-certfile",
+           str(certs / "cert.pem"), "--ssl-keyfile", str(certs / "key.pem")]
+    env = {**os.environ, "NO_TORCH_COMPILE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if _https(f"https://127.0.0.1:{port}/health", certs / "ca.pem")[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, ssl.SSLError):
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        yield port, log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, log.read_text()
+
+
+def test_serves_https_with_the_browser_client(server, certs):
+    port, log = server
+    status, page = _https(f"https://127.0.0.1:{port}/", certs / "ca.pem")
+    assert status == 200 and b"static/style.css" in page
+    assert _https(f"https://127.0.0.1:{port}/static/style.css", certs / "ca.pem")[0] == 200
+    assert f"listening on https://127.0.0.1:{port} (chat: wss://127.0.0.1:{port}/api/chat)" \
+        in log.read_text()
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # no plain http there
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
+
+
+def test_python_client_talks_over_wss_with_the_ca_file(server, certs, wav, tmp_path):
+    port, _ = server
+    out = tmp_path / "reply.wav"
+    code = run_command(ChatCommand(url=f"wss://127.0.0.1:{port}", input=wav, output=out,
+                                   mode="pcm", fast=True, tail=0.5,
+                                   ca_file=certs / "ca.pem"))
+    assert code == 0
+    import sphn
+
+    pcm, sr = sphn.read(str(out))
+    assert sr == 24000 and pcm.shape[-1] >= 10 * 1920  # 1.5 s in: about 18 frames answered
+
+
+def test_insecure_connects_without_checking(server, wav, caplog):
+    port, _ = server
+    with caplog.at_level(logging.WARNING):
+        code = run_command(ChatCommand(url=f"https://127.0.0.1:{port}", input=wav, mode="pcm",
+                                       fast=True, tail=0.0, insecure=True))
+    assert code == 0
+    assert "--insecure: the server's certificate is not checked" in caplog.text
+
+
+def test_untrusted_certificate_is_refused_with_what_to_do(server, wav, caplog):
+    port, _ = server
+    with caplog.at_level(logging.ERROR):
+        code = run_command(ChatCommand(url=f"wss://127.0.0.1:{port}", input=wav, mode="pcm"))
+    assert code == 3
+    assert "its TLS certificate is not trusted" in caplog.text
+    assert "--ca-file" in caplog.text and "--insecure" in caplog.text
+
+
+def test_ws_to_a_tls_server_says_use_wss(server, wav, caplog):
+    port, _ = server
+    with caplog.at_level(logging.ERROR):
+        code = run_command(ChatCommand(url=f"ws://127.0.0.1:{port}", input=wav, mode="pcm"))
+    assert code == 3
+    assert "(if it serves TLS, use wss://)" in caplog.text
+
+
+def test_wss_to_a_plain_server_says_it_is_not_tls(certs, wav, caplog):
+    """A listener that answers in plain HTTP, as a server started without --ssl-certfile."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+
+    def answer() -> None:
+        conn, _ = sock.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        with caplog.at_level(logging.ERROR):
+            code = run_command(ChatCommand(url=f"wss://127.0.0.1:{port}", input=wav, mode="pcm",
+                                           ca_file=certs / "ca.pem", timeout=5))
+    finally:
+        sock.close()
+    assert code == 3
+    assert "TLS handshake failed" in caplog.text and "speaks ws://" in caplog.text
+
+
+def test_serve_refuses_unusable_tls_files_before_anything_else(certs, tmp_path):
+    """A key that is not the certificate's, or an encrypted key (OpenSSL would prompt for its
+    passphrase): exit 2 and one line, before the checkpoint is even read."""
+    from cryptography.hazmat.primitives import serialization
+
+    other = make_self_signed(tmp_path / "other")
+    key = serialization.load_pem_private_key((certs / "key.pem").read_bytes(), None)
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    for keyfile, phrase in ((other.keyfile, "KEY_VALUES_MISMATCH"),
+                            (encrypted, "is encrypted: give an unencrypted PEM key")):
+        r = CliRunner().invoke(app, ["serve", "--random-config", str(tmp_path / "absent.yaml"),
+                                     "--ssl-certfile", str(certs / "cert.pem"),
+                                     "--ssl-keyfile", str(keyfile)], catch_exceptions=False)
+        assert r.exit_code == 2, r.output
+        errors = [line for line in r.output.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and phrase in errors[0], r.output
+        assert "absent.yaml" not in r.output  # refused before the config was looked at
