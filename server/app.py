@@ -1,9 +1,10 @@
 """The FastAPI application: /health, /metrics, /api/chat and the browser client at /.
 
 `ModelHost` owns the model's life: it loads the checkpoint (dims were already validated from
-file headers before the port was bound, see `server.main`), warms the engine up, and only then
-reports ready. Until then /health answers 503 with the reason and chat connections are refused
-with an ERROR message.
+file headers before the port was bound, see `server.main`), checks that every weight is finite,
+warms the engine up (and checks that the TTT state stayed finite), and only then reports ready.
+Until then /health answers 503 with the reason and chat connections are refused with an ERROR
+message. A checkpoint that fails these checks is `invalid` (the process exits with status 2).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from moshi_ttt import protocol
 from moshi_ttt.protocol import FRAME_RATE, NUM_CODEBOOKS, SAMPLE_RATE, Close, Mode
 from moshi_ttt.resources import ResourceError, web_dir
 
-from .engine import Engine, EngineConfig
+from .engine import Engine, EngineConfig, WarmupDiverged
+from .memory import HeapTrimmer
 from .metrics import ServerMetrics
-from .session import ChatSession, _End
+from .session import ChatSession, SessionLimits, _End
 from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,40 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return getattr(torch, setting)
 
 
+class NonFiniteWeights(ValueError):
+    """Loaded weights hold NaN or inf: every session would fail (or answer garbage)."""
+
+
+class LoadStopped(Exception):
+    """Loading was abandoned because the server is shutting down."""
+
+
+def nonfinite_weights(modules: dict[str, torch.nn.Module]) -> list[str]:
+    """Every floating-point parameter or buffer holding NaN or inf, as 'name (n NaN, m inf of
+    k values)'; one device sync for the whole model, counts only for the bad ones."""
+    named = [(f"{prefix}{n}", t) for prefix, m in modules.items() if m is not None
+             for n, t in [*m.named_parameters(), *m.named_buffers()]
+             if t.is_floating_point() and t.numel() and t.device.type != "meta"]
+    if not named:
+        return []
+    with torch.no_grad():
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, t) in enumerate(named):
+            by_device.setdefault(t.device, []).append(i)
+        ok = [True] * len(named)
+        for idx in by_device.values():
+            flags = torch.stack([torch.isfinite(named[i][1]).all() for i in idx]).cpu()
+            for i, good in zip(idx, flags.tolist()):
+                ok[i] = good
+        bad = []
+        for (name, t), good in zip(named, ok):
+            if not good:
+                nan = int(torch.isnan(t).sum())
+                bad.append(f"{name} ({nan} NaN, {int(torch.isinf(t).sum())} inf of "
+                           f"{t.numel()} values)")
+    return bad
+
+
 class ModelHost:
     """Loading state, the loaded model, its engine, and the sessions connected to it."""
 
@@ -64,7 +100,11 @@ class ModelHost:
         self.model_info: dict[str, Any] = {}
         self.warmup_step_s: float | None = None
         self.failed = threading.Event()
+        self.invalid = False  # the failure is the checkpoint's (exit status 2), not the host's
         self.draining = False
+        self.loader: threading.Thread | None = None
+        self._stop_loading = threading.Event()
+        self.heap = HeapTrimmer()  # freed codec state back to the system (see server.memory)
 
     @property
     def ready(self) -> bool:
@@ -76,40 +116,78 @@ class ModelHost:
         if self.status == "ok" and self.engine is not None and self.engine.failure:
             self.status, self.reason = "failed", self.engine.failure
 
+    def start_loading(self) -> None:
+        """`load` on its own thread (so that /health answers meanwhile)."""
+        self.loader = threading.Thread(target=self.load, name="moshi-ttt-load", daemon=True)
+        self.loader.start()
+
+    def stop_loading(self) -> None:
+        """Ask a load in progress to give up at its next step (shutdown during start-up)."""
+        self._stop_loading.set()
+
+    def _check_stop(self) -> None:
+        if self._stop_loading.is_set():
+            raise LoadStopped("the server is shutting down")
+
     def load(self) -> None:
-        """Load, build the engine, warm up. Blocking; run it off the event loop."""
-        from moshi_ttt.checkpoint import load_model, random_model
+        """Load, check the weights, build the engine, warm up. Blocking; run it off the event
+        loop. Between steps it gives up if `stop_loading` was called."""
+        from moshi_ttt.checkpoint import CheckpointError, load_model, random_model
+        from moshi_ttt.config import ConfigError
+        from moshi_ttt.dims import DimensionMismatch
 
         s = self.settings
+        what = s.checkpoint or s.random_config
         try:
-            self.status, self.reason = "loading", f"loading {s.checkpoint}"
+            self._check_stop()
+            self.status, self.reason = "loading", f"loading {what}"
             t0 = time.perf_counter()
             if s.seed is not None:
                 torch.manual_seed(s.seed)
             if self.device.type == "cpu" and s.cpu_threads:
                 torch.set_num_threads(s.cpu_threads)
             if s.random_config is not None:
-                self.loaded = random_model(s.random_config, self.device, self.dtype,
-                                           seed=s.seed or 0)
+                loaded = random_model(s.random_config, self.device, self.dtype,
+                                      seed=s.seed or 0)
             else:
-                self.loaded = load_model(s.checkpoint, self.device, self.dtype)
+                loaded = load_model(s.checkpoint, self.device, self.dtype)
+            self._check_stop()
+            bad = nonfinite_weights({"": loaded.lm, "mimi.": loaded.mimi})
+            if bad:
+                raise NonFiniteWeights(
+                    f"{len(bad)} weight tensor(s) of {what} hold NaN or inf: "
+                    f"{'; '.join(bad[:8])}{'; ...' if len(bad) > 8 else ''}. Every session "
+                    f"would fail; serve a checkpoint saved before training diverged")
+            self.loaded = loaded
             self.model_info = self.loaded.describe()
+            self._check_stop()
             self.status, self.reason = "warming_up", "running warm-up steps"
             self.engine = Engine(self.loaded.lm, self.loaded.mimi, EngineConfig(
                 capacity=s.max_sessions, use_sampling=s.use_sampling, temp=s.temp,
                 temp_text=s.temp_text, top_k=s.top_k, top_k_text=s.top_k_text,
                 batch_wait_s=s.batch_wait_ms / 1000, max_buffered_frames=s.max_buffered_frames,
+                max_step_failures=s.max_step_failures,
             ), self.metrics)
-            self.warmup_step_s = self.engine.warmup(s.warmup_frames)
+            self.warmup_step_s = self.engine.warmup(s.warmup_frames,
+                                                    should_stop=self._stop_loading.is_set)
+            self._check_stop()
             self.engine.start()
             self.status, self.reason = "ok", ""
             logger.info("ready in %.1f s: %s on %s/%s, %d session slots, warm-up step %.1f ms",
                         time.perf_counter() - t0, self.loaded.ref.id, self.device,
                         str(self.dtype).removeprefix("torch."), s.max_sessions,
                         1000 * (self.warmup_step_s or 0))
+        except LoadStopped:
+            self.status, self.reason = "stopped", "the server shut down during start-up"
+            logger.info("loading abandoned: the server is shutting down")
         except Exception as e:
+            self.invalid = isinstance(e, (NonFiniteWeights, WarmupDiverged, DimensionMismatch,
+                                          CheckpointError, ConfigError))
             self.status, self.reason = "failed", f"{type(e).__name__}: {e}"
-            logger.error("could not load %s: %s", s.checkpoint, self.reason)
+            if self.invalid:
+                logger.error("refusing to serve %s: %s", what, e)
+            else:
+                logger.error("could not load %s: %s", what, self.reason, exc_info=e)
             self.failed.set()
 
     async def drain(self, reason: str = "server shutting down", timeout: float = 3.0) -> None:
@@ -122,8 +200,17 @@ class ModelHost:
             await asyncio.sleep(0.02)
 
     def stop(self) -> None:
+        """Stop loading and the engine (joins its thread, up to 30 s: off the event loop)."""
+        self.stop_loading()
         if self.engine is not None:
             self.engine.stop()
+
+    async def shutdown(self) -> None:
+        """Drain the sessions, then stop the engine on a worker thread: the join must not hold
+        up the event loop (other connections' closes, uvicorn's own shutdown)."""
+        self.stop_loading()
+        await self.drain()
+        await asyncio.to_thread(self.stop)
 
     def health(self) -> dict[str, Any]:
         self._check_engine()
@@ -181,12 +268,14 @@ def create_app(settings: ServeSettings, host: ModelHost | None = None,
 
     async def lifespan(app: FastAPI):
         if load_in_background and host.status == "starting":
-            threading.Thread(target=host.load, name="moshi-ttt-load", daemon=True).start()
+            host.start_loading()
         yield
-        await host.drain()
-        host.stop()
+        await host.shutdown()
 
-    app = FastAPI(title="moshi-ttt", lifespan=lifespan)
+    # The interactive docs describe every route and would answer without the key: off with one.
+    docs = {} if not settings.api_key else {"docs_url": None, "redoc_url": None,
+                                            "openapi_url": None}
+    app = FastAPI(title="moshi-ttt", lifespan=lifespan, **docs)
     app.state.host = host
 
     @app.get("/health")
@@ -227,14 +316,14 @@ def create_app(settings: ServeSettings, host: ModelHost | None = None,
             return await refuse(Close.TRY_AGAIN, f"model not ready ({host.status}): "
                                 f"{host.reason}", "not_ready")
         sess = ChatSession(ws, host.engine, mode, m, host.loaded.tokenizer,
-                           settings.max_message_bytes, settings.max_pending_output,
-                           host.loaded.lm.card, {"checkpoint": host.loaded.checkpoint_info},
-                           idle_timeout_s=settings.idle_timeout_s)
+                           SessionLimits.from_settings(settings), host.loaded.lm.card,
+                           {"checkpoint": host.loaded.checkpoint_info})
         host.sessions.add(sess)
         try:
             await sess.run()
         finally:
             host.sessions.discard(sess)
+            host.heap.session_ended()
 
     try:  # the installed `client` package's files, as a wheel ships them
         web = web_dir()

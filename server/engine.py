@@ -14,7 +14,13 @@ every frame then updates that row's TTT state, which no other row reads.
 The thread never touches sockets. Sessions push frames with `push` (bounded queue, from the event
 loop) and receive `StepOutput`s through the callback they registered; a diverged session (NaN or
 inf in its TTT state, flagged on device during the step) receives `SessionFailed` and its row is
-reset, while the other rows continue.
+reset, while the other rows continue. A step that raises fails the sessions in it and the engine
+goes on; `max_step_failures` steps failing in a row (a device in a failed state) fail the engine:
+`failure` is set, every session is told, and new sessions are refused.
+
+Audio rows follow moshi's own server on a session's first frame: it is encoded and stepped, then
+the row's Mimi state is reset, so that the second frame is encoded with the codec's start-of-stream
+padding again (moshi/server.py, `skip_frames`: the first frame is in the model's past).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ logger = logging.getLogger(__name__)
 FRAME_S = 1 / FRAME_RATE
 
 __all__ = ["Engine", "EngineConfig", "SessionHandle", "StepOutput", "SessionFailed",
-           "InputOverflow", "SessionClosed", "CapacityError"]
+           "InputOverflow", "SessionClosed", "CapacityError", "WarmupDiverged"]
 
 
 class InputOverflow(RuntimeError):
@@ -52,6 +58,14 @@ class InputOverflow(RuntimeError):
 
 class SessionClosed(RuntimeError):
     """The session's slot was released (closed, failed, or the engine stopped)."""
+
+
+class WarmupDiverged(ValueError):
+    """The TTT state turned non-finite during warm-up: the model cannot serve anyone."""
+
+
+class _EngineFailed(Exception):
+    """Too many model steps failed in a row: the model thread gives up."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,7 @@ class EngineConfig:
     top_k_text: int = 25
     batch_wait_s: float = 0.02
     max_buffered_frames: int = 50
+    max_step_failures: int = 3  # steps (or row resets) failing in a row that fail the engine
 
 
 @dataclass(eq=False)
@@ -96,6 +111,7 @@ class SessionHandle:
     last_push: float = field(default_factory=time.monotonic)
     frames_in: int = 0
     frames_out: int = 0
+    primed: bool = False  # the first audio frame was encoded and the row's codec re-primed
     closed: bool = False
     ready: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
@@ -128,7 +144,8 @@ class Engine:
         # Main-transformer blocks only: moshi streams the depformer "detached", with a fresh state
         # inside every depformer step, so a depformer block holds no state between steps.
         self._blocks = [a.block for a in ttt_blocks(lm) if a.component == "transformer"]
-        self.failure: str | None = None  # set if the model thread died
+        self.failure: str | None = None  # set if the model thread died or gave up
+        self.failures_in_row = 0  # steps or resets that raised, since the last one that did not
         self._last_step_end = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -154,21 +171,37 @@ class Engine:
             fut.cancel()
 
     @torch.no_grad()
-    def warmup(self, frames: int) -> float:
+    def warmup(self, frames: int, should_stop: Callable[[], bool] | None = None) -> float:
         """Run `frames` steps with every row active through both codec directions (on GPU this
-        also captures moshi's CUDA graphs), then reset every row. Returns seconds per step."""
+        also captures moshi's CUDA graphs), then reset every row. Returns seconds per step.
+        Raises WarmupDiverged if the TTT state turned non-finite (every session would fail on
+        its first frames). `should_stop` is asked between steps (a shutdown during start-up)."""
         if frames <= 0:
             return 0.0
         S = self.cfg.capacity
         everyone = torch.ones(S, dtype=torch.bool, device=self.device)
+        bad = torch.zeros(S, dtype=torch.bool, device=self.device)
         t0 = time.perf_counter()
+        done = 0
         for _ in range(frames):
+            if should_stop is not None and should_stop():
+                break
             pcm = torch.zeros(S, 1, FRAME_SIZE, device=self.device)
-            self._step_tensors(pcm, torch.zeros(S, NUM_CODEBOOKS, 1, dtype=torch.long,
-                                                device=self.device),
-                               everyone, *(2 * [everyone if self.mimi is not None else None]))
+            bad |= self._step_tensors(
+                pcm, torch.zeros(S, NUM_CODEBOOKS, 1, dtype=torch.long, device=self.device),
+                everyone, *(2 * [everyone if self.mimi is not None else None]))[2]
+            done += 1
         self._sync()
-        dt = (time.perf_counter() - t0) / frames
+        dt = (time.perf_counter() - t0) / max(done, 1)
+        if bool(bad.any()):
+            layers = [f"transformer.layers.{a.layer}" for a in ttt_blocks(self.lm)
+                      if a.component == "transformer"
+                      and bool(a.block._streaming_state.nonfinite.any())]
+            raise WarmupDiverged(
+                f"the TTT state turned non-finite (NaN or inf) within {done} warm-up step(s) of "
+                f"silence, in {', '.join(layers) or 'a TTT layer'}: every session would fail on "
+                f"its first frames; the checkpoint's TTT weights (or inner learning rate) "
+                f"diverge")
         self._reset(everyone)
         self._sync()
         return dt
@@ -297,12 +330,31 @@ class Engine:
         try:
             self._serve_steps()
         except BaseException as e:  # a bug, or the device failing: say so, and fail everyone
-            logger.exception("the model thread stopped")
+            if isinstance(e, _EngineFailed):
+                logger.error("the engine failed: %s", e)
+                failure = str(e)
+            else:
+                logger.exception("the model thread stopped")
+                failure = f"the model thread stopped: {type(e).__name__}: {e}"
             with self._cond:
-                self.failure = f"the model thread stopped: {type(e).__name__}: {e}"
+                self.failure = failure
                 handles = list(self._handles.values())
+                tasks = list(self._tasks)
+                self._tasks.clear()
             for h in handles:
-                self._detach(h, SessionFailed(self.failure, "internal"))
+                self._detach(h, SessionFailed(failure, "internal"))
+            for _, fut in tasks:
+                fut.cancel()
+
+    def _failed_once(self, what: str, e: Exception) -> None:
+        """Count a step or reset that raised; too many in a row fail the engine."""
+        self.failures_in_row += 1
+        self.metrics.errors.labels("step_failed").inc()
+        if self.failures_in_row >= self.cfg.max_step_failures:
+            raise _EngineFailed(
+                f"{self.failures_in_row} model steps failed in a row (last, {what}: "
+                f"{type(e).__name__}: {e}); the device is likely in a failed state: restart "
+                f"the server") from e
 
     def _serve_steps(self) -> None:
         while True:
@@ -329,6 +381,9 @@ class Engine:
                     for h, _ in batch:
                         self._detach(h, SessionFailed(f"internal error in the model step: "
                                                       f"{type(e).__name__}: {e}", "internal"))
+                    self._failed_once("a model step", e)
+                else:
+                    self.failures_in_row = 0
 
     def _apply_resets(self, slots: list[int]) -> None:
         mask = torch.zeros(self.cfg.capacity, dtype=torch.bool)
@@ -342,6 +397,7 @@ class Engine:
                 if h is not None:
                     self._detach(h, SessionFailed(f"could not reset the session's row: {e}",
                                                   "internal"))
+            self._failed_once("a row reset", e)
             return
         with self._cond:
             for s in slots:
@@ -408,6 +464,13 @@ class Engine:
         flagged = torch.cat([out, bad[:, None].to(out.dtype)], dim=1).cpu().numpy()
         out, bad = flagged[:, :-1], flagged[:, -1].astype(bool)
         audio = audio.float().cpu().numpy() if audio is not None else None
+        first = [h for h, frame in batch if frame.dtype == np.float32 and not h.primed]
+        if first:  # moshi re-primes the codec after a session's first frame (see the top)
+            mask = torch.zeros(S, dtype=torch.bool)
+            mask[[h.slot for h in first]] = True
+            reset_rows(self.mimi, mask.to(dev))
+            for h in first:
+                h.primed = True
         self.steps += 1
         self._last_step_end = time.monotonic()
         dt = time.perf_counter() - t0

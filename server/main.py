@@ -4,22 +4,40 @@ Order of start-up (each step only if the previous one passed):
 1. read the checkpoint's config and every weight file's header, build the model on the meta
    device and validate config <-> modules <-> TTT blocks <-> tensors: a mismatch exits with
    status 2 and a message naming the tensor, expected and found shape; the port is never bound;
-2. bind the port; /health answers 503 while the weights load and the engine warms up;
+2. bind the port (taken: one line, exit status 3); /health answers 503 while the weights load,
+   are checked for NaN/inf (exit 2, naming the tensor) and the engine warms up (a TTT state
+   that turns non-finite on silence: exit 2);
 3. ready: /health 200, chat sessions accepted.
-SIGTERM (or Ctrl-C): stop accepting, end every session with an ERROR "server shutting down" and
-close code 1001, exit 0. A second signal skips the waiting (sessions, in-flight requests).
+SIGTERM (or Ctrl-C), at any moment: stop accepting, end every session with an ERROR "server
+shutting down" and close code 1001, exit 0. During start-up the load is abandoned at its next
+step; a load stuck in one long read is not waited for (the process exits without tearing down
+the interpreter under it, which would abort). A second signal skips the waiting.
 
-An API key given as `?api_key=` would appear in uvicorn's connection log lines; they are
-redacted.
+Exit status: 0 stopped by a signal, 1 the model failed to load (I/O, device, out of memory),
+2 invalid settings or checkpoint (dims, non-finite weights, diverging warm-up), 3 the address
+cannot be bound (port in use, no permission, not a local address).
+
+An API key given in the query string would appear in uvicorn's connection log lines; every
+form the server accepts (`api_key=`, percent-encoded names or values) is redacted, and so is
+the configured key itself wherever it would appear.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import os
 import re
 import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from types import FrameType
+from typing import Any
+from urllib.parse import quote, quote_plus, unquote_plus
 
 import uvicorn
 
@@ -30,7 +48,8 @@ from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_LOAD_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_OK, EXIT_LOAD_FAILED, EXIT_INVALID, EXIT_BIND = 0, 1, 2, 3
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def preflight(settings: ServeSettings) -> dict:
@@ -53,18 +72,54 @@ def preflight(settings: ServeSettings) -> dict:
     return info
 
 
+class BindError(OSError):
+    """The server's address cannot be bound; the message says why and what to do."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound (not yet listening) TCP socket for uvicorn, so that a taken port is reported
+    before anything loads, in one line."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise BindError(f"cannot bind {host}:{port}: {host!r} is not a known host name or "
+                        f"address ({e.strerror})") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        advice = {
+            errno.EADDRINUSE: "is already in use (another server is listening there): stop "
+                              "it or choose another --port",
+            errno.EACCES: "needs privileges this process does not have (ports below 1024): "
+                          "choose another --port",
+            errno.EADDRNOTAVAIL: f"cannot be bound: {host} is not an address of this machine",
+        }.get(e.errno, f"cannot be bound: {e.strerror}")
+        raise BindError(f"port {port} on {host} {advice}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 class _Server(uvicorn.Server):
     """uvicorn with a graceful first signal: sessions are told why before the sockets close."""
 
-    def __init__(self, config: uvicorn.Config, host: ModelHost):
+    def __init__(self, config: uvicorn.Config, host: ModelHost,
+                 stop_requested: Callable[[], bool] = lambda: False):
         super().__init__(config)
         self.host = host
         self.loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._stop_requested = stop_requested
 
     async def startup(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().startup(sockets)
+        if self._stop_requested():  # a signal came just before uvicorn's handlers were in
+            self.host.stop_loading()
+            self.should_exit = True
         if self.started:
             for sock in (self.servers[0].sockets if self.servers else []):
                 h, p = sock.getsockname()[:2]
@@ -76,7 +131,8 @@ class _Server(uvicorn.Server):
     async def _watch_load(self) -> None:
         while not self.should_exit:
             if self.host.failed.is_set():
-                logger.error("start-up failed: %s", self.host.reason)
+                if not self.host.invalid:
+                    logger.error("start-up failed: %s", self.host.reason)
                 self.should_exit = True
                 return
             if self.host.ready:
@@ -84,6 +140,7 @@ class _Server(uvicorn.Server):
             await asyncio.sleep(0.1)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.host.stop_loading()
         if self._draining:
             logger.warning("second signal: exiting without waiting")
             self.should_exit = self.force_exit = True
@@ -101,36 +158,132 @@ class _Server(uvicorn.Server):
 
 
 class RedactKeys(logging.Filter):
-    """Replace the value of `api_key=` in log records (uvicorn logs each websocket's path)."""
+    """Hide API keys in log records: the value of every query parameter whose name decodes to
+    `api_key` (as the server's own query parsing decodes it: `api%5Fkey`, `api_k%65y`), and
+    the configured key itself, plain or percent-encoded, wherever it appears."""
 
-    _pattern = re.compile(r"(api_key=)[^&\s\"']+")
+    _param = re.compile(r"(?<=[?&;])([^=&;\s\"'#?]+)=([^&;\s\"'#]*)")
+
+    def __init__(self, api_key: str | None = None):
+        super().__init__()
+        forms = {api_key, quote(api_key, safe=""), quote_plus(api_key)} if api_key else set()
+        self._literal = re.compile("|".join(re.escape(f) for f in sorted(forms, key=len,
+                                                                       reverse=True))) \
+            if forms else None
+
+    def redact(self, text: str) -> str:
+        text = self._param.sub(
+            lambda m: f"{m[1]}=***" if unquote_plus(m[1]).strip().lower() == "api_key"
+            else m[0], text)
+        if self._literal is not None:
+            text = self._literal.sub("***", text)
+        return text
+
+    def _value(self, v: Any) -> Any:
+        return self.redact(v) if isinstance(v, str) else v
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.args:
-            args = record.args if isinstance(record.args, tuple) else (record.args,)
-            record.args = tuple(self._pattern.sub(r"\1***", a) if isinstance(a, str) else a
-                                for a in args)
         if isinstance(record.msg, str):
-            record.msg = self._pattern.sub(r"\1***", record.msg)
+            record.msg = self.redact(record.msg)
+        if isinstance(record.args, dict):
+            record.args = {k: self._value(v) for k, v in record.args.items()}
+        elif record.args:
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            record.args = tuple(self._value(a) for a in args)
         return True
 
 
+def install_redaction(api_key: str | None) -> RedactKeys:
+    """On uvicorn's loggers and on every handler of the root logger (a handler's filter sees
+    the records of every logger that propagates to it)."""
+    f = RedactKeys(api_key)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(f)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(f)
+    return f
+
+
+class _Termination:
+    """SIGTERM/SIGINT outside uvicorn's own handling (before it runs, after it returns): the
+    first is remembered, and while `interruptible` it also interrupts the blocking step in
+    progress (the header check), so that the process exits 0 at any moment."""
+
+    class Requested(BaseException):
+        pass
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._interruptible = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in _SIGNALS}
+
+    def _handle(self, sig: int, frame: FrameType | None) -> None:
+        first = self.requested is None
+        self.requested = self.requested or sig
+        if first and self._interruptible:
+            raise self.Requested()
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self._interruptible = True
+        try:
+            if self.requested:
+                raise self.Requested()
+            yield
+        finally:
+            self._interruptible = False
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def _exit_now(code: int, why: str) -> None:
+    """Exit at once, without finalising the interpreter: a thread still running inside torch
+    (a load that cannot be interrupted) would otherwise abort the process ("terminate called
+    without an active exception")."""
+    logger.info("exiting with status %d: %s", code, why)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def serve(settings: ServeSettings, tls: TLSFiles | None = None) -> int:
-    """Run the server in this process; returns the exit status.
+    """Run the server in this process; returns the exit status (see the module's docstring).
     With `tls`, it speaks https and wss (uvicorn's TLS)."""
     from moshi_ttt.checkpoint import CheckpointError
     from moshi_ttt.config import ConfigError
     from moshi_ttt.dims import DimensionMismatch
 
+    term = _Termination()
+    try:
+        return _serve(settings, term, (DimensionMismatch, CheckpointError, ConfigError,
+                                       FileNotFoundError, ValueError), tls)
+    finally:
+        term.restore()
+
+
+def _serve(settings: ServeSettings, term: _Termination, invalid: tuple[type, ...],
+           tls: TLSFiles | None = None) -> int:
     if tls is not None:
         try:
             tls.check()
         except TLSError as e:
             logger.error("refusing to start: %s", e)
             return EXIT_INVALID
+    logger.info("starting: checking %s", settings.checkpoint or settings.random_config)
     try:
-        info = preflight(settings)
-    except (DimensionMismatch, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
+        with term.interruptible():
+            info = preflight(settings)
+    except _Termination.Requested:
+        logger.info("stopped by %s during the checkpoint check",
+                    signal.Signals(term.requested).name)
+        return EXIT_OK
+    except invalid as e:
         logger.error("refusing to start: %s", e)
         return EXIT_INVALID
     d = info["model"] if "model" in info else info
@@ -144,18 +297,37 @@ def serve(settings: ServeSettings, tls: TLSFiles | None = None) -> int:
     except ValueError as e:  # e.g. cuda asked for on a machine without it
         logger.error("refusing to start: %s", e)
         return EXIT_INVALID
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except BindError as e:
+        logger.error("%s", e)
+        return EXIT_BIND
+    if term.requested:
+        sock.close()
+        logger.info("stopped by %s before serving", signal.Signals(term.requested).name)
+        return EXIT_OK
     app = create_app(settings, host)
-    for name in ("uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).addFilter(RedactKeys())
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                            log_level=settings.log_level, lifespan="on",
+    install_redaction(settings.api_key)
+    config = uvicorn.Config(app, log_level=settings.log_level, lifespan="on",
                             ws_max_size=4 * settings.max_message_bytes,
                             timeout_graceful_shutdown=5, log_config=None,
                             **(tls.uvicorn_options() if tls is not None else {}))
-    server = _Server(config, host)
-    server.run()
+    server = _Server(config, host, stop_requested=lambda: term.requested is not None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    host.stop_loading()
     if host.failed.is_set():
-        return EXIT_LOAD_FAILED
-    if not server.started:
-        return EXIT_LOAD_FAILED  # e.g. the port was taken
-    return EXIT_OK
+        code = EXIT_INVALID if host.invalid else EXIT_LOAD_FAILED
+    elif not server.started:
+        code = EXIT_OK if term.requested else EXIT_LOAD_FAILED
+    else:
+        code = EXIT_OK
+    busy = [t for t in (host.loader, getattr(host.engine, "_thread", None))
+            if t is not None and t.is_alive()]
+    for t in busy:
+        t.join(timeout=5)  # the load gives up between its steps
+    if any(t.is_alive() for t in busy):
+        _exit_now(code, "stopped while the model was still loading")
+    return code

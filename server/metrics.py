@@ -31,6 +31,9 @@ class ServerMetrics:
                                         "Connections refused", ["reason"], registry=r)
         self.errors = Counter("moshi_ttt_errors_total", "Session errors by kind", ["kind"],
                               registry=r)
+        self.frames_dropped = Counter(
+            "moshi_ttt_frames_dropped_total", "Input frames dropped, by reason (before_handshake: "
+            "beyond the frames kept from before a session's handshake)", ["reason"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

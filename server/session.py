@@ -1,16 +1,40 @@
 """One websocket conversation: protocol in, frames to the engine, frames out, protocol out.
 
-Runs entirely on the event loop; the model work happens on the engine's thread. Two tasks per
-session: the reader (socket -> decode -> engine.push) and the writer (engine output -> encode ->
-socket). Any protocol violation ends the session with an ERROR message (kind 5) naming what was
-wrong and a websocket close code; the row is released and reset, other sessions are unaffected.
+Runs entirely on the event loop; the model work happens on the engine's thread. Three tasks per
+session: the reader (socket -> decode -> engine.push), the writer (engine output -> encode ->
+socket) and an idle watchdog. Any protocol violation ends the session with an ERROR message
+(kind 5) naming what was wrong and a websocket close code; the row is released and reset, other
+sessions are unaffected. An unexpected exception is logged with the session id and ends the
+session with ERROR and 1011.
+
+Audio (or codes) sent before the handshake is accepted, as moshi's own server does (it reads
+nothing until its handshake is out, so the socket holds what arrived): moshi's clients stream
+the microphone the moment the socket opens. It is decoded at once (an Ogg stream's first pages
+carry its headers) and its most recent `early_frames` frames are kept, then queued for the model
+right after the handshake; older ones are dropped (counted in
+`moshi_ttt_frames_dropped_total{reason="before_handshake"}`), so a late handshake costs latency
+only up to that bound and never closes the session.
+
+Bounds per session: PING and CONTROL messages by a token bucket (`max_control_per_s`,
+`control_burst`), idle by the time since the last audio or codes message (`idle_timeout_s`),
+input by the engine's queue (`max_buffered_frames`), and output by the frames the client has
+not taken (`max_pending_output`): those queued here plus, on Linux, those written to the socket
+and not yet acknowledged by the client's TCP (read from the kernel: TCP_INFO's bytes acked and
+the send queue), so a client that stops reading is found after that many frames, not after
+the kernel's buffers (megabytes) filled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import fcntl
 import itertools
 import logging
+import socket
+import struct
+import sys
+import termios
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +42,7 @@ from typing import Any
 import numpy as np
 import sphn
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from websockets.exceptions import ConnectionClosed
 
 from moshi_ttt import protocol
 from moshi_ttt.protocol import (
@@ -29,11 +54,31 @@ from .engine import (
     CapacityError, Engine, InputOverflow, SessionClosed, SessionFailed, SessionHandle,
     StepOutput,
 )
+from .memory import OPUS
 from .metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """The per-session bounds (see the module docstring and `ServeSettings`)."""
+
+    max_message_bytes: int = 1 << 20
+    max_pending_output: int = 100
+    idle_timeout_s: float = 30.0
+    max_control_per_s: float = 10.0
+    control_burst: int = 50
+    early_frames: int = 25  # input frames kept from before the handshake
+
+    @classmethod
+    def from_settings(cls, s: Any) -> "SessionLimits":
+        return cls(max_message_bytes=s.max_message_bytes,
+                   max_pending_output=s.max_pending_output, idle_timeout_s=s.idle_timeout_s,
+                   max_control_per_s=s.max_control_per_s, control_burst=s.control_burst,
+                   early_frames=max(1, s.max_buffered_frames // 2))
 
 
 class Reframer:
@@ -50,6 +95,92 @@ class Reframer:
         return frames
 
 
+class TokenBucket:
+    """`rate` events per second sustained, `burst` at once; O(1) per event."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, float(burst)
+        self.tokens = float(burst)
+        self.t = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+_TCP_INFO_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux's struct tcp_info
+
+
+class SendWindow:
+    """How much of what this server wrote to a client's socket the client's TCP has taken:
+    the bytes acknowledged (TCP_INFO) against those written (acknowledged + the kernel's send
+    queue + the event loop's write buffer). Linux only; elsewhere `written` is None and the
+    session falls back to its own output queue."""
+
+    def __init__(self, transport: asyncio.Transport | None):
+        self.transport = transport
+        self._sock = transport.get_extra_info("socket") if transport is not None else None
+        self.enabled = False
+        if self._sock is not None and sys.platform.startswith("linux") \
+                and self._sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                self.enabled = self._acked() is not None and self._outq() >= 0
+            except OSError:
+                self.enabled = False
+
+    def _acked(self) -> int | None:
+        info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+        if len(info) < _TCP_INFO_BYTES_ACKED + 8:
+            return None
+        return struct.unpack_from("Q", info, _TCP_INFO_BYTES_ACKED)[0]
+
+    def _outq(self) -> int:
+        return struct.unpack("i", fcntl.ioctl(self._sock.fileno(), termios.TIOCOUTQ,
+                                              b"\0\0\0\0"))[0]
+
+    def acked(self) -> int | None:
+        """Bytes the client's TCP has acknowledged so far; None if unknown."""
+        if not self.enabled:
+            return None
+        try:
+            return self._acked()
+        except (OSError, ValueError):  # the socket closed under us
+            self.enabled = False
+            return None
+
+    def written(self) -> int | None:
+        """Bytes handed to the socket so far, on the scale of `acked`; None if unknown."""
+        acked = self.acked()
+        if acked is None:
+            return None
+        try:
+            return acked + self._outq() + self.transport.get_write_buffer_size()
+        except (OSError, ValueError):
+            self.enabled = False
+            return None
+
+
+def _transport_of(ws: WebSocket) -> asyncio.Transport | None:
+    """The server protocol's transport behind a Starlette websocket (uvicorn hands the ASGI
+    app its protocol's bound methods; middleware may wrap `send`, never `receive`)."""
+    for fn in (ws._receive, ws._send):
+        transport = getattr(getattr(fn, "__self__", None), "transport", None)
+        # asyncio's or uvloop's (which does not subclass asyncio.Transport)
+        if callable(getattr(transport, "get_write_buffer_size", None)) and \
+                callable(getattr(transport, "get_extra_info", None)):
+            return transport
+    return None
+
+
+def _new_opus_codecs() -> tuple[sphn.OpusStreamReader, sphn.OpusStreamWriter]:
+    return sphn.OpusStreamReader(SAMPLE_RATE), sphn.OpusStreamWriter(SAMPLE_RATE)
+
+
 @dataclass
 class _End:
     """Why a session ends: sent as an ERROR message (if any) and the close code."""
@@ -59,32 +190,47 @@ class _End:
     error: str | None = None
 
 
+def _client_gone(ws: WebSocket, e: BaseException) -> bool:
+    """Whether an exception means the client went away (not a bug of ours)."""
+    if isinstance(e, (WebSocketDisconnect, ConnectionError, ConnectionClosed, OSError)):
+        return True
+    # Starlette raises RuntimeError for a send or receive on a socket it knows is closed.
+    return isinstance(e, RuntimeError) and not isinstance(e, (SessionClosed, InputOverflow)) \
+        and (ws.client_state == WebSocketState.DISCONNECTED
+             or ws.application_state == WebSocketState.DISCONNECTED)
+
+
 class ChatSession:
     def __init__(self, ws: WebSocket, engine: Engine, mode: Mode, metrics: ServerMetrics,
-                 tokenizer: Any, max_message_bytes: int, max_pending_output: int,
-                 card: int, info: dict[str, Any], idle_timeout_s: float = 30.0):
+                 tokenizer: Any, limits: SessionLimits, card: int, info: dict[str, Any]):
         self.ws = ws
         self.engine = engine
         self.mode = mode
         self.metrics = metrics
         self.tokenizer = tokenizer
         self._vocab = tokenizer.vocab_size() if tokenizer is not None else 0
+        self.limits = limits
         self.max_buffered_frames = engine.cfg.max_buffered_frames
-        self.max_message_bytes = max_message_bytes
-        self.idle_timeout_s = idle_timeout_s
         self.card = card
         self.info = info
         self.id = f"s{next(_ids)}"
-        self.out: asyncio.Queue = asyncio.Queue(maxsize=max_pending_output)
+        self.out: asyncio.Queue = asyncio.Queue(maxsize=limits.max_pending_output)
         self.handle: SessionHandle | None = None
         self.loop = asyncio.get_running_loop()
         self.reframer = Reframer()
-        self.opus_in = sphn.OpusStreamReader(SAMPLE_RATE) if mode is Mode.OPUS else None
-        self.opus_out = sphn.OpusStreamWriter(SAMPLE_RATE) if mode is Mode.OPUS else None
+        # Opus mode: made, fed and freed on the codec thread (see server.memory)
+        self.opus_in: sphn.OpusStreamReader | None = None
+        self.opus_out: sphn.OpusStreamWriter | None = None
         self.handshake_sent = False
         self.started = time.monotonic()
+        self.last_input = self.started  # last AUDIO or CODES message
         self.ended: _End | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._control = TokenBucket(limits.max_control_per_s, limits.control_burst)
+        self._early: collections.deque = collections.deque(maxlen=limits.early_frames)
+        self.early_dropped = 0
+        self._window = SendWindow(_transport_of(ws))
+        self._marks: collections.deque[int] = collections.deque()  # per frame: bytes written
 
     # -- engine -> event loop ----------------------------------------------------------------------
     def _deliver(self, item: StepOutput | SessionFailed) -> None:
@@ -101,12 +247,25 @@ class ChatSession:
             code = Close.GOING_AWAY if item.kind == "shutdown" else Close.INTERNAL
             self.abort(_End(code, item.kind, item.reason))
             return
-        try:
-            self.out.put_nowait(item)
-        except asyncio.QueueFull:
+        untaken = self.untaken_frames()
+        if untaken >= self.limits.max_pending_output:
             self.metrics.errors.labels("slow_reader").inc()
             self.abort(_End(Close.POLICY, "slow reader",
-                            f"client is not reading: {self.out.maxsize} output frames unsent"))
+                            f"client is not reading: {untaken} output frames not taken "
+                            f"(limit {self.limits.max_pending_output}, "
+                            f"{self.limits.max_pending_output * 0.08:.1f} s of audio)"))
+            return
+        self.out.put_nowait(item)
+
+    def untaken_frames(self) -> int:
+        """Output frames the client has not taken: queued here, or written to the socket and
+        not yet acknowledged by the client's TCP."""
+        acked = self._window.acked()
+        if acked is None:
+            self._marks.clear()
+        while self._marks and self._marks[0] <= acked:
+            self._marks.popleft()
+        return self.out.qsize() + len(self._marks)
 
     # -- the session ------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -123,83 +282,115 @@ class ChatSession:
             return
         self.metrics.sessions_total.inc()
         self.metrics.sessions_active.inc()
-        reader = asyncio.create_task(self._read(), name=f"{self.id}-read")
-        self._tasks.add(reader)
+        ready = asyncio.wrap_future(self.handle.ready)  # row reset on the model thread
+        # Never cancelled from here (the model thread settles it, under its lock); its failure
+        # after the session ended needs no one to read it.
+        ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            await asyncio.wrap_future(self.handle.ready)  # row reset on the model thread
-            if self.ended is None:
-                await self.ws.send_bytes(HANDSHAKE)
-                self.handshake_sent = True
-                await self.ws.send_bytes(protocol.metadata({
-                    "session": self.id, "mode": self.mode.value, "slot": self.handle.slot,
-                    "sample_rate": SAMPLE_RATE, "frame_size": FRAME_SIZE,
-                    "max_buffered_frames": self.max_buffered_frames, **self.info}))
-                writer = asyncio.create_task(self._write(), name=f"{self.id}-write")
-                self._tasks.add(writer)
+            if self.mode is Mode.OPUS:
+                self.opus_in, self.opus_out = await OPUS.run(_new_opus_codecs)
+            self._spawn(self._read(), "read")
+            self._spawn(self._watch_idle(), "idle")
+            await asyncio.wait({ready, *self._tasks}, return_when=asyncio.FIRST_COMPLETED)
+            if ready.done() and self.ended is None:
+                ready.result()  # SessionClosed if the row could not be readied
+                await self._hello()
+                self._spawn(self._write(), "write")
                 await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
         except SessionClosed as e:
             self.abort(_End(Close.GOING_AWAY, "session closed", str(e)))
         except asyncio.CancelledError:
             if self.ended is None:  # cancelled from outside, not by abort()
                 raise
-        except Exception as e:  # the socket broke under us
-            self.abort(_End(Close.NORMAL, f"connection lost ({type(e).__name__})"))
+        except Exception as e:
+            self._failed(e, "run")
         finally:
-            for t in self._tasks:
-                t.cancel()
-            for t in self._tasks:
-                if t.done() and not t.cancelled() and t.exception() is not None:
-                    e = t.exception()
-                    if not isinstance(e, (WebSocketDisconnect, OSError, RuntimeError)):
-                        logger.error("session %s: %s failed", self.id, t.get_name(),
-                                     exc_info=e)
-                        self.metrics.errors.labels("internal").inc()
-                        self.abort(_End(Close.INTERNAL, "internal error",
-                                        f"internal server error: {type(e).__name__}"))
-                    else:
-                        self.abort(_End(Close.NORMAL, "client went away"))
+            await self._settle_tasks()
+            OPUS.release(self.opus_in, self.opus_out)
+            self.opus_in = self.opus_out = None
             self.engine.close(self.handle)
             self.metrics.sessions_active.dec()
             await self._finish(self.ended or _End(Close.NORMAL, "bye"))
-            logger.info("session %s (slot %d, %s) ended after %.1f s: %d frames in, %d out; %s",
-                        self.id, self.handle.slot, self.mode.value,
+            logger.info("session %s (slot %d, %s) ended after %.1f s: %d frames in, %d out%s; "
+                        "%s", self.id, self.handle.slot, self.mode.value,
                         time.monotonic() - self.started, self.handle.frames_in,
-                        self.handle.frames_out, (self.ended or _End(0, "")).reason)
+                        self.handle.frames_out,
+                        f", {self.early_dropped} dropped before the handshake"
+                        if self.early_dropped else "", (self.ended or _End(0, "")).reason)
+
+    def _spawn(self, coro: Any, what: str) -> None:
+        self._tasks.add(asyncio.create_task(coro, name=f"{self.id}-{what}"))
+
+    async def _settle_tasks(self) -> None:
+        """Cancel the tasks and wait until they have stopped (none may write after this), then
+        account for how each ended."""
+        for t in self._tasks:
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        for t in self._tasks:
+            if not t.cancelled() and t.exception() is not None:
+                self._failed(t.exception(), t.get_name())
+
+    def _failed(self, e: BaseException, where: str) -> None:
+        """An exception ended part of the session: the client went away, or a bug (logged with
+        the session id, ERROR and 1011 to the client)."""
+        if _client_gone(self.ws, e):
+            self.abort(_End(Close.NORMAL, f"client went away ({type(e).__name__})"))
+            return
+        logger.error("session %s: %s failed: %s: %s", self.id, where, type(e).__name__, e,
+                     exc_info=e)
+        self.metrics.errors.labels("internal").inc()
+        self.abort(_End(Close.INTERNAL, "internal error",
+                        f"internal server error ({type(e).__name__}) in session {self.id}"))
+
+    async def _hello(self) -> None:
+        """Handshake and metadata, then the frames that arrived before them."""
+        meta = protocol.metadata({
+            "session": self.id, "mode": self.mode.value, "slot": self.handle.slot,
+            "sample_rate": SAMPLE_RATE, "frame_size": FRAME_SIZE,
+            "max_buffered_frames": self.max_buffered_frames, **self.info})
+        await self.ws.send_bytes(HANDSHAKE)
+        self.handshake_sent = True
+        await self.ws.send_bytes(meta)
+        early, self._early = list(self._early), collections.deque()
+        try:
+            for frame in early:
+                self.engine.push(self.handle, frame)
+        except InputOverflow as e:  # cannot happen below the bound; told if it does
+            self.metrics.errors.labels("input_overflow").inc()
+            self.abort(_End(Close.POLICY, "input overflow", str(e)))
 
     def abort(self, end: _End) -> None:
-        """End the session now (first reason wins): both tasks stop, even one blocked on a
+        """End the session now (first reason wins): every task stops, even one blocked on a
         socket that the peer stopped reading; `run` then sends the error and closes."""
         if self.ended is None:
             self.ended = end
         for t in self._tasks:
             t.cancel()
 
-    async def _read(self) -> None:
+    async def _watch_idle(self) -> None:
+        """Close a session that sends no audio or codes for `idle_timeout_s` (PING and
+        CONTROL do not count: they would hold a slot forever)."""
+        timeout = self.limits.idle_timeout_s
         while self.ended is None:
-            try:
-                msg = await asyncio.wait_for(self.ws.receive(), self.idle_timeout_s)
-            except asyncio.TimeoutError:
+            left = self.last_input + timeout - time.monotonic()
+            if left <= 0:
                 self.metrics.errors.labels("idle").inc()
                 self.abort(_End(Close.POLICY, "idle",
-                                f"no message for {self.idle_timeout_s:g} s: a session streams "
-                                f"audio (silence too) every 80 ms"))
+                                f"no audio for {timeout:g} s: a session streams audio (silence "
+                                f"too) every 80 ms; PING and CONTROL messages do not count"))
                 return
+            await asyncio.sleep(left)
+
+    async def _read(self) -> None:
+        while self.ended is None:
+            msg = await self.ws.receive()
             if msg["type"] == "websocket.disconnect":
                 self.abort(_End(Close.NORMAL, "client closed"))
                 return
             try:
-                data = msg.get("bytes")
-                if data is None:
-                    raise ProtocolError("text websocket frames are not part of the protocol: send "
-                                        "binary messages whose first byte is the message kind")
-                if len(data) > self.max_message_bytes:
-                    raise ProtocolError(f"message of {len(data)} bytes is over the limit of "
-                                        f"{self.max_message_bytes} bytes", Close.TOO_BIG)
-                if not self.handshake_sent:
-                    raise ProtocolError("message received before the server's handshake: wait "
-                                        "for the handshake (kind 0) before sending",
-                                        Close.POLICY)
-                self._handle(*protocol.unpack(data))
+                await self._on_message(msg.get("bytes"))
             except ProtocolError as e:
                 self.metrics.errors.labels("protocol").inc()
                 self.abort(_End(e.close_code, "protocol error", str(e)))
@@ -209,39 +400,64 @@ class ChatSession:
             except SessionClosed:
                 return  # whoever closed it reports why
 
-    def _handle(self, kind: Kind, payload: bytes) -> None:
-        assert self.handle is not None
-        if kind in (Kind.PING, Kind.CONTROL):
+    async def _on_message(self, data: bytes | None) -> None:
+        if data is None:
+            raise ProtocolError("text websocket frames are not part of the protocol: send "
+                                "binary messages whose first byte is the message kind")
+        if len(data) > self.limits.max_message_bytes:
+            raise ProtocolError(f"message of {len(data)} bytes is over the limit of "
+                                f"{self.limits.max_message_bytes} bytes", Close.TOO_BIG)
+        if data and data[0] in (Kind.PING, Kind.CONTROL):  # the cheap path: no unpacking
+            if not self._control.take():
+                self.metrics.errors.labels("control_flood").inc()
+                raise ProtocolError(
+                    f"too many PING/CONTROL messages: at most {self.limits.control_burst} at "
+                    f"once and {self.limits.max_control_per_s:g} per second", Close.POLICY)
             return
+        kind, payload = protocol.unpack(data)
+        frames = await self._frames(kind, payload)
+        if payload:
+            self.last_input = time.monotonic()
+        if not self.handshake_sent:
+            for frame in frames:
+                if len(self._early) == self._early.maxlen:
+                    self.early_dropped += 1
+                    self.metrics.frames_dropped.labels("before_handshake").inc()
+                self._early.append(frame)
+            return
+        for frame in frames:
+            self.engine.push(self.handle, frame)
+
+    async def _frames(self, kind: Kind, payload: bytes) -> list[np.ndarray]:
+        """The input frames in a client message: float32 [1920] PCM, or int [8] codes."""
         if kind is Kind.AUDIO:
             if self.mode is Mode.TOKENS:
                 raise ProtocolError("audio messages are not accepted in tokens mode: send kind 7 "
                                     "(CODES) with 8 int32 codes per frame")
             if self.mode is Mode.OPUS:
                 try:
-                    pcm = self.opus_in.append_bytes(payload)
+                    pcm = await OPUS.run(self.opus_in.append_bytes, payload)
                 except Exception as e:
                     raise ProtocolError(f"malformed Ogg/Opus audio: {e}", Close.INVALID) from None
                 if pcm.size and not np.isfinite(pcm).all():
                     raise ProtocolError("decoded audio contains NaN or inf", Close.INVALID)
             else:
                 pcm = protocol.pcm_from_bytes(payload)
-            for frame in self.reframer.push(pcm):
-                self.engine.push(self.handle, frame)
-            return
+            return self.reframer.push(pcm)
         if kind is Kind.CODES:
             if self.mode is not Mode.TOKENS:
                 raise ProtocolError(f"codes messages (kind 7) need tokens mode; this session is "
                                     f"in {self.mode.value} mode: send kind 1 (AUDIO)")
-            for row in protocol.codes_from_bytes(payload, NUM_CODEBOOKS, self.card):
-                self.engine.push(self.handle, row)
-            return
+            return list(protocol.codes_from_bytes(payload, NUM_CODEBOOKS, self.card))
         raise ProtocolError(f"message kind {kind.value} ({kind.name}) is sent by the server, "
                             f"never by a client")
 
     async def _write(self) -> None:
         while True:
             await self._send_output(await self.out.get())
+            written = self._window.written()
+            if written is not None:
+                self._marks.append(written)
 
     async def _send_output(self, o: StepOutput) -> None:
         if self.mode is Mode.TOKENS:
@@ -249,7 +465,7 @@ class ChatSession:
                 np.concatenate([[o.text_token], o.codes])[None]))
         elif o.pcm is not None:
             if self.mode is Mode.OPUS:
-                data = self.opus_out.append_pcm(o.pcm)
+                data = await OPUS.run(self.opus_out.append_pcm, o.pcm)
                 if data:
                     await self.ws.send_bytes(protocol.pack(Kind.AUDIO, data))
             else:

@@ -6,13 +6,16 @@ holds them, so one file can describe a model and how it is served.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
+)
 
 
 class SettingsError(ValueError):
@@ -49,11 +52,21 @@ class ServeSettings(BaseSettings):
         50, ge=1, description="input frames a session may have queued (50 = 4 s); beyond it "
         "the client is sending faster than the model runs and is told and closed")
     max_pending_output: int = Field(
-        100, ge=1, description="output frames a session may leave unsent (a stalled reader)")
+        100, ge=1, description="output frames a client may leave untaken (a stalled reader): "
+        "those queued in the server plus those written to the socket and not yet acknowledged "
+        "by the client's TCP")
     max_message_bytes: int = Field(1 << 20, ge=1024, description="largest websocket message")
     idle_timeout_s: float = Field(
-        30.0, gt=0, description="close a session that sends nothing for this long (it holds "
-        "a slot; a live client streams audio, silence included, every 80 ms)")
+        30.0, gt=0, description="close a session that sends no audio (or codes) for this "
+        "long (it holds a slot; a live client streams audio, silence included, every 80 ms); "
+        "PING and CONTROL messages do not count")
+    max_control_per_s: float = Field(
+        10.0, gt=0, description="PING and CONTROL messages a session may send per second, "
+        "sustained; beyond it (and the burst) the session is told and closed (1008)")
+    control_burst: int = Field(50, ge=1, description="PING/CONTROL messages allowed at once")
+    max_step_failures: int = Field(
+        3, ge=1, description="model steps failing in a row before the engine is declared "
+        "failed (/health 503): one failing step fails only its sessions")
     warmup_frames: int = Field(4, ge=0, description="model steps run before accepting anyone")
 
     # access
@@ -76,9 +89,23 @@ class ServeSettings(BaseSettings):
     @field_validator("allowed_origins", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
+        """A string is a JSON list or comma-separated origins (as an environment variable)."""
         if isinstance(v, str):
-            return [o.strip() for o in v.split(",") if o.strip()]
+            if v.strip().startswith("["):
+                try:
+                    v = json.loads(v)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"allowed_origins {v!r} starts like a JSON list but is not "
+                                     f"one ({e}); give a JSON list of strings or "
+                                     f"comma-separated origins") from None
+            else:
+                return [o.strip() for o in v.split(",") if o.strip()]
         return v
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings):
+        return (init_settings, _EnvSource(settings_cls), dotenv_settings, file_secret_settings)
 
     @classmethod
     def load(cls, yaml_file: Path | None = None, **overrides: Any) -> "ServeSettings":
@@ -90,13 +117,24 @@ class ServeSettings(BaseSettings):
             @classmethod
             def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
                                            dotenv_settings, file_secret_settings):
-                return (init_settings, env_settings, _MappingSource(settings_cls, file_values))
+                return (init_settings, _EnvSource(settings_cls),
+                        _MappingSource(settings_cls, file_values))
 
         try:
             return cls.model_validate(_WithFile(**flags).model_dump())
         except ValueError as e:
             where = f" (file {yaml_file})" if yaml_file else ""
             raise SettingsError(f"invalid server settings{where}:\n{e}") from e
+
+
+class _EnvSource(EnvSettingsSource):
+    """`MOSHI_TTT_*` variables. pydantic-settings reads a list field's variable as JSON only;
+    `allowed_origins` also takes the comma-separated form (`a,b`), which `_split` handles."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        if field_name == "allowed_origins" and isinstance(value, str):
+            return value
+        return super().decode_complex_value(field_name, field, value)
 
 
 class _MappingSource(PydanticBaseSettingsSource):

@@ -1,36 +1,104 @@
-"""Test harness for the server: a real uvicorn on loopback in a background thread, and a small
-synchronous websocket peer that records everything the server sends."""
+"""Test harness for the server: a real uvicorn on loopback in a background thread, a small
+synchronous websocket peer that records everything the server sends, and the helpers the server
+tests share (settings for the tiny base, random codes, JSON over HTTP, waiting for idle)."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 import uvicorn
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from moshi_ttt.protocol import Kind
 
+from conftest import REPO
+
+
+def settings(base, **kw):
+    """Server settings for tests on `base`: 2 slots, greedy (outputs are a function of the
+    inputs), one warm-up frame, a short batching wait."""
+    from server.settings import ServeSettings
+
+    kw.setdefault("max_sessions", 2)
+    kw.setdefault("use_sampling", False)
+    kw.setdefault("warmup_frames", 1)
+    kw.setdefault("batch_wait_ms", 5)
+    kw.setdefault("cpu_threads", None)
+    return ServeSettings(checkpoint=base, **kw)
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def user_codes(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 2048, (n, 8))
+
+
+def text_head_in_vocab(srv: "ServerThread") -> None:
+    """A random LM's text head mostly names ids beyond the tiny tokenizer's vocabulary; keep
+    only real word pieces so that text output exists (run on the model thread)."""
+    lm, tok = srv.host.loaded.lm, srv.host.loaded.tokenizer
+
+    def patch():
+        with torch.no_grad():
+            w = lm.text_linear.weight
+            w[tok.vocab_size():] = 0
+            w[[0, 3]] = -w[[0, 3]].abs()  # padding never wins either
+    srv.engine.submit(patch).result(timeout=30)
+
+
+def wait_idle(srv: "ServerThread", timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while srv.engine.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert srv.engine.active == 0
+
+
+def serve_cmd(checkpoint, port, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "moshi_ttt.cli", "serve", "--checkpoint", str(checkpoint),
+            "--port", str(port), "--max-sessions", "2", *extra]
+
+
+def serve_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "NO_TORCH_COMPILE": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+__all__ = ["REPO", "ServerThread", "Peer", "settings", "get_json", "user_codes",
+           "text_head_in_vocab", "wait_idle", "serve_cmd", "serve_env"]
+
 
 class ServerThread:
     """`create_app` under uvicorn on 127.0.0.1:<free port>, until the context exits."""
 
-    def __init__(self, settings, host=None, wait_ready: bool = True):
+    def __init__(self, settings, host=None, wait_ready: bool = True,
+                 log_level: str = "warning"):
         from server.app import ModelHost, create_app
 
         self.settings = settings
         self.host = host or ModelHost(settings)
         self.app = create_app(settings, self.host)
         self.wait_ready = wait_ready
+        self.log_level = log_level
         self.server: uvicorn.Server | None = None
 
     def __enter__(self) -> "ServerThread":
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level=self.log_level,
                                 lifespan="on", ws_max_size=4 * self.settings.max_message_bytes,
                                 log_config=None)
         self.server = uvicorn.Server(config)

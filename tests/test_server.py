@@ -4,12 +4,10 @@ refusals, every kind of bad input, start-up checks, health and metrics, SIGTERM.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -26,7 +24,10 @@ from server.settings import ServeSettings
 
 from conftest import REPO
 from fixtures import make_tiny_base
-from serving import Peer, ServerThread
+from serving import (
+    Peer, ServerThread, get_json, serve_cmd, serve_env, settings, text_head_in_vocab,
+    user_codes, wait_idle,
+)
 
 K = 16  # the tiny config's TTT mini-batch
 
@@ -36,52 +37,11 @@ def base(tmp_path_factory):
     return make_tiny_base(tmp_path_factory.mktemp("serve"))
 
 
-def settings(base, **kw) -> ServeSettings:
-    kw.setdefault("max_sessions", 2)
-    kw.setdefault("use_sampling", False)  # greedy: outputs are a function of the inputs
-    kw.setdefault("warmup_frames", 1)
-    kw.setdefault("batch_wait_ms", 5)
-    kw.setdefault("cpu_threads", None)
-    return ServeSettings(checkpoint=base, **kw)
-
-
-def get_json(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def user_codes(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 2048, (n, 8))
-
-
-def text_head_in_vocab(srv: ServerThread) -> None:
-    """A random LM's text head mostly names ids beyond the tiny tokenizer's vocabulary; keep
-    only real word pieces so that text output exists (run on the model thread)."""
-    lm, tok = srv.host.loaded.lm, srv.host.loaded.tokenizer
-
-    def patch():
-        with torch.no_grad():
-            w = lm.text_linear.weight
-            w[tok.vocab_size():] = 0
-            w[[0, 3]] = -w[[0, 3]].abs()  # padding never wins either
-    srv.engine.submit(patch).result(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def srv(base):
     with ServerThread(settings(base)) as s:
         text_head_in_vocab(s)
         yield s
-
-
-def wait_idle(srv: ServerThread, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while srv.engine.active and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert srv.engine.active == 0
 
 
 # -- protocol ----------------------------------------------------------------------------------
@@ -259,23 +219,6 @@ def test_text_frames_and_oversized_messages(base):
         assert p.close_code == Close.TOO_BIG
 
 
-def test_audio_before_handshake_is_refused(srv):
-    blocker = threading.Event()
-    srv.engine.submit(lambda: blocker.wait(10))  # the model thread is busy: no handshake yet
-    try:
-        with Peer(srv.url(mode="pcm"), handshake=False) as p:
-            p.send_pcm(np.zeros(FRAME_SIZE, np.float32))
-            time.sleep(0.2)
-            blocker.set()
-            p.wait_closed()
-        assert p.close_code == Close.POLICY
-        assert "before the server's handshake" in p.errors[0]
-        assert not p.of(Kind.HANDSHAKE)
-    finally:
-        blocker.set()
-    wait_idle(srv)
-
-
 def test_client_faster_than_the_model_is_told_and_closed(base):
     with ServerThread(settings(base, max_buffered_frames=4)) as srv:
         blocker = threading.Event()
@@ -392,7 +335,7 @@ def test_health_reports_the_checkpoints_dims(srv, base):
     ref = inspect_checkpoint(base)
     for key in ("main", "depformer", "ttt", "params", "streams"):
         assert h["model"][key] == ref[key], key
-    assert h["model"]["main"]["d_model"] == 64 and h["model"]["ttt"]["layers"] == [1, 2]
+    assert h["model"]["main"]["d_model"] == 64 and h["model"]["ttt"]["layers"] == [0, 1]
     assert h["codec"] == {"sample_rate": 24000, "frame_rate": 12.5, "frame_size": 1920,
                           "codebooks": 8, "card": 2048}
     assert h["device"] == "cpu" and h["dtype"] == "float32"
@@ -442,15 +385,6 @@ def test_metrics_count_frames_and_latency(srv):
 
 # -- the process: start-up refusal, SIGTERM ------------------------------------------------------
 
-def _serve_cmd(checkpoint, port) -> list[str]:
-    return [sys.executable, "-m", "moshi_ttt.cli", "serve", "--checkpoint", str(checkpoint),
-            "--port", str(port), "--max-sessions", "2"]
-
-
-def _env():
-    return {**os.environ, "NO_TORCH_COMPILE": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def test_startup_refuses_a_mismatched_checkpoint_before_binding(base, tmp_path):
     import shutil
 
@@ -468,7 +402,7 @@ def test_startup_refuses_a_mismatched_checkpoint_before_binding(base, tmp_path):
     run = tmp_path / "run"
     save_checkpoint(run, 1, tensors, cfg, resolve_base(cfg.base), detect_dims(lm))
     port = free_port()
-    r = subprocess.run(_serve_cmd(run, port), cwd=REPO, env=_env(), capture_output=True,
+    r = subprocess.run(serve_cmd(run, port), cwd=REPO, env=serve_env(), capture_output=True,
                        text=True, timeout=120)
     out = r.stdout + r.stderr
     assert r.returncode == 2, out
@@ -481,19 +415,19 @@ def test_startup_refuses_a_mismatched_checkpoint_before_binding(base, tmp_path):
     c = json.loads((bad_base / "config.json").read_text())
     c["dim"] = 128
     (bad_base / "config.json").write_text(json.dumps(c))
-    r = subprocess.run(_serve_cmd(bad_base, port), cwd=REPO, env=_env(), capture_output=True,
+    r = subprocess.run(serve_cmd(bad_base, port), cwd=REPO, env=serve_env(), capture_output=True,
                        text=True, timeout=120)
     out = r.stdout + r.stderr
     assert r.returncode == 2 and "text_emb.weight" in out and "128" in out, out
 
-    r = subprocess.run(_serve_cmd(tmp_path / "nowhere", port), cwd=REPO, env=_env(),
+    r = subprocess.run(serve_cmd(tmp_path / "nowhere", port), cwd=REPO, env=serve_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not found" in r.stdout + r.stderr
 
 
 def test_sigterm_closes_sessions_with_a_reason_and_exits_0(base):
     port = free_port()
-    proc = subprocess.Popen(_serve_cmd(base, port), cwd=REPO, env=_env(),
+    proc = subprocess.Popen(serve_cmd(base, port), cwd=REPO, env=serve_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -542,7 +476,7 @@ def test_silent_session_is_closed_after_the_idle_timeout(base):
     with ServerThread(settings(base, idle_timeout_s=0.5)) as srv:
         with Peer(srv.url(mode="tokens")) as p:
             p.wait_closed(timeout=10)
-        assert p.close_code == Close.POLICY and "no message for 0.5 s" in p.errors[0]
+        assert p.close_code == Close.POLICY and "no audio for 0.5 s" in p.errors[0]
         wait_idle(srv)
 
 
