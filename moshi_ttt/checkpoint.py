@@ -201,7 +201,12 @@ class CheckpointRef:
     @property
     def id(self) -> str:
         if self.kind == "ttt":
-            return f"{self.path.parent.parent.name}/{self.path.name}"
+            repo = self.path.parent.parent.name
+            if self.path.parent.name == "snapshots" and repo.startswith("models--"):
+                # a download (moshi_ttt.hub): a Hugging Face cache snapshot of OWNER/REPO
+                owner_repo = repo.removeprefix("models--").replace("--", "/", 1)
+                return f"hf://{owner_repo}@{self.path.name[:12]}"
+            return f"{repo}/{self.path.name}"
         if self.kind == "random":
             return f"random:{self.path.name}"
         return f"{self.path.name}/base"

@@ -1,6 +1,9 @@
 """`moshi-ttt serve`: validate every dim before binding the port, then serve until SIGTERM.
 
 Order of start-up (each step only if the previous one passed):
+0. an `hf://OWNER/REPO[@REVISION]` checkpoint is downloaded (or found in the Hugging Face
+   cache; `HF_HUB_OFFLINE=1`: the cache only) and read from then on as a local directory; a
+   malformed spec or a failed download exits with status 2 in one line;
 1. read the checkpoint's config and every weight file's header, build the model on the meta
    device and validate config <-> modules <-> TTT blocks <-> tensors: a mismatch exits with
    status 2 and a message naming the tensor, expected and found shape; the port is never bound;
@@ -50,6 +53,18 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_LOAD_FAILED, EXIT_INVALID, EXIT_BIND = 0, 1, 2, 3
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def resolve_checkpoint(settings: ServeSettings) -> ServeSettings:
+    """`settings` with an `hf://` checkpoint replaced by its downloaded (or cached) snapshot
+    directory, so that the header check, the load and /health all read one local directory,
+    as for a local checkpoint. Raises HubError (a CheckpointError) with one line."""
+    from moshi_ttt.hub import is_hub_spec, parse_spec, resolve_checkpoint as resolve
+
+    if not is_hub_spec(settings.checkpoint):
+        return settings
+    logger.info("fetching checkpoint %s", parse_spec(settings.checkpoint))
+    return settings.model_copy(update={"checkpoint": resolve(settings.checkpoint)})
 
 
 def preflight(settings: ServeSettings) -> dict:
@@ -275,9 +290,10 @@ def _serve(settings: ServeSettings, term: _Termination, invalid: tuple[type, ...
         except TLSError as e:
             logger.error("refusing to start: %s", e)
             return EXIT_INVALID
-    logger.info("starting: checking %s", settings.checkpoint or settings.random_config)
     try:
         with term.interruptible():
+            settings = resolve_checkpoint(settings)  # hf://: download first, then as local
+            logger.info("starting: checking %s", settings.checkpoint or settings.random_config)
             info = preflight(settings)
     except _Termination.Requested:
         logger.info("stopped by %s during the checkpoint check",

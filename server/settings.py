@@ -25,7 +25,10 @@ class SettingsError(ValueError):
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOSHI_TTT_", extra="forbid")
 
-    checkpoint: Path | None = Field(None, description="run dir, checkpoint dir or init-base dir")
+    checkpoint: Path | None = Field(
+        None, description="run dir, checkpoint dir, init-base dir, or hf://OWNER/REPO[@REVISION] "
+        "(downloaded at start-up; as a Path it reads hf:/OWNER/REPO, which moshi_ttt.hub "
+        "accepts too)")
     random_config: Path | None = Field(
         None, description="instead of a checkpoint: a project config served with random "
         "weights (benchmarks at real sizes without downloading weights)")

@@ -67,6 +67,7 @@ CASES_2 = {
         (["--checkpoint", "{orphan}"], "which is gone"),
         (["--checkpoint", "{no_model}"], "lacks model.safetensors"),
         (["--checkpoint", "{corrupt}"], "cannot read safetensors header"),
+        (["--checkpoint", "hf://owner"], "malformed Hub checkpoint 'hf://owner'"),
     ],
     "init-base": [
         (["{root}/b", "-c", TINY], "a random base needs a codec"),
@@ -114,6 +115,7 @@ CASES_2 = {
         (["--checkpoint", "{orphan}"], "which is gone"),
         (["--checkpoint", "{no_model}"], "lacks model.safetensors"),
         (["--checkpoint", "{corrupt}"], "cannot read safetensors header"),
+        (["--checkpoint", "hf://owner/repo@"], "malformed Hub checkpoint 'hf://owner/repo@'"),
         (["--random-config", "{nowhere}.yaml"], "config file not found"),
         (["--settings", "{nowhere}.yaml"], "settings file not found"),
         (["--checkpoint", "{base}", "--max-sessions", "0"],
@@ -124,6 +126,13 @@ CASES_2 = {
           "{nowhere}.pem"], "no such file"),
         (["--checkpoint", "{base}", "--ssl-certfile", "{wav}", "--ssl-keyfile", "{wav}"],
          "cannot use certificate"),
+    ],
+    "push": [
+        (["{nowhere}", "owner/repo"], "checkpoint path not found"),
+        (["{empty}", "owner/repo"], "has no complete checkpoint yet"),
+        (["{orphan}", "owner/repo"], "which is gone"),
+        (["{base}", "owner/repo"], "is a base directory, not a trained checkpoint"),
+        (["{orphan}", "not-a-repo"], "malformed Hub repository 'not-a-repo'"),
     ],
     "tls-cert": [
         (["{root}/tls", "--host", "not a host"], "not a host name or an IP address"),
