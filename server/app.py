@@ -285,6 +285,31 @@ def create_app(settings: ServeSettings, host: ModelHost | None = None,
             body["reason"] = host.reason
         return JSONResponse(body, status_code=200 if host.ready else 503)
 
+    @app.get("/health/live")
+    def live() -> JSONResponse:
+        """The process answers (a liveness probe: restart only when this stops answering)."""
+        return JSONResponse({"status": "alive", "model": host.status})
+
+    @app.get("/health/ready")
+    def ready() -> JSONResponse:
+        """Whether a new session would be taken now (a readiness probe, or a load balancer
+        choosing a replica): 200 with the free slots, else 503 with the reason and a
+        Retry-After (seconds) so that a balancer sends the client elsewhere meanwhile."""
+        active = host.engine.active if host.engine is not None else 0
+        capacity = settings.max_sessions
+        body = {"status": host.status, "active": active, "capacity": capacity,
+                "free": max(0, capacity - active)}
+        if host.draining:
+            body.update(ready=False, reason="server shutting down")
+        elif not host.ready or host.engine is None:
+            body.update(ready=False, reason=f"model not ready ({host.status}): {host.reason}")
+        elif active >= capacity:
+            body.update(ready=False, reason=f"all {capacity} session slots are taken")
+        else:
+            return JSONResponse(dict(body, ready=True))
+        retry = "30" if host.status in ("failed", "invalid") else "1"
+        return JSONResponse(body, status_code=503, headers={"Retry-After": retry})
+
     @app.get("/metrics")
     def metrics() -> Response:
         return Response(host.metrics.render(), media_type="text/plain; version=0.0.4")
