@@ -173,6 +173,19 @@ class TTTState(State):
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _init_conv(conv: StreamingConv1d) -> None:
+    """A causal depthwise q/k conv starts as the identity (last tap 1, others and bias 0), so an
+    untrained block is the block without convs, and training learns which earlier frames a key
+    holds. PyTorch's default init (uniform taps and a uniform bias per channel) adds a constant
+    per channel to every q and k: after their L2 normalisation all keys share that direction and
+    the inner output loses input dependence within the first mini-batches (measured with
+    `diagnose-ttt`: ratio 0.35 at 1000 frames at head dim 128, against 0.7 without convs)."""
+    w = conv.conv.conv.weight  # [D, 1, k]; its last tap multiplies the current frame
+    nn.init.zeros_(w)
+    w[:, :, -1] = 1.0
+    nn.init.zeros_(conv.conv.conv.bias)
+
+
 class TTTBlock(StreamingModule[TTTState]):
     """TTT-MLP with its projections, norms and gated residual, for a host of width `d_model`."""
 
@@ -197,7 +210,7 @@ class TTTBlock(StreamingModule[TTTState]):
         kw = {"device": device, "dtype": dtype}
         self.pre_norm = create_norm_fn(norm, d_model, **kw)
         self.wq = nn.Linear(d_model, d_model, bias=True, **kw)
-        self.wk = nn.Linear(d_model, d_model, bias=True, **kw)
+        self.wk = None if cfg.share_qk else nn.Linear(d_model, d_model, bias=True, **kw)
         self.wv = nn.Linear(d_model, d_model, bias=True, **kw)
         self.wo = nn.Linear(d_model, d_model, bias=True, **kw)
         self.post_norm = create_norm_fn(norm, d_model, **kw)
@@ -221,6 +234,8 @@ class TTTBlock(StreamingModule[TTTState]):
         with torch.no_grad():
             std = 1.0 / math.sqrt(self.d_model)
             for lin in (self.wq, self.wk, self.wv, self.wo):
+                if lin is None:
+                    continue
                 nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
                 nn.init.zeros_(lin.bias)
             for norm in (self.pre_norm, self.post_norm):
@@ -230,8 +245,8 @@ class TTTBlock(StreamingModule[TTTState]):
                     norm.reset_parameters()
             nn.init.constant_(self.gate_alpha, self.gate_init)
             for conv in (self.conv_q, self.conv_k):
-                if conv is not None:
-                    conv.conv.conv.reset_parameters()
+                if conv is not None:  # identity: the current frame only (see _init_conv)
+                    _init_conv(conv)
             self.inner.reset_parameters()
 
     # -- shared projections ------------------------------------------------------------------
@@ -243,7 +258,8 @@ class TTTBlock(StreamingModule[TTTState]):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2).float()
 
-        q, k = self.wq(h), self.wk(h)
+        q = self.wq(h)
+        k = q if self.wk is None else self.wk(h)
         if self.conv_q is not None:
             q = self.conv_q(q.transpose(1, 2)).transpose(1, 2)
             k = self.conv_k(k.transpose(1, 2)).transpose(1, 2)

@@ -166,7 +166,8 @@ def inspect(
     config: Optional[Path] = typer.Option(None, "--config", "-c", callback=config_path,
                                           help="project YAML config"),
     checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="a checkpoint directory written by `moshi-ttt train`"),
+        None, "--checkpoint", help="a checkpoint directory written by `moshi-ttt train`, or "
+        "hf://OWNER/REPO[@REVISION] (pushed with `moshi-ttt push`)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Print a model's dims and parameter counts.
@@ -181,13 +182,14 @@ def inspect(
     from .checkpoint import CheckpointError, inspect_checkpoint
     from .config import ConfigError, load_config
     from .dims import DimensionMismatch, describe, validate
+    from .hub import resolve_checkpoint
     from .model import build_ttt_lm
 
     if (config is None) == (checkpoint is None):
         fail("give exactly one of --config or --checkpoint")
     try:
         if checkpoint is not None:
-            info = inspect_checkpoint(checkpoint)
+            info = inspect_checkpoint(resolve_checkpoint(checkpoint))
         else:
             cfg = load_config(config)
             lm = build_ttt_lm(cfg, device="meta", dtype=torch.bfloat16)
@@ -478,7 +480,8 @@ def make_data(
 @app.command()
 def serve(
     checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="run dir (latest checkpoint), checkpoint dir, or init-base dir"),
+        None, "--checkpoint", help="run dir (latest checkpoint), checkpoint dir, init-base dir, "
+        "or hf://OWNER/REPO[@REVISION]"),
     settings_file: Optional[Path] = typer.Option(
         None, "--settings", help="YAML with server settings (or a project config's serve:)"),
     host: Optional[str] = typer.Option(None, help="interface to bind [127.0.0.1]"),
@@ -531,6 +534,40 @@ def serve(
     raise typer.Exit(code)
 
 
+@app.command()
+def push(
+    checkpoint: Path = typer.Argument(..., metavar="RUN_OR_CHECKPOINT",
+                                      help="run dir (its latest checkpoint) or checkpoint dir "
+                                      "written by `moshi-ttt train`"),
+    repo: str = typer.Argument(..., metavar="OWNER/REPO",
+                               help="Hugging Face repository to upload to (created if missing)"),
+    private: bool = typer.Option(False, "--private", help="create the repository private"),
+) -> None:
+    """Upload a checkpoint to the Hugging Face Hub.
+
+    One commit with the TTT weights, the checkpoint's config (dims, base reference and
+    fingerprint) and a model card (dims, parameter counts, the run's eval figures); never the
+    frozen base. The checkpoint is validated against its base first. Log in with `hf auth
+    login` or set HF_TOKEN. Prints the hf://OWNER/REPO@COMMIT spec that `serve --checkpoint`
+    and `inspect --checkpoint` take.
+    """
+    _cpu_defaults()
+    from .base import BaseModelError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .dims import DimensionMismatch
+    from .hub import push as push_checkpoint
+
+    try:
+        spec = push_checkpoint(checkpoint, repo, private=private)
+    except (CheckpointError, BaseModelError, ConfigError, DimensionMismatch,
+            ValueError) as e:  # ValueError: a weight file whose header cannot be read
+        fail(reason(e))
+    except OSError as e:
+        fail(os_reason(e))
+    typer.echo(spec)
+
+
 @app.command("tls-cert")
 def tls_cert(
     out: Path = typer.Argument(..., help="directory to write ca.pem, cert.pem and key.pem into"),
@@ -570,35 +607,56 @@ def eval_memory(
     quick: bool = typer.Option(False, "--quick", help="tiny task and budget: checks the "
                                "machinery in seconds, says nothing about memory"),
     steps: Optional[int] = typer.Option(None, help="optimiser steps per method"),
-    seed: Optional[int] = typer.Option(None, help="seed of base, data and trainable parts"),
+    seed: Optional[int] = typer.Option(None, help="run this seed only [the config's seeds]"),
     sets: Optional[list[str]] = typer.Option(
-        None, "--set", help="override an eval.memory setting, e.g. --set ttt.base_lr=1.0 "
-        "--set lr=0.01 --set train_on=dependent (repeatable)"),
+        None, "--set", help="override an eval.memory setting, e.g. --set lr=0.01 "
+        "--set tasks=[text] --set train_on=dependent (repeatable)"),
+    codec: Optional[Path] = typer.Option(
+        None, "--codec", help="base directory whose calibrated codec encodes the speech task's "
+        "words [runs/eval-memory/codec, made (make-data + init-base --calibrate-on) if missing]"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads [1]"),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="results JSON [runs/eval-memory/results(-quick).json]"),
 ) -> None:
-    """Compare LoRA, TTT and the frozen base on long-range recall.
+    """Compare TTT, LoRA and the frozen base on long-range recall.
 
-    Memory beyond the attention window: the same base, data, steps and seed for each, scored
-    frame by frame through LMGen on the frames that need out-of-window content and on the
-    rest. Prints a markdown table, writes JSON.
+    Recall of text and of speech, beyond every attention window.
     """
     _cpu_defaults()
+    from .base import BaseModelError
     from .config import ConfigError, load_config
+    from .data.index import DataError
+    from .data.synth import SynthesisError
     from .eval.memory import MemoryEvalSettings, format_table, run_memory_eval, write_results
 
+    root = Path("runs/eval-memory")
     try:
         cfg = load_config(config)
-        settings = MemoryEvalSettings.from_config(cfg, quick=quick, sets=sets, steps=steps,
-                                                  seed=seed, threads=threads)
-        report = run_memory_eval(cfg, settings)
-    except (ConfigError, ValueError) as e:
+        settings = MemoryEvalSettings.from_config(
+            cfg, quick=quick, sets=sets, steps=steps, threads=threads,
+            seeds=[seed] if seed is not None else None)
+        if "speech" in settings.tasks and codec is None:
+            codec = _eval_codec(cfg, root)
+        report = run_memory_eval(cfg, settings, codec=codec, out_dir=root)
+    except (ConfigError, ValueError, BaseModelError, DataError, SynthesisError) as e:
         fail(reason(e))
-    path = out or Path("runs/eval-memory") / ("results-quick.json" if quick else "results.json")
+    path = out or root / ("results-quick.json" if quick else "results.json")
     write_results(report, path)
     typer.echo(format_table(report))
     logger.info("results written to %s (%.0f s)", path, report["wall_seconds"])
+
+
+def _eval_codec(cfg, root: Path) -> Path:
+    """A tiny base whose codec is calibrated on make-data's speech, made once under `root`."""
+    from .base import CODEC_CALIBRATION_NAME, PROJECT_CONFIG_NAME, init_random_base
+    from .data.synth import synthesize_dataset
+
+    data, base = root / "data", root / "codec"
+    if (base / PROJECT_CONFIG_NAME).is_file() and (base / CODEC_CALIBRATION_NAME).is_file():
+        return base
+    logger.info("the speech task needs a calibrated codec: making one in %s (once)", base)
+    synthesize_dataset(data, n_dialogues=16, seed=0)
+    return init_random_base(cfg, base, data / "tokenizer.model", seed=0, calibrate_on=data)
 
 
 @app.command("diagnose-ttt")
@@ -666,30 +724,43 @@ def eval_stability(
         None, help="lmgen (the model samples, as served) or tokens (random tokens forced) [lmgen]"),
     seed: Optional[int] = typer.Option(None),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads [1]"),
+    recall_model: Optional[Path] = typer.Option(
+        None, "--recall-model", help="also stream sessions through the TTT model eval-memory "
+        "trained (runs/eval-memory/ttt-text.pt): distractors for the whole session, content to "
+        "recall at its very end"),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="report JSON [runs/eval-stability/results.json]"),
 ) -> None:
-    """Run one long session: fast-weight norms, step time, memory.
+    """Run one long session: norms, step time, memory, late recall.
 
-    One frame per step through the TTT model: fast-weight norms, per-frame step time (first vs
-    last 1000 frames) and resident memory over the whole session.
+    Fast-weight norms, per-frame step time, resident memory, and recall of late content.
     """
     _cpu_defaults()
     from .config import ConfigError, load_config
-    from .eval.stability import StabilitySettings, format_summary, run_stability, write_report
+    from .eval.stability import (
+        StabilitySettings, format_late_recall, format_summary, late_recall, run_stability,
+        write_report,
+    )
 
     try:
         cfg = load_config(config)
         settings = StabilitySettings.from_config(cfg, frames=frames, batch_size=batch_size,
                                                  driver=driver, seed=seed, threads=threads)
         report = run_stability(cfg, settings)
+        if recall_model is not None:
+            report["late_recall"] = late_recall(
+                recall_model, settings.frames, seed=settings.seed, threads=settings.threads,
+                reference_frame=settings.reference_frame)
     except (ConfigError, ValueError) as e:
         fail(reason(e))
     path = out or Path("runs/eval-stability") / "results.json"
     write_report(report, path)
     typer.echo(format_summary(report))
+    if "late_recall" in report:
+        typer.echo(format_late_recall(report["late_recall"]))
     logger.info("report written to %s", path)
-    if not report["finite"]:
+    finite = report["finite"] and report.get("late_recall", {}).get("finite", True)
+    if not finite:
         fail("fast weights became non-finite during the session", code=1)
 
 

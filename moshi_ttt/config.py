@@ -58,7 +58,7 @@ class TTTConfig(BaseModel):
     layers: list[int] = Field(default_factory=list, description="main-transformer layer indices")
     depformer_layers: list[int] = Field(default_factory=list, description="depformer layer indices")
     mini_batch_size: int = Field(16, ge=1, description="K: frames per inner mini-batch")
-    base_lr: float = Field(0.1, gt=0, description="inner learning rate scale (TTT-MLP: 0.1)")
+    base_lr: float = Field(1.0, gt=0, description="inner learning rate scale: a frame whose lr gate is fully open closes about its whole residual for its own key (ttt-lm: 0.1 with the mean scale, far too weak to store one frame; see the README)")
     mlp_expansion: int = Field(4, ge=1, description="inner MLP hidden = expansion * head_dim")
     gate_init: float = Field(0.1, description="initial value of the per-channel gate alpha")
     num_heads: int | None = Field(
@@ -78,18 +78,27 @@ class TTTConfig(BaseModel):
         "N(0, 0.02) as ttt-lm (collapses with L2-normalised keys: variance ~2 ln_eps at head dim "
         "16)")
     forget: Literal["none", "decay", "weight_norm"] = Field(
-        "none", description="what a committed state does: `decay` toward W0 by a learned per-head "
+        "decay", description="what a committed state does: `decay` toward W0 by a learned per-head "
         "fraction per mini-batch, `weight_norm` rescales each unit's [W; b] column to W0's norm")
-    decay_init: float = Field(0.01, gt=0, lt=1, description="`decay`: initial fraction per "
+    decay_init: float = Field(1e-3, gt=0, lt=1, description="`decay`: initial fraction per "
                               "mini-batch (learned per head)")
     rope: bool = Field(False, description="rotary embedding of q and k by position in the "
                        "mini-batch (t mod K), as ttt-lm")
-    qk_conv: int = Field(0, ge=0, description="kernel (frames) of a causal depthwise conv on the "
+    qk_conv: int = Field(4, ge=0, description="kernel (frames) of a causal depthwise conv on the "
                          "q and k projections, as ttt-lm's conv_q/conv_k (0: none): lets a key "
                          "hold the frames just before it (e.g. key = previous token)")
+    share_qk: bool = Field(False, description="q and k from one projection, told apart by their "
+                           "own convs (needs qk_conv), as ttt-lm's share_qk")
     position_scale: Literal["mean", "sum"] = Field(
-        "mean", description="s_i: `mean` 1/(i+1) (the reference: mini-batch GD on the mean "
+        "sum", description="s_i: `mean` 1/(i+1) (the reference: mini-batch GD on the mean "
         "gradient), `sum` 1 (every frame writes with its own lr, within a mini-batch and after)")
+
+    @model_validator(mode="after")
+    def _share_qk_needs_convs(self) -> "TTTConfig":
+        if self.share_qk and self.qk_conv < 1:
+            raise ValueError("ttt.share_qk needs ttt.qk_conv >= 1: without their convs q and k "
+                             "would be the same vector")
+        return self
 
     @field_validator("layers", "depformer_layers", mode="before")
     @classmethod

@@ -11,11 +11,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import statistics
+from typing import Any
 
 import torch
+from moshi.models.lm import LMModel
 
+from .model import delayed_inputs, ttt_blocks
 from .ttt_mlp import FastWeights, gelu_tanh, head_layer_norm
+
+logger = logging.getLogger(__name__)
 
 #: A layer whose input dependence falls below this fraction of its value at W0 has collapsed.
 COLLAPSE_RATIO = 0.1
@@ -63,3 +70,81 @@ def norms_by_tensor(w: FastWeights) -> dict[str, float]:
 
 def collapsed(ratio: float) -> bool:
     return not math.isfinite(ratio) or ratio < COLLAPSE_RATIO
+
+
+def diagnose(lm: LMModel, codes: torch.Tensor, every: int | None = None, seed: int = 0
+             ) -> dict[str, Any]:
+    """Stream `codes` [1, 17, T] through `lm` (teacher forced) and measure every main-transformer
+    TTT layer every `every` frames (default: 4 mini-batches)."""
+    lm.eval()
+    blocks = [a for a in ttt_blocks(lm) if a.component == "transformer"]
+    if not blocks:
+        raise ValueError("the model has no TTT layer in its main transformer")
+    K = blocks[0].block.mini_batch_size
+    every = every or 4 * K
+    T = codes.shape[-1]
+    seq = delayed_inputs(lm, codes)
+    probes = {a.layer: probe_queries(a.block.num_heads, a.block.head_dim, seed=seed,
+                                     device=a.block.inner.w1.device) for a in blocks}
+    series: dict[int, list[dict[str, float]]] = {a.layer: [] for a in blocks}
+    steps: dict[int, list[float]] = {a.layer: [] for a in blocks}
+    last_commit: dict[int, FastWeights] = {}
+
+    def snapshot(w: FastWeights) -> FastWeights:
+        return FastWeights(*(t[:1].clone() for t in w.as_tuple()))
+
+    def record(frame: int) -> None:
+        for a in blocks:
+            st, inner = a.block._streaming_state, a.block.inner
+            w = snapshot(st.w)
+            dep = float(input_dependence(w, inner.ttt_norm_weight, inner.ttt_norm_bias,
+                                         a.block.ln_eps, probes[a.layer])[0])
+            w0 = st.w0()
+            rec = {"frame": frame, "dependence": dep,
+                   "norm": float(total_norm(w)[0]),
+                   "drift": float(distance(w, w0)[0] / total_norm(
+                       FastWeights(*(t[None] for t in w0.as_tuple())))[0]),
+                   "step": statistics.fmean(steps[a.layer]) if steps[a.layer] else 0.0}
+            base = series[a.layer][0]["dependence"] if series[a.layer] else dep
+            rec["ratio"] = dep / base if base > 0 else float("nan")
+            series[a.layer].append(rec)
+            steps[a.layer].clear()
+
+    with lm.streaming(1):
+        record(0)
+        for a in blocks:
+            last_commit[a.layer] = snapshot(a.block._streaming_state.w)
+        for t in range(T):
+            lm.forward_text(seq[:, :, t:t + 1])
+            if (t + 1) % K == 0:  # a commit happened at this frame
+                for a in blocks:
+                    w = snapshot(a.block._streaming_state.w)
+                    prev = last_commit[a.layer]
+                    steps[a.layer].append(float(distance(w, prev)[0] / total_norm(prev)[0]))
+                    last_commit[a.layer] = w
+            if (t + 1) % every == 0 or t + 1 == T:
+                record(t + 1)
+    layers = []
+    for a in blocks:
+        s = series[a.layer]
+        layers.append({"layer": a.layer, "series": s, "final_ratio": s[-1]["ratio"],
+                       "collapsed": collapsed(s[-1]["ratio"])})
+    return {"frames": T, "mini_batch_size": K, "every": every, "layers": layers}
+
+
+#: Frames of the first batch the trainer streams for its collapse check (8 commits at K = 16).
+FIRST_BATCH_FRAMES = 128
+
+
+@torch.no_grad()
+def collapsed_layers(lm: LMModel, codes: torch.Tensor, frames: int = FIRST_BATCH_FRAMES
+                     ) -> list[dict[str, Any]]:
+    """The trainer's first-batch check: stream row 0 of a batch of codes [B, 17, T] (at most
+    `frames` frames) and return the main-transformer TTT layers whose inner output collapsed
+    (`diagnose`'s report for each). Leaves the model in the training mode it was in."""
+    was_training = lm.training
+    try:
+        report = diagnose(lm, codes[:1, :, :frames])
+    finally:
+        lm.train(was_training)
+    return [lay for lay in report["layers"] if lay["collapsed"]]

@@ -176,9 +176,17 @@ def check_blocks(lm: LMModel) -> list[Mismatch]:
             "inner.w1": (H, HD, Fh), "inner.b1": (H, 1, Fh), "inner.w2": (H, Fh, HD),
             "inner.b2": (H, 1, HD), "inner.ttt_norm_weight": (H, HD),
             "inner.ttt_norm_bias": (H, HD), "inner.lr_weight": (H, D), "inner.lr_bias": (H,),
-            "wq.weight": (D, D), "wk.weight": (D, D), "wv.weight": (D, D), "wo.weight": (D, D),
-            "gate_alpha": (D,),
+            "wq.weight": (D, D), "wv.weight": (D, D), "wo.weight": (D, D), "gate_alpha": (D,),
         }
+        if b.wk is not None:
+            expected["wk.weight"] = (D, D)
+        if b.inner.decay_logit is not None:
+            expected["inner.decay_logit"] = (H,)
+        for conv in ("conv_q", "conv_k"):
+            if getattr(b, conv) is not None:
+                k = getattr(b, conv)._kernel_size
+                expected[f"{conv}.conv.conv.weight"] = (D, 1, k)
+                expected[f"{conv}.conv.conv.bias"] = (D,)
         params = dict(b.named_parameters())
         for pname, shape in expected.items():
             found = tuple(params[pname].shape) if pname in params else "missing"

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 from moshi.models import loaders
 from moshi.models.lm import LMModel
+from moshi.models.lm_utils import _delay_sequence
 from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer
 from torch import nn
 
@@ -123,3 +124,11 @@ def freeze_base(lm: nn.Module, train_ttt: bool = True) -> tuple[int, int]:
         else:
             frozen += p.numel()
     return trainable, frozen
+
+
+def delayed_inputs(lm: LMModel, codes: torch.Tensor) -> torch.Tensor:
+    """[B, K, T+1]: the initial token, then the codes delayed as LMModel.forward feeds them;
+    step t's input is column t and its text logits predict codes[:, 0, t]."""
+    B = codes.shape[0]
+    initial = lm._get_initial_token().expand(B, -1, -1)
+    return torch.cat([initial, _delay_sequence(lm.delays, codes, initial)], dim=2)

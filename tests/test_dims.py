@@ -39,15 +39,18 @@ def test_7b_dims_detected_separately_for_main_and_depformer(meta_7b):
 def test_7b_parameter_counts(meta_7b):
     _, lm = meta_7b
     p = count_params(lm)
-    assert p["ttt_inner"] == 69_665_280 == 16 * 4_354_080
+    # per layer: W1 b1 W2 b2, the inner norm, the lr gate (4,354,080) and 32 decay rates
+    assert p["ttt_inner"] == 69_665_792 == 16 * (4_354_080 + 32)
     assert p["base"] == 7_687_729_152
     per_layer_outer = 4 * (4096 * 4096 + 4096) + 3 * 4096  # wq wk wv wo, two norms, gate
+    per_layer_outer += 2 * (4096 * 4 + 4096)  # depthwise causal q and k convs, kernel 4
     assert p["ttt_total"] == p["ttt_inner"] + 16 * per_layer_outer
     assert p["total"] == p["base"] + p["ttt_total"]
 
 
 def test_inner_count_at_1024_8_heads_matches_the_old_logs():
-    blk = TTTBlock(1024, 8, TTTConfig(), device="meta")
+    # the old logs predate the decay (one learned rate per head): forget="none" is that block
+    blk = TTTBlock(1024, 8, TTTConfig(forget="none"), device="meta")
     inner = sum(p.numel() for n, p in blk.named_parameters() if n.startswith("inner."))
     assert inner == 1_063_944 and 16 * inner == 17_023_104
 
@@ -62,13 +65,13 @@ def test_inspect_json_cli(meta_7b):
         {"d_model": 1024, "num_heads": 16, "num_layers": 6}
     assert info["ttt"]["layers"] == list(range(8, 24))
     assert info["ttt"]["mini_batch_size"] == 16
-    assert info["params"]["ttt_inner"] == 69_665_280
+    assert info["params"]["ttt_inner"] == 69_665_792  # 16 x (4,354,080 + 32 decay rates)
     assert set(info["params"]) >= {"base", "ttt_inner", "ttt_total", "total"}
 
 
 def test_inspect_reports_a_bad_config_clearly(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((CONFIGS / "tiny.yaml").read_text().replace('layers: "1..2"', 'layers: "1..9"'))
+    bad.write_text((CONFIGS / "tiny.yaml").read_text().replace('layers: "0..1"', 'layers: "1..9"'))
     res = CliRunner().invoke(app, ["inspect", "--config", str(bad)])
     assert res.exit_code == 2
     assert "out of range" in res.output and "4 layers" in res.output
@@ -112,8 +115,9 @@ def test_ttt_weights_for_other_dims_are_refused_before_any_forward(tiny_cfg, tmp
     with pytest.raises(DimensionMismatch) as e:
         validate(lm, weights=[(f, is_ttt_param)])
     msg = str(e.value)
-    assert "transformer.layers.1.ttt.inner.w1: expected shape (4, 16, 64), found (2, 16, 64)" in msg
-    assert "transformer.layers.2.ttt.wo.weight" in msg
+    assert "transformer.layers.0.ttt.inner.w1: expected shape (1, 64, 256), found (1, 32, 128)" \
+        in msg
+    assert "transformer.layers.1.ttt.wo.weight" in msg
 
 
 def test_legacy_in_proj_names_are_understood(tiny_cfg, tmp_path):
@@ -145,7 +149,7 @@ def test_config_claims_checked_against_modules(tiny_cfg):
     msg = str(e.value)
     assert "transformer.d_model: expected value 4096 (config: dim), found 64" in msg
     assert "depformer.num_heads: expected value 16" in msg
-    ttt = tiny_cfg.ttt.model_copy(update={"layers": [0, 1]})
+    ttt = tiny_cfg.ttt.model_copy(update={"layers": [1, 2]})
     with pytest.raises(DimensionMismatch, match="transformer TTT layers: expected layers"):
         validate(lm, tiny_cfg.lm, ttt)
 
@@ -171,8 +175,8 @@ def test_depformer_ttt_uses_depformer_dims(tiny_cfg):
     lm = build_ttt_lm(cfg)
     info = describe(lm, cfg.ttt)
     dep = [b for b in info["ttt"]["blocks"] if b["component"] == "depformer"]
-    assert dep == [{"component": "depformer", "layer": 1, "d_model": 32, "num_heads": 4,
-                    "head_dim": 8, "mlp_hidden": 32, "mini_batch_size": 16}]
+    assert dep == [{"component": "depformer", "layer": 1, "d_model": 32, "num_heads": 1,
+                    "head_dim": 32, "mlp_hidden": 128, "mini_batch_size": 16}]
     codes = torch.randint(0, 1000, (2, 17, 20))
     with torch.no_grad():
         out = lm(codes)

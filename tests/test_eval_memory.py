@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from moshi_ttt.eval import memory as mem
-from moshi_ttt.eval.memory import MemoryEvalSettings, RecallTask
-from moshi_ttt.eval.stability import StabilitySettings, run_stability
+from moshi_ttt.eval.memory import MemoryEvalSettings
+from moshi_ttt.eval.recall import RecallTask, WordCodes, encode_words, speech_batch, text_batch
+from moshi_ttt.eval.stability import StabilitySettings, late_recall, run_stability
 from moshi_ttt.model import ttt_blocks
 
 from conftest import CONFIGS
@@ -31,7 +32,7 @@ def _quick(tiny_cfg, **kw) -> MemoryEvalSettings:
 
 def _numbers(report: dict) -> list:
     """Every number of a report that a seed must fix (wall-clock times excluded)."""
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in report["results"]]
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in report["results"]]
 
 
 def _all_finite(x) -> bool:
@@ -48,8 +49,8 @@ def _all_finite(x) -> bool:
 
 def test_dependent_mask_marks_exactly_the_recall_frames():
     task = RecallTask(context=8, content_len=5, gap=40, tail=3)
-    codes, dep = mem.make_batch(task, 7, torch.Generator().manual_seed(0), n_q=16)
-    L, r, T = task.content_len, task.recall_frame, task.length
+    codes, dep = text_batch(task, 7, torch.Generator().manual_seed(0), n_q=16)
+    L, r, T = task.content_len, task.recall_frame(), task.length()
     assert codes.shape == (7, 17, T) and dep.shape == (7, T) and T == 1 + 5 + 40 + 1 + 5 + 3
     expected = torch.zeros(T, dtype=torch.bool)
     expected[r + 1:r + 1 + L] = True
@@ -64,45 +65,104 @@ def test_dependent_mask_marks_exactly_the_recall_frames():
     assert (codes[:, 1:] == -1).all()
 
 
+def _words(n_content=4, n_dis=3, W=3) -> WordCodes:
+    """Distinct synthetic code patterns standing for words (the real ones come from espeak-ng
+    and a calibrated codec: see test_speech_words_are_encoded_by_the_codec)."""
+    g = torch.Generator().manual_seed(5)
+    return WordCodes(torch.randint(1, 2048, (n_content, 8, W), generator=g),
+                     torch.randint(1, 2048, (n_dis, 8, W), generator=g),
+                     torch.zeros(8, dtype=torch.long), [f"c{i}" for i in range(n_content)],
+                     [f"d{i}" for i in range(n_dis)])
+
+
+def test_speech_batch_holds_the_words_only_in_the_user_audio():
+    words = _words()
+    task = RecallTask(context=8, content_len=2, gap=40, content_vocab=4, distractor_vocab=3)
+    codes, dep = speech_batch(task, words, 6, torch.Generator().manual_seed(1), 16, 8)
+    W, L = words.word_frames, task.content_len
+    r, T = task.recall_frame(W), task.length(W)
+    assert codes.shape == (6, 17, T) and dep[:, r + 1:r + 1 + L].all() and dep.sum() == 6 * L
+    text, user, moshi = codes[:, 0], codes[:, 9:], codes[:, 1:9]
+    assert (moshi == -1).all()  # Moshi's own audio: no input
+    answers = text[:, r + 1:r + 1 + L] - task.first_id
+    for b in range(6):
+        for i in range(L):  # the user spoke word i where the recall names it
+            assert torch.equal(user[b, :, 1 + i * W:1 + (i + 1) * W], words.content[answers[b, i]])
+    # the text stream names nothing before the recall: padding but for the two markers
+    before = torch.cat([text[:, 1:r], text[:, r + 1 + L:]], dim=1)
+    assert (before == 3).all() and (text[:, 0] == task.first_id - 2).all()
+    # the gap holds only distractor words or silence
+    gap = user[:, :, 1 + L * W:r]
+    content_set = {tuple(c.flatten().tolist()) for c in words.content}
+    for b in range(6):
+        for s0 in range(0, gap.shape[-1] - W + 1, W):
+            assert tuple(gap[b, :, s0:s0 + W].flatten().tolist()) not in content_set
+
+
+def test_speech_words_are_encoded_by_the_codec():
+    from fixtures import calibrated_base
+
+    words = encode_words(calibrated_base(), 4, 3)
+    assert words.content.shape[:2] == (4, 8) and words.distractors.shape[:2] == (3, 8)
+    flat = [tuple(c.flatten().tolist()) for c in torch.cat([words.content, words.distractors])]
+    assert len(set(flat)) == 7  # every word its own codes
+    assert (words.content[:, 0] != words.silence[0]).any(dim=-1).all()  # not silence
+
+
 def test_gap_must_exceed_context_and_the_stacked_attention_reach(tiny_cfg):
     with pytest.raises(ValueError, match="must exceed the attention context"):
         RecallTask(context=32, gap=32).check(4, 1000)
-    with pytest.raises(ValueError, match="must exceed the attention context"):
-        mem.make_batch(RecallTask(context=32, gap=20), 2, torch.Generator(), 16)
     # longer than one window but not than 4 stacked windows (4 x 31 = 124): still refused
     with pytest.raises(ValueError, match="stacked attention windows still reach"):
         RecallTask(context=32, gap=100).check(4, 1000)
     RecallTask(context=32, gap=124).check(4, 1000)
+    assert mem.task_at(RecallTask(context=32), 2.0, 4).gap == 248
     with pytest.raises(ValueError, match="exceed the text vocabulary"):
         RecallTask(context=8, gap=40, content_vocab=600, distractor_vocab=600).check(4, 1000)
-    s = _quick(tiny_cfg).model_copy(update={"task": RecallTask(context=16, gap=40)})
-    with pytest.raises(ValueError, match="stacked attention"):
-        mem.run_memory_eval(tiny_cfg, s)
+    with pytest.raises(ValueError, match="multiples >= 1"):
+        _quick(tiny_cfg, gaps=[0.5])
 
 
-def test_without_ttt_dependent_frames_cannot_see_the_content(tiny_cfg):
+def _trained_looking(lm):
+    """Every trainable part made to act, as after training."""
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if p.requires_grad and ".inner." not in n:
+                p.normal_(0, 0.1)
+        for a in ttt_blocks(lm):
+            a.block.gate_alpha.fill_(0.5)
+            a.block.inner.lr_bias.fill_(3.0)  # inner lr near its maximum
+
+
+@pytest.mark.parametrize("kind", ["text", "speech"])
+def test_without_ttt_dependent_frames_cannot_see_the_content(tiny_cfg, kind):
     """Change only the content's first occurrence: the streamed logits of the recall frames do
     not move at all for the base and LoRA (no path: the gap exceeds the reach), and do move for
     TTT (its fast weights carry it)."""
-    s = _quick(tiny_cfg, ttt={"base_lr": 1.0})
-    codes, dep = mem.make_batch(s.task, 3, torch.Generator().manual_seed(1), 16)
+    s = _quick(tiny_cfg)
+    words = _words()
+    shape = s.task if kind == "text" else mem.speech_shape(s).model_copy(
+        update={"content_vocab": 4, "distractor_vocab": 3})
+    task = mem.task_at(shape, 1.0, 4)
+    batch = mem.batches(kind, 16, 8, words)
+    codes, dep = batch(task, 3, torch.Generator().manual_seed(1))
     other = codes.clone()
-    L = s.task.content_len
-    other[:, 0, 1:1 + L] = s.task.first_id + (codes[:, 0, 1:1 + L] - s.task.first_id + 1) % \
-        s.task.content_vocab
+    if kind == "text":
+        L = task.content_len
+        other[:, 0, 1:1 + L] = task.first_id + (codes[:, 0, 1:1 + L] - task.first_id + 1) % \
+            task.content_vocab
+        span = slice(1, 1 + L)
+    else:
+        W = words.word_frames
+        span = slice(1, 1 + W)
+        first = (codes[:, 0, dep[0]][:, 0] - task.first_id + 1) % 4  # another first word
+        other[:, 9:, span] = words.content[first]
     for method in ("frozen", "lora", "ttt"):
-        lm = mem.build_method(method, tiny_cfg, s, lora_rank=4).eval()
-        with torch.no_grad():  # make every trainable part act, as after training
-            for n, p in lm.named_parameters():
-                if p.requires_grad:
-                    p.normal_(0, 0.3 if ".inner.w" in n else 0.1)
-            for a in ttt_blocks(lm):
-                a.block.gate_alpha.fill_(0.5)
-                a.block.inner.lr_bias.fill_(3.0)  # inner lr near its maximum
-        a_logits = mem.lmgen_text_logits(lm, codes)
-        b_logits = mem.lmgen_text_logits(lm, other)
-        diff = (a_logits - b_logits).abs().amax(-1)  # [B, T]
-        assert diff[:, 1:1 + L].max() > 1e-3  # the content frames themselves differ ...
+        lm = mem.build_method(method, tiny_cfg, task.context, 0, lora_rank=4).eval()
+        _trained_looking(lm)
+        diff = (mem.stream_text_logits(lm, codes) - mem.stream_text_logits(lm, other)
+                ).abs().amax(-1)  # [B, T]
+        assert diff[:, span.start + 1:span.stop + 1].max() > 1e-4  # the content frames differ
         if method == "ttt":
             assert diff[dep].max() > 1e-4, method
         else:
@@ -110,9 +170,9 @@ def test_without_ttt_dependent_frames_cannot_see_the_content(tiny_cfg):
 
 
 def test_methods_share_base_weights_and_lora_rank_matches_ttt_count(tiny_cfg):
-    s = _quick(tiny_cfg)
-    rank = mem.matched_lora_rank(tiny_cfg, s)
-    models = {m: mem.build_method(m, tiny_cfg, s, rank) for m in mem.METHODS}
+    ctx = _quick(tiny_cfg).task.context
+    rank = mem.matched_lora_rank(tiny_cfg, ctx)
+    models = {m: mem.build_method(m, tiny_cfg, ctx, 0, rank) for m in mem.METHODS}
     ref = mem.base_state(models["frozen"])
     for m in ("lora", "ttt"):
         st = mem.base_state(models[m])
@@ -123,19 +183,23 @@ def test_methods_share_base_weights_and_lora_rank_matches_ttt_count(tiny_cfg):
     assert 1 / 1.25 <= n_lora / n_ttt <= 1.25  # matched within 25 %
     # and the adapters sit on the frozen base's linears only
     assert all(".lora_" in n for n, p in models["lora"].named_parameters() if p.requires_grad)
+    # the TTT method is the config's own TTT section, with nothing changed for this eval
+    blocks = list(ttt_blocks(models["ttt"]))
+    assert [a.layer for a in blocks] == tiny_cfg.ttt.layers
+    b = blocks[0].block
+    assert (b.base_lr, b.forget, b.rope, b.position_scale_kind, b.inner.init) == (
+        tiny_cfg.ttt.base_lr, tiny_cfg.ttt.forget, tiny_cfg.ttt.rope,
+        tiny_cfg.ttt.position_scale, tiny_cfg.ttt.inner_init)
 
 
 def test_lmgen_teacher_forcing_equals_parallel_forward(tiny_cfg):
-    """The eval path (LMGen.step, one frame per call, text forced through the logits hook, audio
-    through depformer_replace_tokens) computes exactly LMModel.forward's text logits, with
-    random audio on every stream and a context shorter than the sequence."""
-    s = _quick(tiny_cfg)
-    lm = mem.build_method("ttt", tiny_cfg, s, 1).eval()
+    """The eval paths (LMGen.step one frame per call, text forced through the logits hook, audio
+    through depformer_replace_tokens; and the plain stream) compute exactly LMModel.forward's
+    text logits, with random audio on every stream and a context shorter than the sequence."""
+    lm = mem.build_method("ttt", tiny_cfg, 8, 0, 1).eval()
     with torch.no_grad():
-        for a in ttt_blocks(lm):
+        for a in ttt_blocks(lm):  # shipped W0 init; a visible gate so equality means something
             a.block.gate_alpha.fill_(0.5)
-            a.block.inner.w1.normal_(0, 0.3)
-            a.block.inner.w2.normal_(0, 0.3)
     g = torch.Generator().manual_seed(3)
     B, T = 2, 2 * tiny_cfg.ttt.mini_batch_size + 5
     codes = torch.randint(0, tiny_cfg.lm["card"], (B, 17, T), generator=g)
@@ -143,26 +207,44 @@ def test_lmgen_teacher_forcing_equals_parallel_forward(tiny_cfg):
     with torch.no_grad():
         ref = lm(codes).text_logits[:, 0]
     assert (mem.lmgen_text_logits(lm, codes) - ref).abs().max() <= 1e-4
-    assert (mem.forward_text_stream_logits(lm, codes) - ref).abs().max() <= 1e-4
+    assert (mem.stream_text_logits(lm, codes) - ref).abs().max() <= 1e-4
 
 
 # -- the quick run -----------------------------------------------------------------------------
 
-def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg):
-    s = _quick(tiny_cfg)
-    a = mem.run_memory_eval(tiny_cfg, s)
-    b = mem.run_memory_eval(tiny_cfg, s)
-    assert [r["method"] for r in a["results"]] == ["lora", "ttt", "frozen"]
+def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg, tmp_path):
+    from fixtures import calibrated_base
+
+    s = _quick(tiny_cfg, ablations={"reference_init": {"inner_init": "reference"}})
+    a = mem.run_memory_eval(tiny_cfg, s, codec=calibrated_base(), out_dir=tmp_path)
+    b = mem.run_memory_eval(tiny_cfg, s, codec=calibrated_base())
+    keys = {(r["task"], r["method"], r["gap_x"]) for r in a["results"]}
+    for task in ("text", "speech"):
+        for m in ("ttt", "ttt_off", "lora", "frozen"):
+            assert {(task, m, g) for g in s.gaps} <= keys, (task, m)
+    assert {("text", "ttt:reference_init", g) for g in s.gaps} <= keys
+    assert not any(k[0] == "speech" and k[1].startswith("ttt:") for k in keys)
     assert _all_finite(_numbers(a))
     assert _numbers(a) == _numbers(b)  # same seed: the very same numbers
-    by = {r["method"]: r for r in a["results"]}
-    assert by["ttt"]["extra"]["fast_weight_drift"] > 0  # the sessions' fast weights learned
-    assert by["lora"]["steps"] == by["ttt"]["steps"] == s.steps and by["frozen"]["steps"] == 0
-    assert 1 / 1.25 <= by["lora"]["trainable_params"] / by["ttt"]["trainable_params"] <= 1.25
-    c = mem.run_memory_eval(tiny_cfg, s.model_copy(update={"seed": 1, "methods": ["ttt"]}))
-    assert c["results"][0]["dependent_loss"] != by["ttt"]["dependent_loss"]
+    by = {(r["task"], r["method"]): r for r in a["results"] if r["gap_x"] == 1.0}
+    assert by[("text", "ttt")]["fast_weight_drift"] > 0  # the sessions' fast weights learned
+    assert by[("text", "ttt_off")]["fast_weight_drift"] == 0  # ... and not with the lr at 0
+    assert by[("text", "lora")]["steps"] == by[("text", "ttt")]["steps"] == s.steps
+    assert by[("text", "frozen")]["steps"] == 0
+    for r in a["results"]:
+        assert set(r) >= {"recall_acc", "recall_loss", "chance_acc", "task", "gap_x", "method",
+                          "seed"}
+    assert by[("speech", "ttt")]["chance_acc"] == 1 / s.speech.content_vocab
+    assert a["lmgen_check"]["max_abs_logit_diff"] <= 1e-4
+    assert (tmp_path / "ttt-text.pt").is_file()
+    summ = {(x["task"], x["gap_x"], x["method"]): x for x in a["summary"]}
+    assert summ[("text", 1.0, "ttt")]["seeds"] == s.seeds
+    c = mem.run_memory_eval(tiny_cfg, s.model_copy(update={"seeds": [1], "methods": ["ttt"],
+                                                           "tasks": ["text"]}))
+    c_ttt = [r for r in c["results"] if r["method"] == "ttt" and r["gap_x"] == 1.0][0]
+    assert c_ttt["recall_loss"] != by[("text", "ttt")]["recall_loss"]
     table = mem.format_table(a)
-    assert "| ttt |" in table and "| frozen |" in table and "lora (rank" in table
+    assert "| text | 1x" in table and "| speech |" in table and "| ttt_off |" in table
 
 
 def test_cli_eval_memory_quick_writes_json(tmp_path):
@@ -170,12 +252,15 @@ def test_cli_eval_memory_quick_writes_json(tmp_path):
 
     from moshi_ttt.cli import app
 
+    from fixtures import calibrated_base
+
     out = tmp_path / "mem.json"
     res = CliRunner().invoke(app, ["eval-memory", "--config", str(CONFIGS / "tiny.yaml"),
-                                   "--quick", "--steps", "2", "--out", str(out)])
+                                   "--quick", "--steps", "2", "--codec", str(calibrated_base()),
+                                   "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
-    assert [r["method"] for r in report["results"]] == ["lora", "ttt", "frozen"]
+    assert {r["method"] for r in report["results"]} >= {"ttt", "ttt_off", "lora", "frozen"}
     assert report["settings"]["steps"] == 2
     assert "| ttt |" in res.output
     bad = CliRunner().invoke(app, ["eval-memory", "--config", str(CONFIGS / "tiny.yaml"),
@@ -207,7 +292,11 @@ def test_stability_rows_stay_isolated(tiny_cfg):
         r2 = two["fast_weights"][name]["final_row_norms"]
         assert len(r1) == 1 and len(r2) == 2
         assert r2[0] == pytest.approx(r1[0], rel=1e-5), name
-        assert abs(r2[1] - r2[0]) > 1e-4 * r2[0], name
+        # the norm is mostly W0's (scaled init): rows that saw other input differ in their drift
+        d1 = one["fast_weights"][name]["final_row_drifts"]
+        d2 = two["fast_weights"][name]["final_row_drifts"]
+        assert d2[0] == pytest.approx(d1[0], rel=1e-4) and d1[0] > 0, name
+        assert abs(d2[1] - d2[0]) > 1e-2 * d2[0], name
 
 
 def test_cli_eval_stability_writes_json(tmp_path):

@@ -174,6 +174,31 @@ def test_refusal_at_capacity_says_so(base):
         assert 'moshi_ttt_sessions_refused_total{reason="capacity"} 1.0' in metrics
 
 
+def _ready(srv) -> tuple[int, dict, str | None]:
+    try:
+        with urllib.request.urlopen(srv.http("/health/ready"), timeout=30) as r:
+            return r.status, json.loads(r.read()), r.headers.get("Retry-After")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers.get("Retry-After")
+
+
+def test_readiness_follows_free_slots_and_liveness_answers(base):
+    """/health/ready is what a load balancer or a Kubernetes readiness probe reads: 503 with
+    Retry-After while every slot is taken, 200 again once one is freed."""
+    with ServerThread(settings(base, max_sessions=1)) as srv:
+        status, body, _ = _ready(srv)
+        assert status == 200 and body["ready"] and body["free"] == 1
+        with Peer(srv.url(mode="tokens")):
+            status, body, retry = _ready(srv)
+            assert status == 503 and not body["ready"] and body["free"] == 0
+            assert "all 1 session slots are taken" in body["reason"] and retry == "1"
+            assert get_json(srv.http("/health"))[0] == 200  # healthy, only full
+        wait_idle(srv)
+        status, body, _ = _ready(srv)
+        assert status == 200 and body["free"] == 1
+        assert get_json(srv.http("/health/live")) == (200, {"status": "alive", "model": "ok"})
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode,message,code,match", [
@@ -357,6 +382,9 @@ def test_health_is_503_until_ready_and_chat_is_refused(base):
     with ServerThread(s, host=SlowHost(s), wait_ready=False) as srv:
         status, h = get_json(srv.http("/health"))
         assert status == 503 and h["status"] == "starting" and h["reason"]
+        code, body, _ = _ready(srv)
+        assert code == 503 and body["reason"].startswith("model not ready (starting)")
+        assert get_json(srv.http("/health/live"))[0] == 200  # alive while it loads
         with Peer(srv.url(mode="tokens"), handshake=False) as p:
             p.wait_closed()
         assert p.close_code == Close.TRY_AGAIN and "model not ready" in p.errors[0]

@@ -60,7 +60,7 @@ def test_train_writes_a_checkpoint_the_server_loads(env, tmp_path):
     for key in ("loss", "text", "audio", "audio_cb0", "audio_cb7", "lr", "tokens_per_s",
                 "peak_mem_mb", "grad_norm", "gate", "fast_weight_norm", "eval/loss"):
         assert key in r, key
-    assert set(r["gate"]) == {"1", "2"} and all(math.isfinite(v) for v in r["gate"].values())
+    assert set(r["gate"]) == {"0", "1"} and all(math.isfinite(v) for v in r["gate"].values())
     assert all(math.isfinite(x["loss"]) for x in recs)
     # the layout the server reads, with nothing half-written around
     ck = latest_checkpoint(out)
@@ -112,7 +112,7 @@ def test_gradient_accumulation_equals_one_big_batch(env, tmp_path):
         assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
     wa = load_model(tmp_path / "big", with_codec=False).lm.state_dict()
     wb = load_model(tmp_path / "acc", with_codec=False).lm.state_dict()
-    k = "transformer.layers.2.ttt.wq.weight"
+    k = "transformer.layers.1.ttt.wq.weight"
     assert (wa[k] - wb[k]).abs().max() < 1e-5
 
 
@@ -299,10 +299,10 @@ def test_resume_refuses_a_nonfinite_checkpoint(env, run2, tmp_path):
     out = _copy(run2, tmp_path)
     f = latest_checkpoint(out) / "ttt.safetensors"
     tensors = load_file(str(f))
-    tensors["transformer.layers.2.ttt.inner.b1"][0, 0, 0] = float("inf")
+    tensors["transformer.layers.1.ttt.inner.b1"][0, 0, 0] = float("inf")
     save_file(tensors, str(f), metadata={"format": "moshi-ttt/1"})
     with pytest.raises(TrainingError, match=r"refusing to resume .* NaN or inf "
-                                            r"\(transformer\.layers\.2\.ttt\.inner\.b1\)"):
+                                            r"\(transformer\.layers\.1\.ttt\.inner\.b1\)"):
         _run(env, out, max_steps=3, eval_data=None, resume=True)
 
 
@@ -322,7 +322,8 @@ def test_weight_decay_spares_norms_biases_and_gates(env, tmp_path):
     assert {k for k, v in mine.items() if v == 0.0} == {
         "gate_alpha", "pre_norm.alpha", "post_norm.alpha", "wq.bias", "wk.bias", "wv.bias",
         "wo.bias", "inner.b1", "inner.b2", "inner.ttt_norm_weight", "inner.ttt_norm_bias",
-        "inner.lr_weight", "inner.lr_bias"}
+        "inner.lr_weight", "inner.lr_bias", "inner.decay_logit", "conv_q.conv.conv.weight",
+        "conv_q.conv.conv.bias", "conv_k.conv.conv.weight", "conv_k.conv.conv.bias"}
 
 
 # -- checkpoints gather only what is trained --------------------------------------------------------
@@ -352,13 +353,13 @@ def test_checkpoints_gather_only_trained_tensors(env, tmp_path, monkeypatch):
 def test_resume_names_a_changed_model_config(env, run2, tmp_path):
     out = _copy(run2, tmp_path)
     cfg = _cfg()
-    cfg.ttt.layers = [1, 2, 3]
+    cfg.ttt.layers = [0, 1, 2]
     cfg.ttt.base_lr = 0.2
     cfg.lm["context"] = 100
     with pytest.raises(TrainingError, match="another model") as e:
         _run(env, out, cfg=cfg, max_steps=3, eval_data=None, resume=True)
     msg = str(e.value)
-    for line in ("ttt.layers: [1, 2] -> [1, 2, 3]", "ttt.base_lr: 0.1 -> 0.2",
+    for line in ("ttt.layers: [0, 1] -> [0, 1, 2]", "ttt.base_lr: 1.0 -> 0.2",
                  "lm.context: 250 -> 100"):
         assert line in msg, msg
     with pytest.raises(TrainingError, match=r"train\.lora\.enable: False -> True"):
@@ -448,3 +449,33 @@ def test_a_stale_duration_is_caught_on_a_cache_hit(env, tmp_path):
     with pytest.raises(DataError, match=r"train_000\.wav lasts 3\.04 s .* index says 30\.00 s"):
         SegmentLoader(idx, enc, 2.0, show_progress=False)
     assert (enc.hits, enc.misses) == (1, 0)  # the audio was never read again
+
+
+def test_first_batch_check_names_a_collapsed_layer(env, tmp_path, caplog):
+    """The trainer streams its first batch before step 1: silent at the shipped init, a
+    warning naming each layer at the reference init (W0 ~ N(0, 0.02), which collapses)."""
+    import logging
+
+    from moshi_ttt.train.trainer import Trainer
+
+    def trainer(cfg, out):
+        t = Trainer(cfg, _settings(env, max_steps=1), out,
+                    base_override=BaseModelRef(local_dir=str(env["base"])))
+        t.lm.train()
+        t._data()
+        return t
+
+    caplog.set_level(logging.WARNING, logger="moshi_ttt.train.trainer")
+    ok = trainer(_cfg(), tmp_path / "ok")
+    ok._check_first_batch()
+    assert ok.first_batch_collapsed == [] and "collapsed" not in caplog.text
+    cfg = _cfg()
+    cfg.ttt = cfg.ttt.model_copy(update={"inner_init": "reference", "position_scale": "mean",
+                                         "base_lr": 0.1, "forget": "none", "qk_conv": 0})
+    bad = trainer(cfg, tmp_path / "bad")
+    pos = bad.pos.__dict__.copy()
+    bad._check_first_batch()
+    assert bad.pos.__dict__ == pos  # the data position is untouched
+    assert bad.first_batch_collapsed == cfg.ttt.layers
+    for layer in cfg.ttt.layers:
+        assert f"TTT layer {layer}: its inner output collapsed on the first batch" in caplog.text

@@ -59,12 +59,12 @@ class _Capture:
 def test_structure(tiny_cfg):
     lm = build_ttt_lm(tiny_cfg)
     kinds = [type(l) for l in lm.transformer.layers]
-    assert kinds == [StreamingTransformerLayer, HybridTransformerLayer,
-                     HybridTransformerLayer, StreamingTransformerLayer]
+    assert kinds == [HybridTransformerLayer, HybridTransformerLayer,
+                     StreamingTransformerLayer, StreamingTransformerLayer]
     assert all(type(l) is StreamingTransformerLayer for l in lm.depformer.layers)
     names = [n for n, _ in lm.named_parameters() if ".ttt." in n]
-    assert "transformer.layers.1.ttt.wq.weight" in names
-    assert "transformer.layers.2.ttt.inner.w1" in names
+    assert "transformer.layers.0.ttt.wq.weight" in names
+    assert "transformer.layers.1.ttt.inner.w1" in names
 
 
 #: TTT variants beside the shipped one: every option must stay streaming-exact.
@@ -248,9 +248,11 @@ def test_one_optimiser_step_trains_w0_lr_gate_and_alpha_base_frozen(tiny_cfg):
                                              codes[:, :1][out.text_mask])
     loss.backward()
     opt.step()
-    for name in ("transformer.layers.1.ttt.inner.w1", "transformer.layers.1.ttt.inner.lr_weight",
-                 "transformer.layers.1.ttt.inner.lr_bias", "transformer.layers.1.ttt.gate_alpha",
-                 "transformer.layers.2.ttt.inner.b2", "transformer.layers.2.ttt.wq.weight"):
+    for name in ("transformer.layers.0.ttt.inner.w1", "transformer.layers.0.ttt.inner.lr_weight",
+                 "transformer.layers.0.ttt.inner.lr_bias", "transformer.layers.0.ttt.gate_alpha",
+                 "transformer.layers.0.ttt.inner.decay_logit",
+                 "transformer.layers.0.ttt.conv_q.conv.conv.weight",
+                 "transformer.layers.1.ttt.inner.b2", "transformer.layers.1.ttt.wq.weight"):
         p = dict(lm.named_parameters())[name]
         assert p.grad is not None and p.grad.abs().max() > 0, name
         assert not torch.equal(p.detach(), before[name]), name

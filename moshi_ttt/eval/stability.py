@@ -51,6 +51,8 @@ class StabilitySettings(BaseModel):
     driver: Literal["lmgen", "tokens"] = "lmgen"
     record_every: int = Field(250, ge=1, description="frames between norm / memory records")
     window: int = Field(1000, ge=1, description="frames in the first / last step-time medians")
+    reference_frame: int = Field(3750, ge=1, description="fast-weight norms at the end are "
+                                 "compared with their value here (3750 frames = 5 minutes)")
     seed: int = 0
     threads: int = Field(1, ge=1, description="torch CPU threads (1: robust on a shared box)")
 
@@ -183,6 +185,8 @@ def _summarize(s: StabilitySettings, times: list[float], records: list[dict[str,
         norms = [max(r["layers"][name]["norm"]) for r in records]
         drifts = [max(r["layers"][name]["drift"]) for r in records]
         half = [max(r["layers"][name]["norm"]) for r in records if r["frame"] >= s.frames // 2]
+        ref = [max(r["layers"][name]["norm"]) for r in records
+               if r["frame"] >= min(s.reference_frame, s.frames)]
         comps = {}
         for c in COMPONENTS:
             xs = [max(r["layers"][name]["components"][c]) for r in records]
@@ -195,9 +199,13 @@ def _summarize(s: StabilitySettings, times: list[float], records: list[dict[str,
             "norm_min": min(norms),
             # growth over the second half of the session: ~1 when the state has settled
             "norm_final_over_midpoint": norms[-1] / half[0] if half and half[0] else None,
+            # the issue's bound: at most 1.5 x the norm 5 minutes into the session
+            "norm_at_reference": ref[0] if ref else None,
+            "norm_final_over_reference": norms[-1] / ref[0] if ref and ref[0] else None,
             "drift_final": drifts[-1], "drift_max": max(drifts),
             "finite": all(r["layers"][name]["finite"] for r in records),
             "final_row_norms": records[-1]["layers"][name]["norm"],
+            "final_row_drifts": records[-1]["layers"][name]["drift"],
         }
     rss = [r["rss_mb"] for r in records]
     after_window = [r["rss_mb"] for r in records if r["frame"] >= w] or rss
@@ -243,12 +251,104 @@ def format_summary(report: dict[str, Any]) -> str:
     for name, v in report["fast_weights"].items():
         ratio = v["norm_final_over_midpoint"]
         ratio_s = "n/a" if ratio is None else f"{ratio:.4f}"
+        ref = v.get("norm_final_over_reference")
+        ref_s = "n/a" if ref is None else f"{ref:.4f}"
         lines.append(
             f"  {name}: norm initial {v['norm_initial']:.4f}, max {v['norm_max']:.4f}, final "
-            f"{v['norm_final']:.4f} (final / midpoint {ratio_s}); ||W - W0|| / ||W0|| final "
-            f"{v['drift_final']:.4f}")
+            f"{v['norm_final']:.4f} (final / midpoint {ratio_s}, final / frame "
+            f"{s['reference_frame']} {ref_s}); ||W - W0|| / ||W0|| final {v['drift_final']:.4f}")
         lines.append("    " + ", ".join(
             f"{c} {x['initial']:.3f} -> {x['final']:.3f}" for c, x in v["components"].items()))
+    return "\n".join(lines)
+
+
+# -- late recall: a trained recall model, an hour of distractors, then content to recall ----------
+
+def load_recall_model(path: Path) -> tuple[LMModel, Any]:
+    """The TTT model eval-memory trained on the text recall task (`save_model`), and its task."""
+    from ..config import TTTConfig
+    from ..model import attach_ttt, build_base_lm
+    from .recall import RecallTask
+
+    if not Path(path).is_file():
+        raise ValueError(f"recall model not found: {path} (run `moshi-ttt eval-memory` first: "
+                         f"it saves runs/eval-memory/ttt-text.pt)")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    lm = build_base_lm(ck["lm"])
+    attach_ttt(lm, TTTConfig.model_validate(ck["ttt"]), norm=ck["lm"].get("norm"))
+    lm.load_state_dict(ck["state"], strict=True)
+    return lm.eval(), RecallTask.model_validate(ck["task"])
+
+
+@torch.no_grad()
+def late_recall(path: Path, frames: int, batch_size: int = 16, seed: int = 0,
+                record_every: int = 250, reference_frame: int = 3750,
+                threads: int = 1) -> dict[str, Any]:
+    """Sessions of `frames` frames (`batch_size` rows): the recall task's distractor text for
+    all but the last `task.length` frames, then one recall instance (START, content, gap,
+    RECALL, content). Recall accuracy at the end of the long session against the same instances
+    in fresh sessions, and the fast-weight norms over the session."""
+    from .memory import delayed_inputs, recall_metrics, stream_text_logits
+    from .recall import text_batch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lm, task = load_recall_model(path)
+        g = torch.Generator().manual_seed(seed)
+        inst, dep = text_batch(task, batch_size, g, lm.n_q)
+        Ti = inst.shape[-1]
+        if frames <= Ti:
+            raise ValueError(f"late recall: --frames must exceed the recall instance ({Ti})")
+        lo = task.first_id + task.content_vocab
+        prefix = torch.full((batch_size, lm.num_codebooks, frames - Ti), -1, dtype=torch.long)
+        prefix[:, 0] = lo + torch.randint(task.distractor_vocab, (batch_size, frames - Ti),
+                                          generator=g)
+        seq = delayed_inputs(lm, torch.cat([prefix, inst], dim=-1))
+        fresh = recall_metrics(stream_text_logits(lm, inst), inst, dep)
+        logits, records = [], []
+        t0 = time.perf_counter()
+        with lm.streaming(batch_size):
+            for t in range(frames):
+                out = lm.forward_text(seq[:, :, t:t + 1])[1]
+                if t >= frames - Ti:
+                    logits.append(out[:, 0, 0].float())
+                n = t + 1
+                if n % record_every == 0 or n == frames or t == 0:
+                    records.append({"frame": n, "layers": fast_weight_stats(lm)})
+                    if n % (40 * record_every) == 0:
+                        logger.info("late recall: frame %d/%d", n, frames)
+        late = recall_metrics(torch.stack(logits, dim=1), inst, dep)
+    finally:
+        torch.set_num_threads(old)
+    layers = {}
+    for name in records[-1]["layers"]:
+        norms = [max(r["layers"][name]["norm"]) for r in records]
+        ref = [max(r["layers"][name]["norm"]) for r in records
+               if r["frame"] >= min(reference_frame, frames)]
+        layers[name] = {"norm_initial": norms[0], "norm_max": max(norms), "norm_final": norms[-1],
+                        "norm_at_reference": ref[0],
+                        "norm_final_over_reference": norms[-1] / ref[0],
+                        "finite": all(r["layers"][name]["finite"] for r in records)}
+    return {"model": str(path), "frames": frames, "batch_size": batch_size,
+            "reference_frame": reference_frame, "instance_frames": Ti,
+            "chance_acc": task.chance_acc, "fresh": fresh, "late": late,
+            "fast_weights": layers, "finite": all(v["finite"] for v in layers.values()),
+            "wall_seconds": time.perf_counter() - t0}
+
+
+def format_late_recall(r: dict[str, Any]) -> str:
+    lines = [f"late recall: {r['frames']} frames ({r['frames'] * 0.08 / 60:.0f} min), "
+             f"{r['batch_size']} sessions, the last {r['instance_frames']} frames a recall "
+             f"instance; chance acc {r['chance_acc']:.3f}",
+             f"  recall acc at the end of the session {r['late']['recall_acc']:.3f} (loss "
+             f"{r['late']['recall_loss']:.3f}); in a fresh session {r['fresh']['recall_acc']:.3f} "
+             f"(loss {r['fresh']['recall_loss']:.3f})",
+             f"  all fast weights finite: {r['finite']}"]
+    for name, v in r["fast_weights"].items():
+        lines.append(f"  {name}: norm at frame {r['reference_frame']} "
+                     f"{v['norm_at_reference']:.3f}, final {v['norm_final']:.3f} (x"
+                     f"{v['norm_final_over_reference']:.4f}), max {v['norm_max']:.3f}")
     return "\n".join(lines)
 
 

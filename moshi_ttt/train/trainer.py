@@ -17,6 +17,7 @@ run with a TrainingError; `latest` keeps naming the last good checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -105,10 +106,12 @@ def decays(module: nn.Module, param_name: str) -> bool:
     linears under full fine-tuning) and TTT's fast-weight matrices W1 and W2. Not decayed:
     biases (including the fast-weight biases b1, b2), norm gains (RMSNorm's alpha, the inner
     ttt_norm weight and bias), the output gate alpha, the inner learning-rate gate (lr_weight,
-    lr_bias), the token offset, and embeddings. Decay pulls a value toward 0: for a gain or a
-    gate that means switching the layer off, for an embedding row forgetting a rare token, and
-    a bias carries no scale that needs regularising. Shapes cannot tell these apart (a gain is
-    (1, 1, dim), b1 is (H, 1, F), ttt_norm_weight (H, HD)), so names decide.
+    lr_bias), the forgetting rate (decay_logit), the token offset, the per-channel kernels of the
+    optional depthwise q/k convolutions, and embeddings. Decay pulls a value toward 0: for a
+    gain, a gate or a per-channel filter that means switching its path off, for an embedding
+    row forgetting a rare token, and a bias carries no scale that needs regularising. Shapes
+    cannot tell these apart (a gain is (1, 1, dim), b1 is (H, 1, F), ttt_norm_weight (H, HD)),
+    so the owning module and the name decide.
     """
     if isinstance(module, nn.Linear):
         return param_name == "weight"
@@ -187,6 +190,7 @@ class Trainer:
         self._seed(settings.seed)
         self.start_step = 0
         self.pos = LoaderPosition()
+        self.first_batch_collapsed: list[int] = []  # TTT layers that failed the check
         self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient, whole run
         self.nonfinite_streak = 0  # of them, in a row up to now
         self._resume_state: dict[str, Any] | None = None
@@ -401,6 +405,8 @@ class Trainer:
                 else self.cfg.ttt.checkpoint_group
         self.lm.train()
         self._data()
+        if self.is_main:  # full weights live on rank 0 until sharded
+            self._check_first_batch()
         if self.distributed:
             full = self.lm.state_dict() if self.is_main else {}
             dist_util.shard_model(self.lm)
@@ -659,6 +665,27 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- reporting --------------------------------------------------------------------------------
+    def _check_first_batch(self) -> None:
+        """Stream the first training batch's first row through the model (no update, the data
+        position untouched) and warn, naming the layer, when a TTT layer's inner output no
+        longer depends on its input (see `moshi-ttt diagnose-ttt`)."""
+        from ..diagnostics import COLLAPSE_RATIO, FIRST_BATCH_FRAMES, collapsed_layers
+
+        if not any(a.component == "transformer" for a in ttt_blocks(self.lm)):
+            return
+        segs = self.train_data.next_global_batch(copy.deepcopy(self.pos), 1)
+        codes = self.train_data.batch(segs).to(self.device)
+        with self.autocast:
+            bad = collapsed_layers(self.lm, codes)
+        for lay in bad:
+            logger.warning(
+                "TTT layer %d: its inner output collapsed on the first batch (input dependence "
+                "%.3f of its value at W0 after %d frames, below %.2f): the layer outputs about "
+                "a constant and will learn nothing. Check ttt.inner_init (scaled), ttt.base_lr "
+                "and ttt.ln_eps; `moshi-ttt diagnose-ttt` shows it over time",
+                lay["layer"], lay["final_ratio"], lay["series"][-1]["frame"], COLLAPSE_RATIO)
+        self.first_batch_collapsed = [lay["layer"] for lay in bad]
+
     def _log_start(self, counts: dict[str, int]) -> None:
         d = self.dims
         blocks = list(ttt_blocks(self.lm))
