@@ -72,6 +72,7 @@ def collapsed(ratio: float) -> bool:
     return not math.isfinite(ratio) or ratio < COLLAPSE_RATIO
 
 
+@torch.no_grad()
 def diagnose(lm: LMModel, codes: torch.Tensor, every: int | None = None, seed: int = 0
              ) -> dict[str, Any]:
     """Stream `codes` [1, 17, T] through `lm` (teacher forced) and measure every main-transformer
