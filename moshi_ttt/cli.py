@@ -685,7 +685,8 @@ def diagnose_ttt(
     from .config import ConfigError, load_config
     from .data.index import DataError
     from .dims import DimensionMismatch
-    from .eval.diagnose import dataset_codes, diagnose, format_diagnosis, random_codes
+    from .diagnostics import diagnose
+    from .eval.diagnose import dataset_codes, format_diagnosis, random_codes
     from .model import build_ttt_lm
 
     if (config is None) == (checkpoint is None):

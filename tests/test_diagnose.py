@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from moshi_ttt.cli import app
-from moshi_ttt.diagnostics import input_dependence, probe_queries
-from moshi_ttt.eval.diagnose import diagnose, random_codes
+from moshi_ttt.diagnostics import diagnose, input_dependence, probe_queries
+from moshi_ttt.eval.diagnose import random_codes
 from moshi_ttt.model import build_ttt_lm, ttt_blocks
 
 from conftest import CONFIGS

@@ -1,4 +1,6 @@
 """`moshi-ttt diagnose-ttt`: is each TTT layer's inner learner alive over a streamed session?
+(Its inputs: a dataset's codes or random ones; the streaming measurement itself is
+`moshi_ttt.diagnostics.diagnose`, which the trainer's first-batch check also runs.)
 
 N frames stream through a built model one at a time (moshi's streaming state, teacher-forced
 tokens: speech codes of a dataset encoded by the model's own codec when one is given, else random
@@ -17,7 +19,6 @@ from typing import Any
 import torch
 from moshi.models.lm import LMModel
 
-from ..diagnostics import diagnose  # noqa: F401  (the CLI's entry point, re-exported)
 
 logger = logging.getLogger(__name__)
 

@@ -669,7 +669,7 @@ class Trainer:
         """Stream the first training batch's first row through the model (no update, the data
         position untouched) and warn, naming the layer, when a TTT layer's inner output no
         longer depends on its input (see `moshi-ttt diagnose-ttt`)."""
-        from ..diagnostics import COLLAPSE_RATIO, FIRST_BATCH_FRAMES, collapsed_layers
+        from ..diagnostics import COLLAPSE_RATIO, collapsed_layers
 
         if not any(a.component == "transformer" for a in ttt_blocks(self.lm)):
             return
