@@ -56,8 +56,12 @@ class CalibrationSettings(BaseModel):
     seed: int = 0
     max_seconds: float = Field(900.0, gt=0, description="single-channel seconds of training "
                                "speech read, at most (files in index order)")
-    kmeans_frames: int = Field(8192, ge=64, description="latent frames k-means sees, at most")
-    init_seconds: float = Field(30.0, gt=0, description="speech used by the data-dependent init")
+    kmeans_frames: int = Field(8192, ge=64, description="latent frames the refresh's k-means "
+                               "sees, at most (it sets the final codebooks)")
+    init_kmeans_frames: int = Field(4096, ge=64, description="latent frames the first k-means "
+                                    "sees, at most: it only starts the joint training, so half "
+                                    "the refresh's frames cost half the time and change little")
+    init_seconds: float = Field(15.0, gt=0, description="speech used by the data-dependent init")
     joint_steps: int = Field(150, ge=0, description="steps of encoder + quantizer + decoder")
     decoder_steps: int = Field(100, ge=0, description="steps of the decoder alone, after the "
                                "codebook refresh")
@@ -318,7 +322,7 @@ def calibrate_mimi(mimi: nn.Module, audio: CalibrationAudio,
     t0 = time.perf_counter()
     enc_run = lambda: mimi.encode_to_latent(probe, quantize=False)  # noqa: E731
     unit_variance_init(enc_run, convs_in_call_order(enc_run, [mimi.encoder, mimi.downsample]))
-    lat = encoder_latents(mimi, audio.signals, s.kmeans_frames, gen)
+    lat = encoder_latents(mimi, audio.signals, s.init_kmeans_frames, gen)
     kmeans_codebooks(mimi, lat)
     report.kmeans_frames = int(lat.shape[-1])
     with torch.no_grad():
