@@ -1,12 +1,15 @@
 // The browser client of `WS /api/chat` (protocol: moshi_ttt/protocol.py). One Session per
 // connection: microphone -> capture worklet (80 ms frames at 24 kHz) -> PCM or Ogg/Opus ->
-// socket -> model; model audio -> jitter-buffer worklet -> speakers; model text -> transcript.
+// socket -> model; model audio -> jitter-buffer worklet -> speakers; model text -> transcript;
+// the server's TTT telemetry -> the "TTT learning" plot.
 
 import { OpusReceiver, OpusSender, opusSupported } from './opus.js';
+import { TelemetryPlot } from './ttt-plot.js';
 
 const KIND = { HANDSHAKE: 0, AUDIO: 1, TEXT: 2, METADATA: 4, ERROR: 5, PING: 6 };
 const MODEL_RATE = 24000;
 const FRAME_SIZE = 1920; // samples per 80 ms model frame
+const FRAME_RATE = MODEL_RATE / FRAME_SIZE; // 12.5 model frames per second
 const HEALTH_EVERY_MS = 2000;
 const PLAYER = { startMs: 160, maxMs: 1000 }; // jitter buffer: start depth, latency bound
 const CLOSE_CODES = {
@@ -24,6 +27,19 @@ const stats = {
   closeReason: '',
 };
 window.moshiStats = stats;
+
+// The current (or last) session's TTT telemetry: `every` is the session info's frames between
+// points (null: not said, 0: off), `telemetry` the parsed ttt_telemetry messages in arrival
+// order, `plot` where the last draw put the plot's areas (CSS px; null while nothing is drawn),
+// `draws` how many times it was drawn.
+// `receive(meta)` takes a parsed METADATA message as if from the socket: for the console and
+// the tests.
+const ttt = {
+  every: null, telemetry: [], receive: (meta) => onMetadata(meta),
+  get plot() { return plot.geometry; },
+  get draws() { return plot.draws; },
+};
+window.moshiTTT = ttt;
 
 class Session {
   constructor(mode, apiKey) {
@@ -65,6 +81,7 @@ class Session {
     const url = new URL('api/chat', document.baseURI);
     url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
     url.searchParams.set('mode', this.mode);
+    url.searchParams.set('telemetry', '1'); // the server's default for `mode=` clients; say so
     if (this.apiKey) url.searchParams.set('api_key', this.apiKey);
     this.ws = new WebSocket(url);
     this.ws.binaryType = 'arraybuffer';
@@ -127,14 +144,9 @@ class Session {
           setState('live', 'Connected: speak');
           refreshHealth();
           break;
-        case KIND.METADATA: {
-          const meta = JSON.parse(new TextDecoder().decode(payload));
-          stats.session = meta.session;
-          $('session-info').textContent = `session ${meta.session} · slot ${meta.slot} · ` +
-            `${meta.mode}`;
-          setState('live', `Connected (session ${meta.session}): speak`);
+        case KIND.METADATA:
+          onMetadata(JSON.parse(new TextDecoder().decode(payload)));
           break;
-        }
         case KIND.AUDIO:
           if (this.receiver) this.receiver.push(payload);
           else this.play(float32FromLE(payload), MODEL_RATE);
@@ -230,6 +242,13 @@ function float32FromLE(bytes) {
   return out;
 }
 
+/** METADATA: the session info (servers before telemetry send it without `type`), or a
+ * telemetry point; other types are a newer server's, with nothing here to show them. */
+function onMetadata(meta) {
+  if (meta.type === undefined || meta.type === 'session') showSessionInfo(meta);
+  else if (meta.type === 'ttt_telemetry') addTelemetry(meta);
+}
+
 // -- UI ----------------------------------------------------------------------------------------
 
 let session = null;
@@ -266,6 +285,55 @@ function appendTranscript(piece) {
   box.scrollTop = box.scrollHeight;
 }
 
+function showSessionInfo(meta) {
+  stats.session = meta.session;
+  $('session-info').textContent = `session ${meta.session} · slot ${meta.slot} · ${meta.mode}`;
+  setState('live', `Connected (session ${meta.session}): speak`);
+  ttt.every = meta.telemetry_every ?? null;
+  $('ttt-info').textContent = ttt.every ? `every ${ttt.every} frames ` +
+    `(${(ttt.every / FRAME_RATE).toFixed(2)} s)` : '';
+  showTelemetryText();
+}
+
+// -- TTT learning ------------------------------------------------------------------------------
+
+const plot = new TelemetryPlot($('ttt-plot'), FRAME_RATE);
+const fmtValue = (v) => (Number.isFinite(v) ? v.toPrecision(3) : '—');
+
+function addTelemetry(point) {
+  ttt.telemetry.push(point);
+  showTelemetryText();
+  plot.schedule(); // one redraw per animation frame, however many points came meanwhile
+}
+
+/** A new session: its own points only. The array is emptied in place, so that it stays the
+ * plot's (and window.moshiTTT's) array. */
+function resetTelemetry() {
+  ttt.every = null;
+  ttt.telemetry.length = 0;
+  $('ttt-info').textContent = '';
+  showTelemetryText();
+  plot.schedule();
+}
+
+/** The latest point's figures (per-layer ones in the tooltip), or why there is none. */
+function showTelemetryText() {
+  const p = ttt.telemetry.at(-1);
+  const empty = $('ttt-empty');
+  empty.hidden = Boolean(p);
+  empty.textContent = ttt.every === 0 ? 'telemetry off' : 'no telemetry yet';
+  $('ttt-loss').textContent = p ? `${fmtValue(p.inner_loss_before)} → ` +
+    `${fmtValue(p.inner_loss_after)}` : '—';
+  $('ttt-loss').title = p?.layers ? p.layers.map((l) => `layer ${l.layer}: ` +
+    `${fmtValue(l.inner_loss_before)} → ${fmtValue(l.inner_loss_after)}, drift ` +
+    `${fmtValue(l.drift)}`).join('\n') : '';
+  $('ttt-drift').textContent = p ? fmtValue(p.drift) : '—';
+  $('ttt-frames').textContent = p ? `${p.frame} (${(p.frame / FRAME_RATE).toFixed(1)} s)` : '—';
+  $('ttt-frames').title = p ? `${ttt.telemetry.length} points, ${p.window_frames} frames each` +
+    (Number.isFinite(p.input_dependence) ? `; input dependence ` +
+      `${fmtValue(p.input_dependence)}` : '') : '';
+}
+
 function showLevel(el, peak) {
   const db = 20 * Math.log10(Math.max(peak, 1e-6)); // -60 dBFS .. 0 dBFS across the bar
   el.style.width = `${Math.max(0, Math.min(100, ((db + 60) / 60) * 100))}%`;
@@ -293,6 +361,7 @@ $('connect-form').addEventListener('submit', async (e) => {
   $('error').hidden = true;
   $('transcript').textContent = '';
   $('session-info').textContent = '';
+  resetTelemetry();
   const s = (session = new Session(stats.mode, $('api-key').value.trim()));
   setButton(true);
   try {
@@ -381,6 +450,7 @@ opusSupported().then((ok) => {
   opt.disabled = !ok;
   opt.textContent = ok ? 'Opus (WebCodecs), 64 kbit/s' : 'Opus (not available in this browser)';
 });
+plot.show(ttt.telemetry);
 refreshHealth();
 setInterval(refreshHealth, HEALTH_EVERY_MS);
 setInterval(renderCounters, 200);
