@@ -1,7 +1,8 @@
 """The browser client at / in headless Chromium (Playwright) against a real server: the /health
 panel, the API key field and a refusal shown to the user, a microphone (Chromium's fake capture
 device playing a speech-like wav) talking to the model in PCM and in Opus mode, audio and text
-flowing both ways, the session count, disconnect. Saves a screenshot under tests/artifacts/.
+flowing both ways, the session count, disconnect, the "TTT learning" plot of the session's
+telemetry. Saves screenshots under tests/artifacts/.
 
 Needs /usr/bin/chromium (or $MOSHI_TTT_CHROMIUM) and the `playwright` package; `make install`
 installs both, and this test fails, never skips, without them."""
@@ -170,6 +171,46 @@ def talk(page, srv, heard: list[float], mode: str) -> dict:
     return s
 
 
+# Each plotted series, the CSS variable of its colour and the plot area it is drawn in.
+PLOT_SERIES = {"inner_loss_before": ("--plot-before", "loss"),
+               "inner_loss_after": ("--plot-after", "loss"), "drift": ("--plot-drift", "drift")}
+
+
+def plot_pixels(page) -> dict:
+    """Read the TTT plot back from its canvas (getImageData): per series, the pixels of its
+    colour inside its area, and `painted`, the non-background (not transparent) pixels of the
+    areas. All 0 while nothing is plotted."""
+    return page.evaluate("""(series) => {
+      const canvas = document.getElementById('ttt-plot');
+      const g = window.moshiTTT.plot;
+      const counts = { painted: 0 };
+      for (const key of Object.keys(series)) counts[key] = 0;
+      if (!g) return counts;
+      const ctx = canvas.getContext('2d');
+      const pixels = (area) => ctx.getImageData(Math.round(area.x * g.dpr),
+        Math.round(area.y * g.dpr), Math.round(area.w * g.dpr), Math.round(area.h * g.dpr)).data;
+      for (const name of ['loss', 'drift']) {
+        const d = pixels(g[name]);
+        for (let i = 3; i < d.length; i += 4) counts.painted += d[i] > 0;
+      }
+      for (const [key, [cssVar, area]] of Object.entries(series)) {
+        const hex = getComputedStyle(canvas).getPropertyValue(cssVar).trim();
+        const rgb = [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
+        const d = pixels(g[area]);
+        for (let i = 0; i < d.length; i += 4) {
+          const diff = Math.abs(d[i] - rgb[0]) + Math.abs(d[i + 1] - rgb[1]) +
+            Math.abs(d[i + 2] - rgb[2]);
+          counts[key] += d[i + 3] > 200 && diff < 40;
+        }
+      }
+      return counts;
+    }""", PLOT_SERIES)
+
+
+def telemetry(page) -> list[dict]:
+    return page.evaluate("() => window.moshiTTT.telemetry")
+
+
 def disconnect(page, srv) -> None:
     from playwright.sync_api import expect
 
@@ -194,6 +235,53 @@ def test_model_panel_shows_the_servers_dims(page, srv):
     expect(page.locator("#health-sessions")).to_have_text("0 / 2 active")
     expect(page.locator("#health-checkpoint")).to_contain_text("base/base (base, step 0)")
     expect(page.locator("#server-badge")).to_have_attribute("data-state", "ok")
+
+
+def fake_point(i: int) -> dict:
+    """A telemetry message as the server words it: a loss falling with the session, the update
+    lowering it further, a growing drift; input dependence not measured in every point."""
+    before, after, drift = 0.9 - 0.03 * i, 0.75 - 0.03 * i, 0.002 * i
+    return {"type": "ttt_telemetry", "session": "s1", "frame": 12 * i, "window_frames": 12,
+            "inner_loss_before": before, "inner_loss_after": after, "drift": drift,
+            "input_dependence": None if i % 2 else 0.9,
+            "layers": [{"layer": n, "inner_loss_before": before, "inner_loss_after": after,
+                        "drift": drift, "input_dependence": None} for n in (0, 1)]}
+
+
+def test_ttt_plot_draws_injected_telemetry(page):
+    """The plot's states and drawing, fed METADATA messages through the page's handler."""
+    from playwright.sync_api import expect
+
+    receive = "(metas) => metas.forEach((m) => window.moshiTTT.receive(m))"
+    empty = page.locator("#ttt-empty")
+    expect(empty).to_have_text("no telemetry yet")
+    assert plot_pixels(page)["painted"] == 0
+    # the session info of a server that sends none, as today's server words it (no "type")
+    page.evaluate(receive, [{"session": "s1", "slot": 0, "mode": "pcm", "telemetry_every": 0}])
+    expect(empty).to_have_text("telemetry off")
+    page.evaluate(receive, [{"type": "session", "session": "s1", "slot": 0, "mode": "pcm",
+                             "telemetry_every": 12}])
+    expect(empty).to_have_text("no telemetry yet")
+    expect(page.locator("#ttt-info")).to_have_text("every 12 frames (0.96 s)")
+    page.evaluate(receive, [{"type": "something_newer", "frame": 1}])  # ignored
+    assert telemetry(page) == [] and page.evaluate("() => window.moshiStats.session") == "s1"
+
+    page.wait_for_timeout(300)  # start-up draws and resizes are over
+    draws = page.evaluate("() => window.moshiTTT.draws")
+    page.evaluate(receive, [fake_point(i) for i in range(1, 11)])
+    page.wait_for_function("() => window.moshiTTT.plot !== null", timeout=5_000)
+    page.wait_for_timeout(300)
+    # ten points in one task: one redraw, on the next animation frame
+    assert page.evaluate("() => window.moshiTTT.draws") == draws + 1
+    expect(empty).to_be_hidden()
+    expect(page.locator("#ttt-loss")).to_have_text("0.600 → 0.450")
+    expect(page.locator("#ttt-drift")).to_have_text("0.0200")
+    expect(page.locator("#ttt-frames")).to_have_text("120 (9.6 s)")
+    assert len(telemetry(page)) == 10
+    px = plot_pixels(page)
+    assert all(px[k] > 50 for k in PLOT_SERIES), px
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator(".ttt").screenshot(path=str(ARTIFACTS / "browser-ttt-plot-injected.png"))
 
 
 def test_refusal_is_shown_with_its_reason(page, srv):
