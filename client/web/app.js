@@ -31,9 +31,8 @@ window.moshiStats = stats;
 // The current (or last) session's TTT telemetry: `every` is the session info's frames between
 // points (null: not said, 0: off), `telemetry` the parsed ttt_telemetry messages in arrival
 // order, `plot` where the last draw put the plot's areas (CSS px; null while nothing is drawn),
-// `draws` how many times it was drawn.
-// `receive(meta)` takes a parsed METADATA message as if from the socket: for the console and
-// the tests.
+// `draws` how many times it was drawn. `receive(meta)` takes a parsed METADATA message as if
+// from the socket: for the console and the tests.
 const ttt = {
   every: null, telemetry: [], receive: (meta) => onMetadata(meta),
   get plot() { return plot.geometry; },
