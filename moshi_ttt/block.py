@@ -146,6 +146,9 @@ class TTTState(State):
     pos: torch.Tensor  # [B] long, position in the current mini-batch
     nonfinite: torch.Tensor  # [B] bool, sticky until the row is reset
     w0: Callable[[], FastWeights]  # the learned W0 itself, unbatched ([H, ...]), read only
+    # [B, 3] fp32, while the block's `telemetry` is on: per row, the sums since the last read of
+    # the inner loss before and after each frame's update, and the frames (`stream_step`)
+    telemetry: torch.Tensor
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
@@ -159,6 +162,7 @@ class TTTState(State):
         self.buf.lr.masked_fill_(reset_mask.view(-1, 1, 1), 0.0)
         self.pos.masked_fill_(reset_mask, 0)
         self.nonfinite.masked_fill_(reset_mask, False)
+        self.telemetry.masked_fill_(reset_mask.view(-1, 1), 0.0)
 
     def finite_rows(self) -> torch.Tensor:
         """[B] bool: rows whose fast weights are all finite (a diverged session shows False)."""
@@ -169,7 +173,7 @@ class TTTState(State):
 
     def nbytes(self) -> int:
         tensors = (*self.w.as_tuple(), self.buf.xk, self.buf.x2, self.buf.gz1, self.buf.gz2,
-                   self.buf.lr, self.pos, self.nonfinite)
+                   self.buf.lr, self.pos, self.nonfinite, self.telemetry)
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -207,6 +211,9 @@ class TTTBlock(StreamingModule[TTTState]):
         self.rope = cfg.rope
         self.position_scale_kind = cfg.position_scale
         self.layer_index = layer_index
+        # Streaming only: accumulate each row's inner losses (TTTState.telemetry). Off by
+        # default: it costs one more inner forward per frame; the server turns it on.
+        self.telemetry = False
         kw = {"device": device, "dtype": dtype}
         self.pre_norm = create_norm_fn(norm, d_model, **kw)
         self.wq = nn.Linear(d_model, d_model, bias=True, **kw)
@@ -344,6 +351,7 @@ class TTTBlock(StreamingModule[TTTState]):
             pos=torch.zeros(batch_size, dtype=torch.long, device=device),
             nonfinite=torch.zeros(batch_size, dtype=torch.bool, device=device),
             w0=self.inner.fast_weights,
+            telemetry=torch.zeros(batch_size, 3, device=device),
         )
 
     def _stream(self, xq, xk, xv, lr) -> torch.Tensor:
@@ -359,6 +367,7 @@ class TTTBlock(StreamingModule[TTTState]):
                 state.w, state.buf, state.pos, state.exec_mask,
                 q[:, :, 0], k[:, :, 0], xv[:, :, t], lr[:, :, t], scale,
                 inner.ttt_norm_weight, inner.ttt_norm_bias, self.ln_eps, rule,
+                state.telemetry if self.telemetry else None,
             ))
         z = torch.stack(outs, dim=2)
         state.nonfinite |= ~torch.isfinite(z).flatten(1).all(dim=1) & state.exec_mask

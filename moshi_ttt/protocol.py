@@ -10,8 +10,11 @@ moshi's own clients work unchanged in the default `opus` mode):
                                       pcm mode: float32 little-endian samples, 24 kHz mono
     2     TEXT       server -> client UTF-8 text piece of Moshi's text stream
     3     CONTROL    client -> server one byte; accepted and ignored (moshi reserves it)
-    4     METADATA   server -> client UTF-8 JSON, right after the handshake: session id, mode,
-                                      sample rate, frame size, model dims
+    4     METADATA   server -> client UTF-8 JSON: right after the handshake the session info
+                                      ("type": "session": session id, mode, sample rate,
+                                      frame size, model dims, telemetry_every); then, every
+                                      telemetry_every frames, the session's TTT telemetry
+                                      ("type": "ttt_telemetry", see moshi_ttt.telemetry)
     5     ERROR      server -> client UTF-8 reason; the server then closes the socket
     6     PING       both             empty; ignored
     7     CODES      both             tokens mode only. client -> server: int32 LE, n frames x 8
@@ -20,6 +23,10 @@ moshi's own clients work unchanged in the default `opus` mode):
 
 Mode and credentials come as query parameters: `/api/chat?mode=opus|pcm|tokens&api_key=...`
 (the API key may also come as an `X-API-Key` header or `Authorization: Bearer ...`).
+`telemetry=1|0` turns the telemetry messages on or off; without it they are on for clients that
+choose a mode (`mode=...`: clients that know this protocol) and off for a bare `/api/chat`, which
+is how Moshi's own clients connect: moshi/client.py prints a warning line for every METADATA
+message and Moshi's web client logs a schema error for each, so they get only the session info.
 One frame is 1920 samples (80 ms) at 24 kHz; PCM and Opus input of any chunk size is re-framed.
 """
 
@@ -76,6 +83,30 @@ class ProtocolError(ValueError):
     def __init__(self, message: str, close_code: int = Close.UNSUPPORTED):
         super().__init__(message)
         self.close_code = int(close_code)
+
+
+TELEMETRY_TYPE = "ttt_telemetry"  # "type" of a telemetry METADATA message (moshi_ttt.telemetry)
+
+
+def is_telemetry(info: Any) -> bool:
+    """Whether a METADATA payload (parsed JSON) is a TTT telemetry message, not session info."""
+    return isinstance(info, dict) and info.get("type") == TELEMETRY_TYPE
+
+
+_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def wants_telemetry(query: Any) -> bool:
+    """Whether a session asked for telemetry messages (`telemetry=` in its query; see the top).
+    Raises ValueError for a value that is neither on nor off."""
+    value = query.get("telemetry")
+    if value is None:
+        return query.get("mode") is not None
+    if value.lower() in _ON:
+        return True
+    if value.lower() in _OFF:
+        return False
+    raise ValueError(f"telemetry={value!r}: expected 1 or 0 (or true/false, on/off)")
 
 
 def pack(kind: Kind, payload: bytes = b"") -> bytes:

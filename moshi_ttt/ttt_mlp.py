@@ -154,6 +154,13 @@ def inner_grads(
     return x2, gz1, gz2
 
 
+def inner_loss(z2: torch.Tensor, target: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor,
+               eps: float) -> torch.Tensor:
+    """1/2 ||LN(z2) - target||^2 per frame and head [.., T] (the inner loss, from the inner
+    model's output before its LayerNorm)."""
+    return 0.5 * (head_layer_norm(z2, ln_w, ln_b, eps) - target).pow(2).sum(dim=-1)
+
+
 def position_scale(k: int, offset: torch.Tensor | None = None, device=None,
                    kind: str = "mean") -> torch.Tensor:
     """s_i for positions i in a mini-batch of size k: 1/(i+1) (`mean`: frame i reads W0 minus
@@ -306,19 +313,35 @@ def stream_step(
     ln_b: torch.Tensor,
     eps: float,
     rule: Settle | None = None,
+    telemetry: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One frame for every row, updating `w`, `buf` and `pos` in place. No host syncs.
 
     xq/xk/xv [B,H,HD] and lr [B,H] are this frame's; pos [B] (long) is each row's position in its
     mini-batch; rows with active[b] False change nothing (their output is computed but meaningless).
     Returns z [B,H,HD], equal to `minibatch_forward`'s output for the same frame.
+
+    `telemetry` [B, 3] (optional, fp32): each active row adds, mean over heads, this frame's inner
+    loss at the mini-batch's start state W ("before the update"), its inner loss at W_pos, the
+    state after the updates of the mini-batch's frames up to and including this one, which this
+    frame's output reads ("after"), and 1 (a frame count). The "before" loss comes free with the
+    gradient; the "after" one costs one more pass of the output computation, on the key.
     """
     K = buf.lr.shape[-1]
     slots = torch.arange(K, device=pos.device)
     xq, xk, xv = xq[:, :, None], xk[:, :, None], xv[:, :, None]  # [B,H,1,HD]
 
     # 1. this frame's gradient at the mini-batch start state, written to slot `pos` (active rows).
-    x2, gz1, gz2 = inner_grads(w, xk, xv, ln_w, ln_b, eps)
+    if telemetry is None:
+        x2, gz1, gz2 = inner_grads(w, xk, xv, ln_w, ln_b, eps)
+    else:
+        z1k = xk @ w.w1 + w.b1
+        x2 = gelu_tanh(z1k)
+        z2k = x2 @ w.w2 + w.b2
+        target = xv - xk
+        gz2 = head_layer_norm_l2_grad(z2k, target, ln_w, ln_b, eps)
+        gz1 = (gz2 @ w.w2.transpose(-1, -2)) * gelu_tanh_grad(z1k)
+        loss_before = inner_loss(z2k, target, ln_w, ln_b, eps)[..., 0]  # [B,H]
     write = ((slots[None, :] == pos[:, None]) & active[:, None])[:, None, :]  # [B,1,K]
     buf.xk.copy_(torch.where(write[..., None], xk, buf.xk))
     buf.x2.copy_(torch.where(write[..., None], x2, buf.x2))
@@ -333,6 +356,14 @@ def stream_step(
     x2q = gelu_tanh(z1)
     z2 = x2q @ w.w2 + w.b2 - (eta * (x2q @ buf.x2.transpose(-1, -2) + 1.0)) @ buf.gz2
     out = xq + head_layer_norm(z2, ln_w, ln_b, eps)
+    if telemetry is not None:  # the same W_pos applied to this frame's key
+        z1a = z1k - (eta * (xk @ buf.xk.transpose(-1, -2) + 1.0)) @ buf.gz1
+        x2a = gelu_tanh(z1a)
+        z2a = x2a @ w.w2 + w.b2 - (eta * (x2a @ buf.x2.transpose(-1, -2) + 1.0)) @ buf.gz2
+        loss_after = inner_loss(z2a, target, ln_w, ln_b, eps)[..., 0]
+        add = torch.stack([loss_before.mean(dim=1), loss_after.mean(dim=1),
+                           torch.ones_like(loss_before[:, 0])], dim=1)
+        telemetry.add_(torch.where(active[:, None], add, 0.0))
 
     # 3. commit at the last position: a masked update (every other row keeps its state), not a
     #    branch. Settling (decay, weight norm) is part of the commit.

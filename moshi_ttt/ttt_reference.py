@@ -52,12 +52,18 @@ def naive_ttt(
     w0: FastWeights | None = None,
     keep: torch.Tensor | None = None,
     weight_norm: bool = False,
+    record: dict[str, list] | None = None,
 ) -> torch.Tensor:
     """z [B,H,T,HD] from the TTT rule written out literally:
     for frame t at position i of its mini-batch (start state W),
         W_i = W - s_i * sum_{j<=i} lr_j * dl_j/dW (at W),  z_t = q_t + LN(f_{W_i}(q_t));
     at the end of each full mini-batch, W <- W_{K-1}, then (if asked) decayed toward `w0` by
-    `keep` [H] and/or weight-normalised to `w0`'s column norms."""
+    `keep` [H] and/or weight-normalised to `w0`'s column norms.
+
+    With `record` (a dict), per frame t it appends to record["before"] the inner loss of frame t
+    at the mini-batch's start state W, to record["after"] its loss at W_i (each [B, H]), and to
+    record["state"] the committed state after frame t (the four tensors): what the streaming
+    telemetry reports."""
     K = mini_batch_size
     T = xq.shape[-2]
     scale = [1.0 / (i + 1) if scale_kind == "mean" else 1.0 for i in range(K)]
@@ -84,6 +90,14 @@ def naive_ttt(
         w_i = tuple(s - scale[i] * a for s, a in zip(state, acc))
         q = xq[..., t:t + 1, :]
         outs.append(q + head_layer_norm(_f(w_i, q), ln_w, ln_b, eps))
+        if record is not None:
+            k_t, target = xk[..., t:t + 1, :], xv[..., t:t + 1, :] - xk[..., t:t + 1, :]
+            for key, at in (("before", state), ("after", w_i)):
+                pred_t = head_layer_norm(_f(tuple(a.detach() for a in at), k_t), ln_w, ln_b, eps)
+                record.setdefault(key, []).append(
+                    0.5 * ((pred_t - target) ** 2).sum(-1)[..., 0].detach())
         if i == K - 1:
             state = _settled(w_i, init, keep, weight_norm)
+        if record is not None:
+            record.setdefault("state", []).append(tuple(a.detach() for a in state))
     return torch.cat(outs, dim=-2)

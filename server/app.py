@@ -167,6 +167,8 @@ class ModelHost:
                 temp_text=s.temp_text, top_k=s.top_k, top_k_text=s.top_k_text,
                 batch_wait_s=s.batch_wait_ms / 1000, max_buffered_frames=s.max_buffered_frames,
                 max_step_failures=s.max_step_failures,
+                telemetry_every=s.telemetry_every_frames,
+                telemetry_input_dependence=s.telemetry_input_dependence,
             ), self.metrics)
             self.warmup_step_s = self.engine.warmup(s.warmup_frames,
                                                     should_stop=self._stop_loading.is_set)
@@ -335,6 +337,10 @@ def create_app(settings: ServeSettings, host: ModelHost | None = None,
         except ValueError:
             return await refuse(Close.POLICY, f"unknown mode {ws.query_params.get('mode')!r}: "
                                 f"expected one of {[x.value for x in Mode]}", "bad_request")
+        try:
+            telemetry = protocol.wants_telemetry(ws.query_params)
+        except ValueError as e:
+            return await refuse(Close.POLICY, str(e), "bad_request")
         if host.draining:
             return await refuse(Close.GOING_AWAY, "server shutting down", "shutdown")
         if not host.ready or host.engine is None:
@@ -342,7 +348,7 @@ def create_app(settings: ServeSettings, host: ModelHost | None = None,
                                 f"{host.reason}", "not_ready")
         sess = ChatSession(ws, host.engine, mode, m, host.loaded.tokenizer,
                            SessionLimits.from_settings(settings), host.loaded.lm.card,
-                           {"checkpoint": host.loaded.checkpoint_info})
+                           {"checkpoint": host.loaded.checkpoint_info}, telemetry=telemetry)
         host.sessions.add(sess)
         try:
             await sess.run()

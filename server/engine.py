@@ -40,6 +40,7 @@ from moshi.models.lm import LMGen, LMModel
 from moshi_ttt.model import ttt_blocks
 from moshi_ttt.protocol import FRAME_RATE, FRAME_SIZE, NUM_CODEBOOKS
 from moshi_ttt.streaming import reset_rows
+from moshi_ttt.telemetry import TelemetryReader, telemetry_message
 
 from .metrics import ServerMetrics
 from .slots import CapacityError, SessionSlots
@@ -75,6 +76,9 @@ class StepOutput:
     text_token: int  # -2 while the model's delays fill
     codes: np.ndarray  # [8] Moshi's audio codes, -2 while the delays fill
     pcm: np.ndarray | None  # [1920] float32 decoded audio (audio sessions, once generated)
+    # every `telemetry_every` steps: the session's TTT telemetry since the last one
+    # (`moshi_ttt.telemetry.telemetry_message`, without the session id)
+    telemetry: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ class EngineConfig:
     batch_wait_s: float = 0.02
     max_buffered_frames: int = 50
     max_step_failures: int = 3  # steps (or row resets) failing in a row that fail the engine
+    telemetry_every: int = 12  # steps between TTT telemetry reads (0: none); ~1 s at 12.5 Hz
+    telemetry_input_dependence: bool = True  # measure it at each read (64 probe queries)
 
 
 @dataclass(eq=False)
@@ -144,6 +150,8 @@ class Engine:
         # Main-transformer blocks only: moshi streams the depformer "detached", with a fresh state
         # inside every depformer step, so a depformer block holds no state between steps.
         self._blocks = [a.block for a in ttt_blocks(lm) if a.component == "transformer"]
+        self.telemetry = (TelemetryReader(self._blocks, cfg.telemetry_input_dependence)
+                          if cfg.telemetry_every > 0 and self._blocks else None)
         self.failure: str | None = None  # set if the model thread died or gave up
         self.failures_in_row = 0  # steps or resets that raised, since the last one that did not
         self._last_step_end = 0.0
@@ -438,6 +446,21 @@ class Engine:
             bad |= b._streaming_state.nonfinite
         return out, audio, bad & ready
 
+    def _telemetry_of(self, h: SessionHandle, row: np.ndarray) -> dict[str, Any] | None:
+        """The session's telemetry message for its row (None if it had no frame in the window),
+        observed in the fleet-wide histograms."""
+        if row[0, 0] <= 0:
+            return None
+        msg = telemetry_message(row, self.telemetry.layers, "", h.frames_out)
+        del msg["session"]  # the session adds its id
+        before, after, drift = (msg["inner_loss_before"], msg["inner_loss_after"],
+                                msg["drift"])
+        if before is not None and after is not None and before > 0:
+            self.metrics.ttt_inner_loss_improvement.observe(1.0 - after / before)
+        if drift is not None:
+            self.metrics.ttt_drift.observe(drift)
+        return msg
+
     def _step(self, batch: list[tuple[SessionHandle, np.ndarray]]) -> None:
         t0 = time.perf_counter()
         S, dev = self.cfg.capacity, self.device
@@ -460,9 +483,19 @@ class Engine:
             pcm.to(dev) if pcm is not None else None, codes.to(dev), ready.to(dev),
             encode.to(dev) if pcm is not None else None,
             decode.to(dev) if bool(decode.any()) else None)
-        # Host syncs of the step: tokens with the flags in one copy, and the audio if any.
-        flagged = torch.cat([out, bad[:, None].to(out.dtype)], dim=1).cpu().numpy()
-        out, bad = flagged[:, :-1], flagged[:, -1].astype(bool)
+        # Host syncs of the step: tokens with the flags (and, every `telemetry_every` steps, the
+        # TTT telemetry) in one copy, and the audio if any.
+        due = self.telemetry is not None and (self.steps + 1) % self.cfg.telemetry_every == 0
+        if due:
+            tel = self.telemetry.read()  # [S, layers, 5]
+            # tokens and flags are small integers: exact in fp32
+            host = torch.cat([out.float(), bad[:, None].float(), tel.flatten(1)], dim=1)
+            host = host.cpu().numpy()
+            out, bad = host[:, :out.shape[1]].astype(np.int64), host[:, out.shape[1]] > 0
+            tel_rows = host[:, out.shape[1] + 1:].reshape(S, *tel.shape[1:])
+        else:
+            flagged = torch.cat([out, bad[:, None].to(out.dtype)], dim=1).cpu().numpy()
+            out, bad = flagged[:, :-1], flagged[:, -1].astype(bool)
         audio = audio.float().cpu().numpy() if audio is not None else None
         first = [h for h, frame in batch if frame.dtype == np.float32 and not h.primed]
         if first:  # moshi re-primes the codec after a session's first frame (see the top)
@@ -490,11 +523,12 @@ class Engine:
                     "session was closed and its slot reset", "nonfinite_ttt_state"))
                 continue
             generated = out[s, 1] >= 0
+            h.frames_out += 1
             res = StepOutput(
                 text_token=int(out[s, 0]), codes=out[s, 1:].copy(),
                 pcm=audio[s].copy() if (audio is not None and h.wants_audio and generated)
-                else None)
-            h.frames_out += 1
+                else None,
+                telemetry=self._telemetry_of(h, tel_rows[s]) if due else None)
             try:
                 h.deliver(res)
             except Exception:

@@ -35,5 +35,17 @@ class ServerMetrics:
             "moshi_ttt_frames_dropped_total", "Input frames dropped, by reason (before_handshake: "
             "beyond the frames kept from before a session's handshake)", ["reason"], registry=r)
 
+        # Fleet-wide TTT telemetry, one observation per session and telemetry window (no
+        # per-session labels: bounded cardinality).
+        self.ttt_inner_loss_improvement = Histogram(
+            "moshi_ttt_ttt_inner_loss_improvement", "1 - inner loss after / before the update, "
+            "mean over TTT layers, per session and telemetry window",
+            buckets=(-0.5, -0.1, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+            registry=r)
+        self.ttt_drift = Histogram(
+            "moshi_ttt_ttt_drift", "||W - W0|| / ||W0|| of the sessions' fast weights, mean over "
+            "TTT layers, per session and telemetry window",
+            buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0), registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -202,7 +202,8 @@ def _client_gone(ws: WebSocket, e: BaseException) -> bool:
 
 class ChatSession:
     def __init__(self, ws: WebSocket, engine: Engine, mode: Mode, metrics: ServerMetrics,
-                 tokenizer: Any, limits: SessionLimits, card: int, info: dict[str, Any]):
+                 tokenizer: Any, limits: SessionLimits, card: int, info: dict[str, Any],
+                 telemetry: bool = True):
         self.ws = ws
         self.engine = engine
         self.mode = mode
@@ -213,6 +214,8 @@ class ChatSession:
         self.max_buffered_frames = engine.cfg.max_buffered_frames
         self.card = card
         self.info = info
+        # send this session's TTT telemetry (when the engine measures it)
+        self.telemetry = telemetry and engine.telemetry is not None
         self.id = f"s{next(_ids)}"
         self.out: asyncio.Queue = asyncio.Queue(maxsize=limits.max_pending_output)
         self.handle: SessionHandle | None = None
@@ -347,9 +350,11 @@ class ChatSession:
     async def _hello(self) -> None:
         """Handshake and metadata, then the frames that arrived before them."""
         meta = protocol.metadata({
-            "session": self.id, "mode": self.mode.value, "slot": self.handle.slot,
-            "sample_rate": SAMPLE_RATE, "frame_size": FRAME_SIZE,
-            "max_buffered_frames": self.max_buffered_frames, **self.info})
+            "type": "session", "session": self.id, "mode": self.mode.value,
+            "slot": self.handle.slot, "sample_rate": SAMPLE_RATE, "frame_size": FRAME_SIZE,
+            "max_buffered_frames": self.max_buffered_frames,
+            "telemetry_every": self.engine.cfg.telemetry_every if self.telemetry else 0,
+            **self.info})
         await self.ws.send_bytes(HANDSHAKE)
         self.handshake_sent = True
         await self.ws.send_bytes(meta)
@@ -473,6 +478,9 @@ class ChatSession:
         piece = self._text(o.text_token)
         if piece:
             await self.ws.send_bytes(protocol.text(piece))
+        if o.telemetry is not None and self.telemetry:
+            await self.ws.send_bytes(protocol.metadata(
+                {"type": o.telemetry["type"], "session": self.id, **o.telemetry}))
 
     def _text(self, token: int) -> str:
         """The text piece of a token; padding, "not generated yet", control pieces (<s>, </s>,

@@ -72,6 +72,15 @@ class ServeSettings(BaseSettings):
         "failed (/health 503): one failing step fails only its sessions")
     warmup_frames: int = Field(4, ge=0, description="model steps run before accepting anyone")
 
+    # TTT telemetry (moshi_ttt.telemetry)
+    telemetry_every_frames: int = Field(
+        12, ge=0, description="model steps between reads of every session's TTT telemetry "
+        "(inner loss before/after the update, drift, input dependence), each sent to the "
+        "sessions that want it; 12 = about 1 s. 0: not measured, not sent")
+    telemetry_input_dependence: bool = Field(
+        True, description="measure the fast weights' input dependence at each telemetry read "
+        "(64 probe queries per layer and row)")
+
     # access
     api_key: str | None = Field(None, description="require this key (X-API-Key, Bearer, or "
                                 "?api_key= for browsers); None: open")

@@ -106,6 +106,26 @@ def calibrated_base() -> Path:
     return _SESSION["codec"]
 
 
+def demo_run() -> Path:
+    """The run `make demo` trains (its TTT layers, the config's steps, on `speech_dataset()`,
+    from `calibrated_base()`), once per process; returns its latest checkpoint."""
+    if "demo_run" not in _SESSION:
+        from moshi_ttt.checkpoint import latest_checkpoint
+        from moshi_ttt.config import BaseModelRef, load_config
+        from moshi_ttt.train.settings import TrainSettings
+        from moshi_ttt.train.trainer import train
+
+        from conftest import CONFIGS
+
+        cfg = load_config(CONFIGS / "tiny.yaml")
+        data, run = speech_dataset(), _session_dir() / "demo-run"
+        settings = TrainSettings.from_config(cfg.train, {
+            "data": str(data / "train.jsonl"), "eval_data": str(data / "eval.jsonl")})
+        train(cfg, settings, run, base_override=BaseModelRef(local_dir=str(calibrated_base())))
+        _SESSION["demo_run"] = latest_checkpoint(run)
+    return _SESSION["demo_run"]
+
+
 def make_tiny_base(root: Path, cfg=None, seed: int = 0) -> Path:
     """A tiny random base (LM seeded by `seed`) with the calibrated codec of `calibrated_base`."""
     from moshi_ttt.base import init_random_base
