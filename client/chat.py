@@ -39,7 +39,7 @@ from websockets.exceptions import (
     ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI, WebSocketException,
 )
 
-from moshi_ttt.protocol import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, Close, Kind, Mode
+from moshi_ttt.protocol import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE, Close, Kind, Mode, is_telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class ChatOptions:
     stall_timeout_s: float = 30.0  # held back by max_ahead_s: fail when nothing came this long
     close_timeout_s: float = 5.0
     ssl: ssl.SSLContext | None = None  # wss:// only; None there: the system's trusted CAs
+    telemetry: bool = True  # ask for the session's TTT telemetry messages
 
     @property
     def max_ahead_frames(self) -> int:
@@ -94,7 +95,8 @@ class ChatResult:
 
     url: str
     mode: str
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)  # the session info
+    telemetry: list[dict[str, Any]] = field(default_factory=list)  # TTT telemetry, in order
     started: bool = False  # the server's handshake came: a session existed
     frames_sent: int = 0
     frames_received: int = 0  # whole output frames (1920 samples each)
@@ -159,15 +161,30 @@ class ChatResult:
             "max_frames_ahead": self.max_in_flight,
             "wall_s": round(self.wall_s, 3),
             "transcript": self.transcript,
+            "telemetry": self.telemetry_summary(),
         }
+
+    def telemetry_summary(self) -> dict[str, Any] | None:
+        """The first and last TTT inner losses (before and after the update) and the last
+        drift and input dependence, over the telemetry messages received; None if none came."""
+        if not self.telemetry:
+            return None
+        first, last = self.telemetry[0], self.telemetry[-1]
+        return {"messages": len(self.telemetry), "frames": last.get("frame"),
+                "inner_loss_before": [first.get("inner_loss_before"),
+                                      last.get("inner_loss_before")],
+                "inner_loss_after": [first.get("inner_loss_after"),
+                                     last.get("inner_loss_after")],
+                "drift": last.get("drift"), "input_dependence": last.get("input_dependence")}
 
 
 def _round(x: float | None) -> float | None:
     return round(x, 2) if x is not None else None
 
 
-def chat_url(url: str, mode: Mode) -> str:
-    """Normalise the server address: http(s) -> ws(s), no path -> /api/chat, mode set."""
+def chat_url(url: str, mode: Mode, telemetry: bool | None = None) -> str:
+    """Normalise the server address: http(s) -> ws(s), no path -> /api/chat, mode set (and
+    telemetry=1/0 when `telemetry` is given)."""
     parts = urllib.parse.urlsplit(url.strip())
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
     if scheme not in ("ws", "wss") or not parts.hostname:
@@ -178,8 +195,11 @@ def chat_url(url: str, mode: Mode) -> str:
     except ValueError as e:
         raise ChatUsageError(f"invalid server URL {url!r}: {e}") from None
     path = parts.path if parts.path not in ("", "/") else "/api/chat"
-    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k != "mode"]
+    ours = ("mode",) if telemetry is None else ("mode", "telemetry")
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k not in ours]
     query.append(("mode", mode.value))
+    if telemetry is not None:
+        query.append(("telemetry", "1" if telemetry else "0"))
     return urllib.parse.urlunsplit((scheme, parts.netloc, path,
                                     urllib.parse.urlencode(query), ""))
 
@@ -234,12 +254,14 @@ class _Session:
 
     def __init__(self, ws: ClientConnection, opts: ChatOptions, result: ChatResult,
                  on_audio: Callable[[np.ndarray], None] | None,
-                 on_text: Callable[[str], None] | None):
+                 on_text: Callable[[str], None] | None,
+                 on_telemetry: Callable[[dict[str, Any]], None] | None = None):
         self.ws = ws
         self.opts = opts
         self.result = result
         self.on_audio = on_audio
         self.on_text = on_text
+        self.on_telemetry = on_telemetry
         self.opus_in = sphn.OpusStreamReader(SAMPLE_RATE) if opts.mode is Mode.OPUS else None
         self.opus_out = sphn.OpusStreamWriter(SAMPLE_RATE) if opts.mode is Mode.OPUS else None
         self.chunks: list[np.ndarray] = []
@@ -288,10 +310,19 @@ class _Session:
                 self.on_text(piece)
         elif kind == Kind.METADATA:
             try:
-                meta = self.result.metadata = json.loads(payload)
+                meta = json.loads(payload)
             except ValueError:
                 logger.warning("unreadable metadata from the server: %r", payload[:200])
                 return
+            if is_telemetry(meta):
+                self.result.telemetry.append(meta)
+                if self.on_telemetry is not None:
+                    self.on_telemetry(meta)
+                return
+            if meta.get("type", "session") != "session":
+                logger.debug("ignored metadata of type %r", meta.get("type"))
+                return
+            self.result.metadata = meta
             logger.info("session %s open (slot %s, %s mode)", meta.get("session", "?"),
                         meta.get("slot", "?"), meta.get("mode", self.opts.mode.value))
         elif kind == Kind.ERROR:
@@ -463,18 +494,20 @@ async def run_chat(url: str, frames: Iterable[np.ndarray] | AsyncIterable[np.nda
                    opts: ChatOptions | None = None, *,
                    on_audio: Callable[[np.ndarray], None] | None = None,
                    on_text: Callable[[str], None] | None = None,
+                   on_telemetry: Callable[[dict[str, Any]], None] | None = None,
                    stop: asyncio.Event | None = None) -> ChatResult:
     """One session: send `frames` (1920-sample float32 arrays at 24 kHz; include any trailing
     silence), collect the answers. Raises ChatError when no connection could be made; any
     failure after that is reported in the result (`error`, `error_kind`), with what was
-    received so far. Setting `stop` ends the sending early (as Ctrl-C does)."""
+    received so far. Setting `stop` ends the sending early (as Ctrl-C does). `on_telemetry`
+    receives each TTT telemetry message as it arrives (also kept in `ChatResult.telemetry`)."""
     opts = opts or ChatOptions()
     stop = stop or asyncio.Event()
-    url = chat_url(url, opts.mode)
+    url = chat_url(url, opts.mode, opts.telemetry)
     result = ChatResult(url=url, mode=opts.mode.value)
     t0 = time.perf_counter()
     ws = await _open(url, opts)
-    sess = _Session(ws, opts, result, on_audio, on_text)
+    sess = _Session(ws, opts, result, on_audio, on_text, on_telemetry)
     receiver = asyncio.create_task(sess.receive(), name="chat-receive")
     try:
         if not await _handshake(sess, stop):

@@ -52,6 +52,7 @@ class ChatCommand:
     as_json: bool = False
     ca_file: Path | None = None  # wss://: trust this CA (PEM) only
     insecure: bool = False  # wss://: do not check the server's certificate
+    telemetry: Path | None = None  # write every TTT telemetry message here (JSON lines)
 
 
 class _Usage(Exception):
@@ -82,7 +83,7 @@ def run_command(cmd: ChatCommand) -> int:
     else:
         _print_summary(cmd, result, wrote)
     code = _exit_code(cmd, result)
-    wanted = [p for p in (cmd.output, cmd.transcript) if p is not None]
+    wanted = [p for p in (cmd.output, cmd.transcript, cmd.telemetry) if p is not None]
     if code == ExitCode.OK and len(wrote) < len(wanted):
         return ExitCode.USAGE  # an output could not be written (already logged)
     return code
@@ -110,7 +111,8 @@ def _prepare(cmd: ChatCommand) -> tuple[ChatOptions, list[np.ndarray] | None]:
         raise _Usage("--channel applies to --input only (the microphone is read as mono)")
     if cmd.duration is not None and not cmd.mic:
         raise _Usage("--duration applies to --mic only (a file's length sets its duration)")
-    for flag, path in (("--output", cmd.output), ("--transcript", cmd.transcript)):
+    for flag, path in (("--output", cmd.output), ("--transcript", cmd.transcript),
+                       ("--telemetry", cmd.telemetry)):
         if path is not None and not path.parent.is_dir():
             raise _Usage(f"{flag} {path}: directory {path.parent} does not exist")
         if path is not None and path.is_dir():
@@ -195,6 +197,13 @@ def _write_outputs(cmd: ChatCommand, result: ChatResult) -> list[Path]:
             wrote.append(cmd.transcript)
         except OSError as e:
             logger.error("cannot write %s: %s", cmd.transcript, e)
+    if cmd.telemetry is not None:
+        try:
+            cmd.telemetry.write_text("".join(json.dumps(m) + "\n" for m in result.telemetry),
+                                     encoding="utf-8")
+            wrote.append(cmd.telemetry)
+        except OSError as e:
+            logger.error("cannot write %s: %s", cmd.telemetry, e)
     return wrote
 
 
@@ -213,6 +222,10 @@ def _exit_code(cmd: ChatCommand, result: ChatResult) -> int:
     if result.interrupted and not cmd.mic:
         return ExitCode.INTERRUPTED
     return ExitCode.OK
+
+
+def _fmt(x: float | None) -> str:
+    return f"{x:.4g}" if x is not None else "n/a"
 
 
 def _fmt_ms(x: float | None) -> str:
@@ -242,6 +255,17 @@ def _print_summary(cmd: ChatCommand, result: ChatResult, wrote: list[Path]) -> N
     t.add_row("wall time", f"{s['wall_s']:.2f} s"
               + (f" ({s['seconds_sent'] / s['wall_s']:.1f}x real time)" if s["wall_s"] else ""))
     t.add_row("most frames ahead", str(s["max_frames_ahead"]))
+    tel = s["telemetry"]
+    if tel is not None:
+        b, a = tel["inner_loss_before"], tel["inner_loss_after"]
+        t.add_row("TTT inner loss, first -> last",
+                  f"before the update {_fmt(b[0])} -> {_fmt(b[1])}, after it {_fmt(a[0])} -> "
+                  f"{_fmt(a[1])} ({tel['messages']} telemetry messages, {tel['frames']} frames)")
+        t.add_row("TTT drift ||W-W0||/||W0||", f"{_fmt(tel['drift'])} at the end"
+                  + (f"; input dependence {_fmt(tel['input_dependence'])} of W0's"
+                     if tel["input_dependence"] is not None else ""))
+    else:
+        t.add_row("TTT telemetry", "none received (telemetry off on the server?)")
     if result.error:
         t.add_row("error", result.error)
     con.print(t)

@@ -801,6 +801,9 @@ def chat(
         "of `moshi-ttt tls-cert` [the system's trusted CAs]"),
     insecure: bool = typer.Option(False, "--insecure", help="wss://: do not check the "
                                   "server's certificate (anyone on the path can listen in)"),
+    telemetry: Optional[Path] = typer.Option(
+        None, "--telemetry", help="write every TTT telemetry message of the session here "
+        "(JSON lines: inner loss before/after the update, drift, per layer)"),
 ) -> None:
     """Talk to a server: stream a file or the microphone.
 
@@ -814,7 +817,7 @@ def chat(
         url=url, input=input_file, mic=mic, output=output, transcript=transcript, mode=mode,
         speed=speed, fast=fast, max_ahead=max_ahead, tail=tail, channel=channel,
         duration=duration, api_key=api_key, timeout=timeout, as_json=as_json,
-        ca_file=ca_file, insecure=insecure)))
+        ca_file=ca_file, insecure=insecure, telemetry=telemetry)))
 
 
 @bench_app.command("ttt")
@@ -856,6 +859,9 @@ def bench_serve(
     device: str = typer.Option("auto", help="server device"),
     dtype: str = typer.Option("auto", help="server dtype"),
     batch_wait_ms: Optional[float] = typer.Option(None, "--batch-wait-ms"),
+    telemetry_every: Optional[int] = typer.Option(
+        None, "--telemetry-every", help="the server's telemetry_every_frames (0: no TTT "
+        "telemetry; default: the server's, 12)"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
 ) -> None:
     """Load a fresh server with real-time synthetic clients.
@@ -881,6 +887,9 @@ def bench_serve(
     extra = ["--device", device, "--dtype", dtype]
     env_wait = {"MOSHI_TTT_BATCH_WAIT_MS": str(batch_wait_ms)} if batch_wait_ms is not None \
         else {}
+    if telemetry_every is not None:
+        at_least(telemetry_every, 0, "--telemetry-every")
+        env_wait["MOSHI_TTT_TELEMETRY_EVERY_FRAMES"] = str(telemetry_every)
     os.environ.update(env_wait)
     try:
         run_bench(model, counts, seconds, mode, extra, json_out)
