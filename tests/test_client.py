@@ -167,6 +167,28 @@ def test_opus_mode_faster_and_the_human_summary(srv, in_wav, tmp_path):
     wait_idle(srv)
 
 
+def test_telemetry_file_and_summary(srv, in_wav, tmp_path):
+    """--telemetry FILE.jsonl: every TTT telemetry message of the session, one per line; the
+    --json summary and the human table report the inner loss first -> last and the drift."""
+    tel = tmp_path / "tel.jsonl"
+    code, log, s = chat("--url", srv.url(), "--input", str(in_wav), "--telemetry", str(tel),
+                        "--fast", "--json")
+    assert code == 0, log
+    lines = [json.loads(x) for x in tel.read_text().splitlines()]
+    sent = IN_FRAMES + TAIL_FRAMES
+    assert len(lines) == s["telemetry"]["messages"] >= (sent - 1) // 12, (len(lines), sent)
+    assert all(m["type"] == "ttt_telemetry" and m["session"] == s["session"] for m in lines)
+    assert sum(m["window_frames"] for m in lines) == lines[-1]["frame"] <= sent
+    t = s["telemetry"]
+    assert t["inner_loss_before"] == [lines[0]["inner_loss_before"],
+                                      lines[-1]["inner_loss_before"]]
+    assert t["inner_loss_after"][1] == lines[-1]["inner_loss_after"]
+    assert t["drift"] == lines[-1]["drift"] > 0
+    code, log, _ = chat("--url", srv.url(), "--input", str(in_wav), "--fast")
+    assert code == 0 and "TTT inner loss, first -> last" in log and "TTT drift" in log, log
+    wait_idle(srv)
+
+
 def test_opus_fast_transcript_is_the_text_messages(srv, in_wav, tmp_path, monkeypatch):
     import client.chat as chat_mod
 
