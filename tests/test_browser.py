@@ -9,6 +9,7 @@ installs both, and this test fails, never skips, without them."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import urllib.request
@@ -299,14 +300,48 @@ def test_refusal_is_shown_with_its_reason(page, srv):
     page.screenshot(path=str(ARTIFACTS / "browser-client-refused.png"), full_page=True)
 
 
+def check_session_telemetry(page, session: str) -> list[dict]:
+    """The server's telemetry of this session reached the page and the plot: points every 12
+    frames (the server's default) with finite figures, each series drawn. Waits for 4 points
+    (about 4 s of session), not just the 2 needed for lines, so the screenshot shows a trend."""
+    from playwright.sync_api import expect
+
+    expect(page.locator("#ttt-info")).to_have_text("every 12 frames (0.96 s)")
+    page.wait_for_function("() => window.moshiTTT.telemetry.length >= 4 "
+                           "&& window.moshiTTT.plot !== null", timeout=60_000)
+    points = telemetry(page)
+    frames = [p["frame"] for p in points]
+    assert frames == sorted(set(frames)) and frames[0] > 0, frames
+    for p in points:
+        assert p["type"] == "ttt_telemetry" and p["session"] == session, p
+        for key in ("inner_loss_before", "inner_loss_after", "drift"):
+            assert isinstance(p[key], (int, float)) and math.isfinite(p[key]), (key, p)
+            assert p[key] >= 0, (key, p)
+        assert p["input_dependence"] is None or math.isfinite(p["input_dependence"]), p
+        assert [layer["layer"] for layer in p["layers"]] == [0, 1], p  # the tiny config's TTT
+    expect(page.locator("#ttt-empty")).to_be_hidden()
+    expect(page.locator("#ttt-frames")).not_to_have_text("—")
+    px = plot_pixels(page)
+    assert px["painted"] > 0 and px["inner_loss_after"] > 20 and px["drift"] > 20, px
+    # drawn first, the loss before the update is hidden where it equals the loss after it
+    if any(abs(p["inner_loss_before"] - p["inner_loss_after"]) > 0.02 * p["inner_loss_after"]
+           for p in points):
+        assert px["inner_loss_before"] > 20, (px, points)
+    return points
+
+
 def test_talk_in_pcm_mode_and_disconnect(page, srv, heard, capsys):
     s = talk(page, srv, heard, "pcm")
     assert s["mode"] == "pcm" and s["session"]
+    points = check_session_telemetry(page, s["session"])
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "browser-client.png"
     page.screenshot(path=str(shot), full_page=True)
+    plot = ARTIFACTS / "browser-ttt-plot.png"
+    page.locator(".ttt").screenshot(path=str(plot))
     with capsys.disabled():  # shown even under -q, without -s
-        print(f"\n[screenshot of the connected page: {shot}]")
+        print(f"\n[screenshots of the connected page: {shot}, its TTT plot ({len(points)} "
+              f"points): {plot}]")
     disconnect(page, srv)
     assert stats(page)["closeCode"] == 1000
 
