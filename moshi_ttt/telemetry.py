@@ -50,7 +50,7 @@ class TelemetryReader:
             b.telemetry = True
 
     @torch.no_grad()
-    def _references(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def prepare(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per block: ||W0||, the probe queries and W0's input dependence (W0 is fixed while
         serving: computed once)."""
         if self._refs is None:
@@ -70,7 +70,7 @@ class TelemetryReader:
         """[B, layers, 5] fp32 on device (`COLUMNS`), and the sums start again from zero.
         A row without frames in the window has frames 0 and losses 0."""
         cols = []
-        for b, (norm0, probes, dep0) in zip(self.blocks, self._references()):
+        for b, (norm0, probes, dep0) in zip(self.blocks, self.prepare()):
             st = b._streaming_state
             if st is None:
                 raise RuntimeError(f"TTT layer {b.layer_index} is not streaming: no telemetry")

@@ -118,22 +118,25 @@ def head_layer_norm(
 
 
 def head_layer_norm_l2_grad(
-    z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> torch.Tensor:
-    """Gradient wrt z of 1/2 ||LN(z) - target||^2 (LayerNorm backward fused with the L2 loss)."""
+    z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+    with_residual: bool = False,
+):
+    """Gradient wrt z of 1/2 ||LN(z) - target||^2 (LayerNorm backward fused with the L2 loss);
+    with `with_residual`, also LN(z) - target (whose half squared norm is the loss)."""
     d = z.shape[-1]
     mu = z.mean(dim=-1, keepdim=True)
     var = z.var(dim=-1, keepdim=True, unbiased=False)
     rstd = torch.rsqrt(var + eps)
     zhat = (z - mu) * rstd
     w = weight[:, None, :]
-    y = zhat * w + bias[:, None, :]
-    g_hat = (y - target) * w
-    return (
+    residual = zhat * w + bias[:, None, :] - target
+    g_hat = residual * w
+    grad = (
         d * g_hat
         - g_hat.sum(dim=-1, keepdim=True)
         - zhat * (g_hat * zhat).sum(dim=-1, keepdim=True)
     ) * (rstd / d)
+    return (grad, residual) if with_residual else grad
 
 
 def inner_grads(
@@ -152,13 +155,6 @@ def inner_grads(
     gz2 = head_layer_norm_l2_grad(z2, xv - xk, ln_w, ln_b, eps)
     gz1 = (gz2 @ w.w2.transpose(-1, -2)) * gelu_tanh_grad(z1)
     return x2, gz1, gz2
-
-
-def inner_loss(z2: torch.Tensor, target: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor,
-               eps: float) -> torch.Tensor:
-    """1/2 ||LN(z2) - target||^2 per frame and head [.., T] (the inner loss, from the inner
-    model's output before its LayerNorm)."""
-    return 0.5 * (head_layer_norm(z2, ln_w, ln_b, eps) - target).pow(2).sum(dim=-1)
 
 
 def position_scale(k: int, offset: torch.Tensor | None = None, device=None,
@@ -339,9 +335,8 @@ def stream_step(
         x2 = gelu_tanh(z1k)
         z2k = x2 @ w.w2 + w.b2
         target = xv - xk
-        gz2 = head_layer_norm_l2_grad(z2k, target, ln_w, ln_b, eps)
+        gz2, residual = head_layer_norm_l2_grad(z2k, target, ln_w, ln_b, eps, True)
         gz1 = (gz2 @ w.w2.transpose(-1, -2)) * gelu_tanh_grad(z1k)
-        loss_before = inner_loss(z2k, target, ln_w, ln_b, eps)[..., 0]  # [B,H]
     write = ((slots[None, :] == pos[:, None]) & active[:, None])[:, None, :]  # [B,1,K]
     buf.xk.copy_(torch.where(write[..., None], xk, buf.xk))
     buf.x2.copy_(torch.where(write[..., None], x2, buf.x2))
@@ -360,10 +355,12 @@ def stream_step(
         z1a = z1k - (eta * (xk @ buf.xk.transpose(-1, -2) + 1.0)) @ buf.gz1
         x2a = gelu_tanh(z1a)
         z2a = x2a @ w.w2 + w.b2 - (eta * (x2a @ buf.x2.transpose(-1, -2) + 1.0)) @ buf.gz2
-        loss_after = inner_loss(z2a, target, ln_w, ln_b, eps)[..., 0]
-        add = torch.stack([loss_before.mean(dim=1), loss_after.mean(dim=1),
-                           torch.ones_like(loss_before[:, 0])], dim=1)
-        telemetry.add_(torch.where(active[:, None], add, 0.0))
+        # [B, H, 1] each: the residual's half squared norm is the inner loss
+        losses = torch.cat([residual.pow(2).sum(-1),
+                            (head_layer_norm(z2a, ln_w, ln_b, eps) - target).pow(2).sum(-1)],
+                           dim=-1).mean(dim=1) * 0.5  # [B, 2], mean over heads
+        telemetry[:, :2].add_(torch.where(active[:, None], losses, 0.0))
+        telemetry[:, 2].add_(active.to(telemetry.dtype))
 
     # 3. commit at the last position: a masked update (every other row keeps its state), not a
     #    branch. Settling (decay, weight norm) is part of the commit.

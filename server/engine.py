@@ -211,6 +211,8 @@ class Engine:
                 f"its first frames; the checkpoint's TTT weights (or inner learning rate) "
                 f"diverge")
         self._reset(everyone)
+        if self.telemetry is not None:
+            self.telemetry.prepare()  # W0's figures, once, before anyone's first read
         self._sync()
         return dt
 
