@@ -4,6 +4,10 @@ and random tokens, so Moshi 7B can be measured without its 15 GB of weights or a
 It runs `Trainer` itself (same precision policy, activation checkpointing, loss, optimiser), only
 swapping where the model and the batches come from, and prints tokens/s, seconds per step and
 peak memory next to a memory plan computed on paper from the parameter counts.
+
+`--method lora` measures the baseline TTT is compared with: the same base and batches without
+TTT layers, with LoRA adapters of rank 128 on the main transformer (moshi-finetune's default
+rank), trained alone.
 """
 
 from __future__ import annotations
@@ -17,15 +21,34 @@ from typing import Any
 import torch
 
 from .config import ProjectConfig
+from .lora import apply_lora_from_config
 from .data.loader import LoaderPosition
 from .dims import count_params, detect_dims
 from .model import build_ttt_lm
-from .train.settings import TrainSettings
+from .train.settings import LoRASettings, TrainSettings
 from .train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
+METHODS = ("ttt", "lora")
+LORA_RANK = 128  # moshi-finetune's default
+
+
+def method_config(cfg: ProjectConfig, method: str, lora_rank: int = LORA_RANK
+                  ) -> tuple[ProjectConfig, dict[str, Any]]:
+    """The config and training-settings overrides of `method`: `ttt` is the config as it is
+    (TTT layers trained, base frozen); `lora` drops the TTT layers and trains LoRA adapters of
+    `lora_rank` on the main transformer's linears instead."""
+    if method == "ttt":
+        return cfg, {}
+    if method != "lora":
+        raise ValueError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+    out = cfg.model_copy(deep=True)
+    out.ttt.layers, out.ttt.depformer_layers = [], []
+    lora = {"enable": True, "rank": lora_rank, "scaling": 2.0, "components": ["transformer"]}
+    out.train = {**out.train, "lora": lora}
+    return out, {"train_ttt": False, "lora": LoRASettings(**lora)}
 
 
 class SyntheticSegments:
@@ -56,6 +79,7 @@ class RandomWeightsTrainer(Trainer):
 
     def _load(self, base_override, resume) -> None:
         self.lm = build_ttt_lm(self.cfg, device=self.device, dtype=self.model_dtype)
+        apply_lora_from_config(self.lm, self.cfg)  # `--method lora` (fresh adapters: B = 0)
         self.dims = detect_dims(self.lm)
         self.base = None
         self.mimi = self.tokenizer = None
@@ -98,12 +122,14 @@ def memory_plan(cfg: ProjectConfig, frames: int, batch: int) -> dict[str, float]
 
 
 def run_bench(cfg: ProjectConfig, steps: int, frames: int, batch: int, device: str,
-              checkpointing: bool = True, json_out: Path | None = None) -> dict[str, Any]:
+              checkpointing: bool = True, json_out: Path | None = None,
+              method: str = "ttt") -> dict[str, Any]:
     from rich.console import Console
 
+    cfg, overrides = method_config(cfg, method)
     settings = TrainSettings(batch_size=batch, grad_accum=1, max_steps=steps, lr=1e-4,
                              warmup_steps=1, ckpt_every=10**9, eval_every=10**9, log_every=1,
-                             activation_checkpointing=checkpointing, device=device)
+                             activation_checkpointing=checkpointing, device=device, **overrides)
     plan = memory_plan(cfg, frames, batch)
     with tempfile.TemporaryDirectory(prefix="moshi-ttt-bench-train-") as tmp:
         trainer = RandomWeightsTrainer(cfg, settings, frames, Path(tmp))
@@ -114,6 +140,8 @@ def run_bench(cfg: ProjectConfig, steps: int, frames: int, batch: int, device: s
     steady = recs[1:] or recs  # the first step pays for allocation and kernel selection
     dev = trainer.device
     res = {
+        "method": method,
+        "lora_rank": overrides["lora"].rank if "lora" in overrides else None,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "dtype": str(trainer.model_dtype).removeprefix("torch."),
         "frames": frames, "batch": batch, "steps": steps, "checkpointing": checkpointing,
@@ -123,9 +151,11 @@ def run_bench(cfg: ProjectConfig, steps: int, frames: int, batch: int, device: s
         "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
         "plan_gib": {k: round(v, 2) for k, v in plan.items()},
         "params": count_params(trainer.lm),
+        "trainable": sum(p.numel() for p in trainer.lm.parameters() if p.requires_grad),
     }
     con = Console(width=160)
-    con.print(f"[bold]moshi-ttt bench train[/] on {res['device']} ({res['dtype']} base), "
+    what = f"LoRA rank {res['lora_rank']}, no TTT" if method == "lora" else "TTT"
+    con.print(f"[bold]moshi-ttt bench train[/] ({what}) on {res['device']} ({res['dtype']} base), "
               f"batch {batch} x {frames} frames, checkpointing {checkpointing}")
     con.print(f"steady state over {len(steady)} step(s): {res['tokens_per_s']:,.0f} tokens/s, "
               f"{res['step_s']:.3f} s/step; peak memory {res['peak_mem_gib']:.2f} GiB "
@@ -136,3 +166,28 @@ def run_bench(cfg: ProjectConfig, steps: int, frames: int, batch: int, device: s
     if json_out:
         json_out.write_text(json.dumps(res, indent=2))
     return res
+
+
+def compare(results: dict[str, dict[str, Any]], json_out: Path | None = None) -> dict[str, Any]:
+    """Print and return TTT against LoRA, each measured in its own process."""
+    from rich.console import Console
+    from rich.table import Table
+
+    ttt, lora = results["ttt"], results["lora"]
+    ratio = {"step_s": ttt["step_s"] / lora["step_s"],
+             "tokens_per_s": ttt["tokens_per_s"] / lora["tokens_per_s"],
+             "peak_mem_gib": ttt["peak_mem_gib"] / lora["peak_mem_gib"]}
+    t = Table(title=f"TTT vs LoRA (rank {lora['lora_rank']}), batch {ttt['batch']} x "
+                    f"{ttt['frames']} frames on {ttt['device']}")
+    for col in ("", "s/step", "tokens/s", "peak GiB", "trainable"):
+        t.add_column(col, justify="right")
+    for name, r in (("TTT", ttt), ("LoRA", lora)):
+        t.add_row(name, f"{r['step_s']:.3f}", f"{r['tokens_per_s']:,.0f}",
+                  f"{r['peak_mem_gib']:.2f}", f"{r['trainable']:,}")
+    t.add_row("TTT / LoRA", f"{ratio['step_s']:.2f}x", f"{ratio['tokens_per_s']:.2f}x",
+              f"{ratio['peak_mem_gib']:.2f}x", "")
+    Console(width=160).print(t)
+    out = {"ttt": ttt, "lora": lora, "ratio": ratio}
+    if json_out:
+        json_out.write_text(json.dumps(out, indent=2))
+    return out

@@ -906,25 +906,51 @@ def bench_train(
     batch: int = typer.Option(1, help="sequences per step"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
     checkpointing: bool = typer.Option(True, help="activation checkpointing"),
+    method: str = typer.Option(
+        "ttt", "--method", help="ttt (the config's TTT layers), lora (no TTT, LoRA rank 128 on "
+        "the main transformer, as moshi-finetune) or both (each in its own process, then the "
+        "ratio)"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
 ) -> None:
     """Time the trainer's step at a config's real size.
 
     Random weights and tokens: tokens/s, s/step, peak memory, next to the memory plan on
-    paper.
+    paper. `--method both` compares TTT with LoRA at the same batch and length.
     """
     _cpu_defaults()
+    from .bench_train import METHODS, compare
     from .bench_train import run_bench as run_train_bench
     from .config import ConfigError, load_config
 
     for value, flag in ((steps, "--steps"), (frames, "--frames"), (batch, "--batch")):
         at_least(value, 1, flag)
     check_device(device)
+    if method not in (*METHODS, "both"):
+        fail(f"--method {method!r}: expected ttt, lora or both")
     try:
         cfg = load_config(config)
     except ConfigError as e:
         fail(reason(e))
-    run_train_bench(cfg, steps, frames, batch, device, checkpointing, json_out)
+    if method != "both":
+        run_train_bench(cfg, steps, frames, batch, device, checkpointing, json_out, method)
+        return
+    # each in a fresh process: peak memory (RSS on CPU) is the process's own
+    import subprocess
+    import sys
+    import tempfile
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="moshi-ttt-bench-") as tmp:
+        for m in METHODS:
+            out = Path(tmp) / f"{m}.json"
+            cmd = [sys.executable, "-m", "moshi_ttt.cli", "bench", "train", "-c", str(config),
+                   "--steps", str(steps), "--frames", str(frames), "--batch", str(batch),
+                   "--device", device, "--method", m, "--json-out", str(out),
+                   "--checkpointing" if checkpointing else "--no-checkpointing"]
+            if subprocess.run(cmd).returncode != 0:
+                fail(f"bench train --method {m} failed (see above)")
+            results[m] = json.loads(out.read_text())
+    compare(results, json_out)
 
 def one_line_paragraphs(text: str) -> str:
     """Each paragraph of a docstring on one line. Typer's rich help keeps a docstring's line

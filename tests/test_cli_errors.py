@@ -186,11 +186,14 @@ CASES_2 = {
         (["--random-config", "{nowhere}.yaml"], "config file not found"),
         (["--random-config", TINY, "--sessions", "two"], "expected comma-separated positive"),
         (["--random-config", TINY, "--seconds", "0"], "--seconds must be > 0"),
+        (["--random-config", TINY, "--telemetry-every", "-1"],
+         "--telemetry-every must be at least 0"),
     ],
     "bench train": [
         (["-c", "{nowhere}.yaml"], "config file not found"),
         (["-c", TINY, "--steps", "0"], "--steps must be at least 1"),
         (["-c", TINY, "--frames", "0"], "--frames must be at least 1"),
+        (["-c", TINY, "--method", "adapter"], "--method 'adapter': expected ttt, lora or both"),
     ],
 }
 CUDA_CASES = [  # asking for CUDA where there is none: one line, not a torch assertion
