@@ -854,6 +854,9 @@ def bench_serve(
         None, "--random-config", callback=config_path,
         help="or a config served with random weights (e.g. the 7B)"),
     sessions: str = typer.Option("1,4", help="session counts, one server each"),
+    capacity: Optional[int] = typer.Option(
+        None, "--capacity", help="slots of each server (default: the session count, a full "
+        "server); larger than the counts to measure partial occupancy"),
     seconds: float = typer.Option(15.0, help="seconds of real-time streaming per count"),
     mode: str = typer.Option("pcm", help="pcm (server runs the codec) or tokens (LM only)"),
     device: str = typer.Option("auto", help="server device"),
@@ -879,6 +882,8 @@ def bench_serve(
         if path is not None and not path.exists():  # before a server is started for it
             fail(f"{what} not found: {path}")
     counts = int_list(sessions, "--sessions")
+    if capacity is not None and capacity < max(counts):
+        fail(f"--capacity {capacity} is below the largest session count {max(counts)}")
     if seconds <= 0:
         fail(f"--seconds must be > 0, got {seconds:g}")
     check_device(device)
@@ -892,7 +897,7 @@ def bench_serve(
         env_wait["MOSHI_TTT_TELEMETRY_EVERY_FRAMES"] = str(telemetry_every)
     os.environ.update(env_wait)
     try:
-        run_bench(model, counts, seconds, mode, extra, json_out)
+        run_bench(model, counts, seconds, mode, extra, json_out, capacity)
     except RuntimeError as e:
         fail(reason(e))
 

@@ -463,42 +463,63 @@ class Engine:
             self.metrics.ttt_drift.observe(drift)
         return msg
 
+    # Columns of the step's one host-to-device buffer, per row: the flags, the codes of a token
+    # session, the PCM of an audio session (codes as floats: exact below 2^24).
+    _READY, _ENCODE, _DECODE, _CODES = 0, 1, 2, 3
+    _PCM = _CODES + NUM_CODEBOOKS
+
+    def _inputs(self, batch: list[tuple[SessionHandle, np.ndarray]]) -> torch.Tensor:
+        """The step's inputs in one host buffer, kept from step to step (pinned on CUDA), and
+        one copy of it on the device (a fresh tensor: codec states may keep views of it)."""
+        buf = getattr(self, "_host_in", None)
+        if buf is None:
+            buf = self._host_in = torch.zeros(
+                self.cfg.capacity, self._PCM + FRAME_SIZE,
+                pin_memory=self.device.type == "cuda")
+        buf.zero_()  # the previous step's copy has completed: its outputs were read back
+        for h, frame in batch:
+            row = buf[h.slot]
+            row[self._READY] = 1.0
+            row[self._DECODE] = float(h.wants_audio)
+            if frame.dtype == np.float32:
+                row[self._ENCODE] = 1.0
+                row[self._PCM:] = torch.from_numpy(frame)
+            else:
+                row[self._CODES:self._PCM] = torch.from_numpy(frame)
+        if self.device.type == "cpu":
+            return buf.clone()
+        return buf.to(self.device, non_blocking=True)
+
     def _step(self, batch: list[tuple[SessionHandle, np.ndarray]]) -> None:
         t0 = time.perf_counter()
         S, dev = self.cfg.capacity, self.device
-        ready = torch.zeros(S, dtype=torch.bool)
-        encode = torch.zeros(S, dtype=torch.bool)
-        decode = torch.zeros(S, dtype=torch.bool)
-        codes = torch.zeros(S, NUM_CODEBOOKS, 1, dtype=torch.long)
-        pcm = None
-        for h, frame in batch:
-            ready[h.slot] = True
-            decode[h.slot] = h.wants_audio
-            if frame.dtype == np.float32:
-                if pcm is None:
-                    pcm = torch.zeros(S, 1, FRAME_SIZE)
-                pcm[h.slot, 0] = torch.from_numpy(frame)
-                encode[h.slot] = True
-            else:
-                codes[h.slot, :, 0] = torch.from_numpy(frame)
+        any_audio = any(frame.dtype == np.float32 for _, frame in batch)
+        any_decode = any(h.wants_audio for h, _ in batch)
+        x = self._inputs(batch)
         out, audio, bad = self._step_tensors(
-            pcm.to(dev) if pcm is not None else None, codes.to(dev), ready.to(dev),
-            encode.to(dev) if pcm is not None else None,
-            decode.to(dev) if bool(decode.any()) else None)
-        # Host syncs of the step: tokens with the flags (and, every `telemetry_every` steps, the
-        # TTT telemetry) in one copy, and the audio if any.
+            x[:, None, self._PCM:].contiguous() if any_audio else None,
+            x[:, self._CODES:self._PCM].long()[:, :, None], x[:, self._READY] > 0,
+            x[:, self._ENCODE] > 0 if any_audio else None,
+            x[:, self._DECODE] > 0 if any_decode else None)
+        # The step's one device-to-host copy: tokens, flags, the audio if any and, every
+        # `telemetry_every` steps, the TTT telemetry (tokens and flags are small integers:
+        # exact in fp32).
         due = self.telemetry is not None and (self.steps + 1) % self.cfg.telemetry_every == 0
+        parts = [out.float(), bad[:, None].float()]
+        if audio is not None:
+            parts.append(audio.float())
         if due:
             tel = self.telemetry.read()  # [S, layers, 5]
-            # tokens and flags are small integers: exact in fp32
-            host = torch.cat([out.float(), bad[:, None].float(), tel.flatten(1)], dim=1)
-            host = host.cpu().numpy()
-            out, bad = host[:, :out.shape[1]].astype(np.int64), host[:, out.shape[1]] > 0
-            tel_rows = host[:, out.shape[1] + 1:].reshape(S, *tel.shape[1:])
-        else:
-            flagged = torch.cat([out, bad[:, None].to(out.dtype)], dim=1).cpu().numpy()
-            out, bad = flagged[:, :-1], flagged[:, -1].astype(bool)
-        audio = audio.float().cpu().numpy() if audio is not None else None
+            parts.append(tel.flatten(1))
+        host = torch.cat(parts, dim=1).cpu().numpy()
+        n = out.shape[1]
+        out, bad = host[:, :n].astype(np.int64), host[:, n] > 0
+        col = n + 1
+        if audio is not None:
+            audio = host[:, col:col + FRAME_SIZE]
+            col += FRAME_SIZE
+        if due:
+            tel_rows = host[:, col:].reshape(S, *tel.shape[1:])
         first = [h for h, frame in batch if frame.dtype == np.float32 and not h.primed]
         if first:  # moshi re-primes the codec after a session's first frame (see the top)
             mask = torch.zeros(S, dtype=torch.bool)

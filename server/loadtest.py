@@ -58,6 +58,7 @@ class LoadResult:
     gpu_peak_mb: float | None
     device: str
     errors: list[str] = field(default_factory=list)
+    capacity: int | None = None  # the server's slots (batch rows); None: as many as sessions
 
 
 def free_port() -> int:
@@ -170,10 +171,15 @@ async def _load(url: str, sessions: int, seconds: float, mode: str) -> list[dict
 
 
 def run_load(model_args: list[str], sessions: int, seconds: float, mode: str = "pcm",
-             extra: list[str] | None = None, log_dir: Path | None = None) -> LoadResult:
+             extra: list[str] | None = None, log_dir: Path | None = None,
+             capacity: int | None = None) -> LoadResult:
+    """`sessions` real-time clients for `seconds` against a fresh server with `capacity` slots
+    (default: exactly `sessions`, a full server)."""
+    if capacity is not None and capacity < sessions:
+        raise ValueError(f"{sessions} sessions do not fit a server of capacity {capacity}")
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="moshi-ttt-bench-"))
     log = log_dir / f"server-{sessions}.log"
-    with ServerProcess(model_args, sessions, extra or [], log) as srv:
+    with ServerProcess(model_args, capacity or sessions, extra or [], log) as srv:
         before = srv.health
         results = asyncio.run(_load(f"ws://127.0.0.1:{srv.port}/api/chat", sessions, seconds,
                                     mode))
@@ -203,15 +209,18 @@ def run_load(model_args: list[str], sessions: int, seconds: float, mode: str = "
         rss_mb_before=(before.get("memory") or {}).get("rss_mb"),
         rss_mb_after=(after.get("memory") or {}).get("rss_mb"),
         gpu_peak_mb=(after.get("memory") or {}).get("gpu_peak_mb"),
-        device=f"{after.get('device')}/{after.get('dtype')}", errors=errors)
+        device=f"{after.get('device')}/{after.get('dtype')}", errors=errors,
+        capacity=(after.get("sessions") or {}).get("capacity"))  # as the server says
 
 
 def run_bench(model_args: list[str], sessions: list[int], seconds: float, mode: str,
-              extra: list[str], json_out: Path | None = None) -> list[LoadResult]:
+              extra: list[str], json_out: Path | None = None,
+              capacity: int | None = None) -> list[LoadResult]:
     out = []
     for n in sessions:
-        logger.info("bench serve: %d session(s), %.0f s, %s mode", n, seconds, mode)
-        r = run_load(model_args, n, seconds, mode, extra)
+        logger.info("bench serve: %d session(s) on %d slot(s), %.0f s, %s mode", n,
+                    capacity or n, seconds, mode)
+        r = run_load(model_args, n, seconds, mode, extra, capacity=capacity)
         logger.info("%s", r)
         out.append(r)
         if json_out:
@@ -225,7 +234,7 @@ def print_table(results: list[LoadResult]) -> None:
     from rich.table import Table
 
     t = Table(title="moshi-ttt bench serve (per-frame figures; budget 80 ms)")
-    for col in ("sessions", "device", "step p50 ms", "step p99 ms", "RTF", "rtt p50 ms",
+    for col in ("sessions", "capacity", "device", "step p50 ms", "step p99 ms", "RTF", "rtt p50 ms",
                 "rtt p99 ms", "late / answered", "sessions/step", "RSS MB before -> after",
                 "GPU peak MB"):
         t.add_column(col, justify="right")
@@ -233,7 +242,7 @@ def print_table(results: list[LoadResult]) -> None:
     def f(x, nd=1):
         return "-" if x is None else f"{x:.{nd}f}"
     for r in results:
-        t.add_row(str(r.sessions), r.device, f(r.step_ms_p50), f(r.step_ms_p99),
+        t.add_row(str(r.sessions), str(r.capacity), r.device, f(r.step_ms_p50), f(r.step_ms_p99),
                   f(r.real_time_factor, 3), f(r.rtt_ms_p50), f(r.rtt_ms_p99),
                   f"{r.frames_late} / {r.frames_answered}", f(r.sessions_per_step, 2),
                   f"{f(r.rss_mb_before, 0)} -> {f(r.rss_mb_after, 0)}", f(r.gpu_peak_mb, 0))

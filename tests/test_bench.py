@@ -1,4 +1,5 @@
-"""The benchmark commands measure what they say: `bench train --method` trains TTT or LoRA."""
+"""The benchmark commands measure what they say: `bench train --method` trains TTT or LoRA,
+`bench serve --capacity` serves fewer sessions than slots."""
 
 from __future__ import annotations
 
@@ -35,3 +36,13 @@ def test_bench_train_runs_each_method_and_counts_what_trains(tmp_path):
     d, ff, layers = 64, 176, 4  # the tiny config's main transformer (gating: 2 x ff in)
     per_layer = 128 * ((d + 3 * d) + (d + d) + (d + 2 * ff) + (ff + d))
     assert res["lora"]["trainable"] == layers * per_layer
+
+
+def test_bench_serve_capacity_runs_fewer_sessions_than_slots(tmp_path):
+    from server.loadtest import run_load
+
+    r = run_load(["--random-config", str(CONFIGS / "tiny.yaml")], 1, 2.0, "tokens",
+                 ["--device", "cpu"], log_dir=tmp_path, capacity=3)
+    assert r.capacity == 3 and r.sessions == 1 and not r.errors, r
+    assert r.frames_answered >= r.frames_sent - 2 > 10
+    assert r.sessions_per_step == 1.0 and r.step_ms_p50 > 0

@@ -186,6 +186,8 @@ CASES_2 = {
         (["--random-config", "{nowhere}.yaml"], "config file not found"),
         (["--random-config", TINY, "--sessions", "two"], "expected comma-separated positive"),
         (["--random-config", TINY, "--seconds", "0"], "--seconds must be > 0"),
+        (["--random-config", TINY, "--sessions", "1,4", "--capacity", "2"],
+         "--capacity 2 is below the largest session count 4"),
         (["--random-config", TINY, "--telemetry-every", "-1"],
          "--telemetry-every must be at least 0"),
     ],

@@ -82,6 +82,24 @@ def test_train_writes_a_checkpoint_the_server_loads(env, tmp_path):
     assert last["step"] == 4
 
 
+def test_logged_and_checkpointed_steps_carry_every_figure(env, tmp_path, monkeypatch):
+    """log_every 3: only steps 3 and 6 (and the last, 7) are logged, each with every figure;
+    the steps in between read back only the loss and gradient norm (one host sync), so the
+    per-stream summary is computed on logged and checkpointed steps alone."""
+    import moshi_ttt.train.trainer as trainer_mod
+
+    calls = []
+    real = trainer_mod.summarize
+    monkeypatch.setattr(trainer_mod, "summarize", lambda *a: calls.append(1) or real(*a))
+    _run(env, tmp_path / "r", max_steps=7, log_every=3, ckpt_every=100)
+    recs = _losses(tmp_path / "r")
+    assert [r["step"] for r in recs] == [3, 6, 7]
+    for r in recs:
+        for key in ("loss", "text", "audio", "audio_cb7", "peak_mem_mb", "gate", "grad_norm"):
+            assert key in r, (r["step"], key)
+    assert len(calls) == 3 + 1  # the logged steps, and the held-out evaluation at the end
+
+
 def test_loss_goes_down_on_repeated_data(env, tmp_path):
     recs = None
     _run(env, tmp_path / "r", max_steps=12, lr=1e-2, segment_seconds=6.0, batch_size=4,

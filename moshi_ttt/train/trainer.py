@@ -272,8 +272,8 @@ class Trainer:
             raise TrainingError(
                 f"--resume: {latest} was trained with another model than this config describes "
                 f"(checkpoint -> now):\n  " + "\n  ".join(diffs) + "\nA run's model cannot "
-                f"change: resume with the config it was trained with, or train the new model "
-                f"in another --out")
+                "change: resume with the config it was trained with, or train the new model "
+                "in another --out")
         then = {k: v for k, v in recorded.train.items() if k in now}
         changed: list[str] = []
         _diff({k: v for k, v in then.items() if k not in ("data", "stop_after")},
@@ -427,7 +427,10 @@ class Trainer:
         save_due = False
         try:
             for step in range(self.start_step + 1, self.s.max_steps + 1):
-                last = self._train_step(step)
+                stop_here = self.s.stop_after is not None and step >= self.s.stop_after
+                last = self._train_step(step, full=(
+                    step % self.s.log_every == 0 or step % self.s.ckpt_every == 0
+                    or step == self.s.max_steps or stop_here))
                 if self.eval_batches and (step % self.s.eval_every == 0
                                           or step == self.s.max_steps):
                     last.update({f"eval/{k}": v for k, v in self.evaluate().items()})
@@ -482,7 +485,11 @@ class Trainer:
                 f"rate (train.lr is {self.s.lr:g}) or raise train.max_nonfinite_steps "
                 f"({self.s.max_nonfinite_steps}), then --resume")
 
-    def _train_step(self, step: int) -> dict[str, Any]:
+    def _train_step(self, step: int, full: bool = True) -> dict[str, Any]:
+        """One optimiser step. Its one host sync reads the global loss and gradient norm (every
+        rank must decide alike whether to apply the update); the per-stream figures, peak
+        memory and TTT norms, which need more syncs, are computed only when `full` (a step that
+        is logged or checkpointed) or when the step is skipped."""
         t0 = time.perf_counter()
         lr = self._set_lr(step)
         B, A, W = self.s.batch_size, self.s.grad_accum, self.world
@@ -511,9 +518,10 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         # Global figures, identical on every rank, so every rank takes the same decision.
         total = StreamSums.from_flat(dist_util.all_reduce_sum(sums), self.lm.dep_q)
-        figures = summarize(total, self.s.loss)
-        gnorm = float(grad_norm)
-        finite = math.isfinite(figures["loss"]) and math.isfinite(gnorm)
+        loss_value, gnorm = torch.stack([
+            combine(total, total.text_w, total.audio_w, self.s.loss).float().reshape(()),
+            grad_norm.float().reshape(()).to(total.text_w.device)]).tolist()
+        finite = math.isfinite(loss_value) and math.isfinite(gnorm)
         if finite:
             self.opt.step()
             self.nonfinite_streak = 0
@@ -521,22 +529,26 @@ class Trainer:
             self.skipped_steps += 1
             self.nonfinite_streak += 1
             logger.warning("step %d: loss %s, grad norm %s: update skipped (%d in a row; the run "
-                           "stops at %d)", step, figures["loss"], gnorm, self.nonfinite_streak,
+                           "stops at %d)", step, loss_value, gnorm, self.nonfinite_streak,
                            self.s.max_nonfinite_steps)
         self.opt.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
+        full = full or not finite
+        if self.device.type == "cuda" and full:  # time the logged steps to their end
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         T = codes.shape[-1]
         tokens = B * A * W * T * (1 + self.lm.dep_q)  # predicted tokens, as moshi-finetune counts
-        return {
-            "step": step, **figures,
+        rec = {
+            "step": step, "loss": loss_value,
             "lr": lr, "grad_norm": gnorm, "skipped": not finite,
             "skipped_steps": self.skipped_steps,
             "tokens_per_s": tokens / dt, "step_s": dt, "frames": B * A * W * T,
-            "peak_mem_mb": _peak_memory_mb(self.device), "epoch": self.pos.epoch,
-            **self._ttt_norms(),
+            "epoch": self.pos.epoch,
         }
+        if full:
+            rec.update(summarize(total, self.s.loss), peak_mem_mb=_peak_memory_mb(self.device),
+                       **self._ttt_norms())
+        return rec
 
     def _ttt_norms(self) -> dict[str, Any]:
         gate, fast = {}, {}
