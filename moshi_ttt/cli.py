@@ -902,6 +902,46 @@ def bench_serve(
         fail(reason(e))
 
 
+@bench_app.command("step")
+def bench_step(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint to time"),
+    random_config: Optional[Path] = typer.Option(
+        None, "--random-config", callback=config_path,
+        help="or a config with random weights (e.g. the 7B)"),
+    sessions: str = typer.Option("1,4", help="batch rows (all active), one engine each"),
+    runs: int = typer.Option(25, help="interleaved runs of 48 steps, telemetry on and off"),
+    device: str = typer.Option("auto", help="cpu, cuda or auto"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
+) -> None:
+    """Time the engine's model step in-process, TTT telemetry on vs off.
+
+    The codec and LM step of every row, back to back, with the telemetry read every 12 steps:
+    what telemetry costs, without the client noise of `bench serve`.
+    """
+    _cpu_defaults()
+    from server.stepbench import run as run_steps
+
+    from .checkpoint import load_model, random_model
+
+    if (checkpoint is None) == (random_config is None):
+        fail("give exactly one of --checkpoint or --random-config")
+    counts = int_list(sessions, "--sessions")
+    at_least(runs, 1, "--runs")
+    check_device(device)
+    import torch
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+    def loaded():
+        if checkpoint is not None:
+            return load_model(checkpoint, dev)
+        return random_model(random_config, dev)
+    try:
+        run_steps(loaded, counts, runs, json_out)
+    except (ValueError, RuntimeError) as e:
+        fail(reason(e))
+
+
 @bench_app.command("train")
 def bench_train(
     config: Path = typer.Option(..., "--config", "-c", callback=config_path,

@@ -1,5 +1,6 @@
 """The benchmark commands measure what they say: `bench train --method` trains TTT or LoRA,
-`bench serve --capacity` serves fewer sessions than slots."""
+`bench serve --capacity` serves fewer sessions than slots, `bench step` times the engine
+with telemetry on and off."""
 
 from __future__ import annotations
 
@@ -46,3 +47,12 @@ def test_bench_serve_capacity_runs_fewer_sessions_than_slots(tmp_path):
     assert r.capacity == 3 and r.sessions == 1 and not r.errors, r
     assert r.frames_answered >= r.frames_sent - 2 > 10
     assert r.sessions_per_step == 1.0 and r.step_ms_p50 > 0
+
+
+def test_bench_step_times_the_engine_with_telemetry_on_and_off():
+    from moshi_ttt.checkpoint import random_model
+    from server.stepbench import run_step_bench
+
+    r = run_step_bench(random_model(CONFIGS / "tiny.yaml"), capacity=2, runs=2, steps=12)
+    assert r["capacity"] == 2 and r["step_ms_on"] > 0 and r["step_ms_off"] > 0
+    assert r["overhead"] == round(r["step_ms_on"] / r["step_ms_off"] - 1, 4)

@@ -191,6 +191,10 @@ CASES_2 = {
         (["--random-config", TINY, "--telemetry-every", "-1"],
          "--telemetry-every must be at least 0"),
     ],
+    "bench step": [
+        ([], "give exactly one of --checkpoint or --random-config"),
+        (["--random-config", TINY, "--runs", "0"], "--runs must be at least 1"),
+    ],
     "bench train": [
         (["-c", "{nowhere}.yaml"], "config file not found"),
         (["-c", TINY, "--steps", "0"], "--steps must be at least 1"),
