@@ -33,6 +33,7 @@ import torch
 from .block import TTTBlock
 from .diagnostics import distance, input_dependence, probe_queries
 from .protocol import TELEMETRY_TYPE
+
 #: What `TelemetryReader.read` returns per row and layer, in this order.
 COLUMNS = ("frames", "inner_loss_before", "inner_loss_after", "drift", "input_dependence")
 FIGURES = COLUMNS[1:]
@@ -93,13 +94,13 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None  # JSON has no NaN (browsers refuse it)
 
 
-def telemetry_message(row: np.ndarray, layers: Sequence[int], session: str,
-                      frame: int) -> dict[str, Any]:
-    """The message for one session: `row` [layers, 5] (`COLUMNS`) as read for its batch row,
-    `frame` the session's frames so far. Aggregates are means over layers (None if not finite,
-    e.g. input dependence when it is not measured)."""
+def telemetry_message(row: np.ndarray, layers: Sequence[int], frame: int) -> dict[str, Any]:
+    """The message for one session, but its id (the server's session adds it): `row`
+    [layers, 5] (`COLUMNS`) as read for its batch row, `frame` the session's frames so far.
+    Aggregates are means over layers (None if not finite, e.g. input dependence when it is not
+    measured)."""
     row = np.asarray(row, dtype=np.float64)
-    msg: dict[str, Any] = {"type": TELEMETRY_TYPE, "session": session, "frame": int(frame),
+    msg: dict[str, Any] = {"type": TELEMETRY_TYPE, "frame": int(frame),
                            "window_frames": int(row[0, 0]) if len(row) else 0}
     for i, name in enumerate(FIGURES, start=1):
         msg[name] = _finite(float(row[:, i].mean())) if len(row) else None
@@ -107,4 +108,3 @@ def telemetry_message(row: np.ndarray, layers: Sequence[int], session: str,
                                               for i, name in enumerate(FIGURES, start=1)}}
                      for layer, r in zip(layers, row)]
     return msg
-

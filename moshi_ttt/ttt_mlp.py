@@ -149,12 +149,26 @@ def inner_grads(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-frame gradients of the inner loss at W. Returns (x2, gz1, gz2):
     x2 = gelu(xk W1 + b1) [.., F] (the input of W2), gz1 = dl/dZ1 [.., F], gz2 = dl/dZ2 [.., HD]."""
+    _, x2, gz1, gz2, _ = inner_grads_and_residual(w, xk, xv, ln_w, ln_b, eps)
+    return x2, gz1, gz2
+
+
+def inner_grads_and_residual(
+    w: FastWeights,
+    xk: torch.Tensor,
+    xv: torch.Tensor,
+    ln_w: torch.Tensor,
+    ln_b: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`inner_grads`, with what the streaming telemetry also reads: (z1, x2, gz1, gz2, residual),
+    z1 = xk W1 + b1 and residual = LN(f_W(xk)) - (xv - xk) (half its squared norm is the loss)."""
     z1 = xk @ w.w1 + w.b1
     x2 = gelu_tanh(z1)
     z2 = x2 @ w.w2 + w.b2
-    gz2 = head_layer_norm_l2_grad(z2, xv - xk, ln_w, ln_b, eps)
+    gz2, residual = head_layer_norm_l2_grad(z2, xv - xk, ln_w, ln_b, eps, with_residual=True)
     gz1 = (gz2 @ w.w2.transpose(-1, -2)) * gelu_tanh_grad(z1)
-    return x2, gz1, gz2
+    return z1, x2, gz1, gz2, residual
 
 
 def position_scale(k: int, offset: torch.Tensor | None = None, device=None,
@@ -328,15 +342,7 @@ def stream_step(
     xq, xk, xv = xq[:, :, None], xk[:, :, None], xv[:, :, None]  # [B,H,1,HD]
 
     # 1. this frame's gradient at the mini-batch start state, written to slot `pos` (active rows).
-    if telemetry is None:
-        x2, gz1, gz2 = inner_grads(w, xk, xv, ln_w, ln_b, eps)
-    else:
-        z1k = xk @ w.w1 + w.b1
-        x2 = gelu_tanh(z1k)
-        z2k = x2 @ w.w2 + w.b2
-        target = xv - xk
-        gz2, residual = head_layer_norm_l2_grad(z2k, target, ln_w, ln_b, eps, True)
-        gz1 = (gz2 @ w.w2.transpose(-1, -2)) * gelu_tanh_grad(z1k)
+    z1k, x2, gz1, gz2, residual = inner_grads_and_residual(w, xk, xv, ln_w, ln_b, eps)
     write = ((slots[None, :] == pos[:, None]) & active[:, None])[:, None, :]  # [B,1,K]
     buf.xk.copy_(torch.where(write[..., None], xk, buf.xk))
     buf.x2.copy_(torch.where(write[..., None], x2, buf.x2))
@@ -357,7 +363,7 @@ def stream_step(
         z2a = x2a @ w.w2 + w.b2 - (eta * (x2a @ buf.x2.transpose(-1, -2) + 1.0)) @ buf.gz2
         # [B, H, 1] each: the residual's half squared norm is the inner loss
         losses = torch.cat([residual.pow(2).sum(-1),
-                            (head_layer_norm(z2a, ln_w, ln_b, eps) - target).pow(2).sum(-1)],
+                            (head_layer_norm(z2a, ln_w, ln_b, eps) - (xv - xk)).pow(2).sum(-1)],
                            dim=-1).mean(dim=1) * 0.5  # [B, 2], mean over heads
         telemetry[:, :2].add_(torch.where(active[:, None], losses, 0.0))
         telemetry[:, 2].add_(active.to(telemetry.dtype))

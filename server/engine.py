@@ -152,6 +152,9 @@ class Engine:
         self._blocks = [a.block for a in ttt_blocks(lm) if a.component == "transformer"]
         self.telemetry = (TelemetryReader(self._blocks, cfg.telemetry_input_dependence)
                           if cfg.telemetry_every > 0 and self._blocks else None)
+        # the step's inputs, refilled every step (`_inputs`)
+        self._host_in = torch.zeros(S, self._PCM + FRAME_SIZE,
+                                    pin_memory=self.device.type == "cuda")
         self.failure: str | None = None  # set if the model thread died or gave up
         self.failures_in_row = 0  # steps or resets that raised, since the last one that did not
         self._last_step_end = 0.0
@@ -453,8 +456,7 @@ class Engine:
         observed in the fleet-wide histograms."""
         if row[0, 0] <= 0:
             return None
-        msg = telemetry_message(row, self.telemetry.layers, "", h.frames_out)
-        del msg["session"]  # the session adds its id
+        msg = telemetry_message(row, self.telemetry.layers, h.frames_out)
         before, after, drift = (msg["inner_loss_before"], msg["inner_loss_after"],
                                 msg["drift"])
         if before is not None and after is not None and before > 0:
@@ -471,11 +473,7 @@ class Engine:
     def _inputs(self, batch: list[tuple[SessionHandle, np.ndarray]]) -> torch.Tensor:
         """The step's inputs in one host buffer, kept from step to step (pinned on CUDA), and
         one copy of it on the device (a fresh tensor: codec states may keep views of it)."""
-        buf = getattr(self, "_host_in", None)
-        if buf is None:
-            buf = self._host_in = torch.zeros(
-                self.cfg.capacity, self._PCM + FRAME_SIZE,
-                pin_memory=self.device.type == "cuda")
+        buf = self._host_in
         buf.zero_()  # the previous step's copy has completed: its outputs were read back
         for h, frame in batch:
             row = buf[h.slot]
@@ -490,6 +488,29 @@ class Engine:
             return buf.clone()
         return buf.to(self.device, non_blocking=True)
 
+    def _read_back(self, out: torch.Tensor, bad: torch.Tensor, audio: torch.Tensor | None,
+                   telemetry: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                             np.ndarray | None]:
+        """The step's one device-to-host copy: tokens [S, 9], flags [S], the audio [S, 1920]
+        if any and, when `telemetry`, the TTT telemetry read now [S, layers, 5] (tokens and
+        flags are small integers: exact in fp32)."""
+        parts = [out.float(), bad[:, None].float()]
+        if audio is not None:
+            parts.append(audio.float())
+        if telemetry:
+            tel = self.telemetry.read()
+            parts.append(tel.flatten(1))
+        host = torch.cat(parts, dim=1).cpu().numpy()
+        n = out.shape[1]
+        tokens, flags = host[:, :n].astype(np.int64), host[:, n] > 0
+        col = n + 1
+        pcm = None
+        if audio is not None:
+            pcm = host[:, col:col + FRAME_SIZE]
+            col += FRAME_SIZE
+        rows = host[:, col:].reshape(len(host), *tel.shape[1:]) if telemetry else None
+        return tokens, flags, pcm, rows
+
     def _step(self, batch: list[tuple[SessionHandle, np.ndarray]]) -> None:
         t0 = time.perf_counter()
         S, dev = self.cfg.capacity, self.device
@@ -501,25 +522,8 @@ class Engine:
             x[:, self._CODES:self._PCM].long()[:, :, None], x[:, self._READY] > 0,
             x[:, self._ENCODE] > 0 if any_audio else None,
             x[:, self._DECODE] > 0 if any_decode else None)
-        # The step's one device-to-host copy: tokens, flags, the audio if any and, every
-        # `telemetry_every` steps, the TTT telemetry (tokens and flags are small integers:
-        # exact in fp32).
         due = self.telemetry is not None and (self.steps + 1) % self.cfg.telemetry_every == 0
-        parts = [out.float(), bad[:, None].float()]
-        if audio is not None:
-            parts.append(audio.float())
-        if due:
-            tel = self.telemetry.read()  # [S, layers, 5]
-            parts.append(tel.flatten(1))
-        host = torch.cat(parts, dim=1).cpu().numpy()
-        n = out.shape[1]
-        out, bad = host[:, :n].astype(np.int64), host[:, n] > 0
-        col = n + 1
-        if audio is not None:
-            audio = host[:, col:col + FRAME_SIZE]
-            col += FRAME_SIZE
-        if due:
-            tel_rows = host[:, col:].reshape(S, *tel.shape[1:])
+        out, bad, audio, tel_rows = self._read_back(out, bad, audio, due)
         first = [h for h, frame in batch if frame.dtype == np.float32 and not h.primed]
         if first:  # moshi re-primes the codec after a session's first frame (see the top)
             mask = torch.zeros(S, dtype=torch.bool)

@@ -427,10 +427,10 @@ class Trainer:
         save_due = False
         try:
             for step in range(self.start_step + 1, self.s.max_steps + 1):
-                stop_here = self.s.stop_after is not None and step >= self.s.stop_after
+                stopping = self.s.stop_after is not None and step >= self.s.stop_after
                 last = self._train_step(step, full=(
                     step % self.s.log_every == 0 or step % self.s.ckpt_every == 0
-                    or step == self.s.max_steps or stop_here))
+                    or step == self.s.max_steps or stopping))
                 if self.eval_batches and (step % self.s.eval_every == 0
                                           or step == self.s.max_steps):
                     last.update({f"eval/{k}": v for k, v in self.evaluate().items()})
@@ -447,7 +447,6 @@ class Trainer:
                                 tok_s=f"{last['tokens_per_s']:.0f}")
                 if self.nonfinite_streak >= self.s.max_nonfinite_steps:
                     raise TrainingError(self._divergence_message(step, last))
-                stopping = self.s.stop_after is not None and step >= self.s.stop_after
                 save_due |= step % self.s.ckpt_every == 0 or step == self.s.max_steps or stopping
                 if save_due and last["skipped"]:
                     logger.warning("step %d: checkpoint postponed to the next step with a finite "
