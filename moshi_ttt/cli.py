@@ -502,6 +502,13 @@ def serve(
         "browser on another machine gets the microphone only over https"),
     ssl_keyfile: Optional[Path] = typer.Option(
         None, "--ssl-keyfile", help="the certificate's PEM private key (unencrypted)"),
+    ray: bool = typer.Option(False, "--ray", help="deploy on Ray Serve: one replica per GPU "
+                             "(or CPU replicas), each with --max-sessions slots, behind one "
+                             "address (needs moshi-ttt[ray])"),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="Ray Serve replicas [1]"),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); "
+        "default: a local Ray started for this command"),
 ) -> None:
     """Serve a checkpoint over websockets, with a browser client.
 
@@ -527,6 +534,15 @@ def serve(
             use_sampling=False if greedy else None, random_config=random_config)
     except SettingsError as e:
         fail(reason(e))
+    if ray:
+        if tls is not None:
+            fail("--ray serves plain http/ws through Ray's proxy: put TLS in front of it "
+                 "(a load balancer or ingress), not --ssl-certfile")
+        try:
+            from server.ray_serve import serve_ray
+        except ImportError as e:
+            fail(f"--ray needs Ray Serve ({e}): pip install 'moshi-ttt[ray]'")
+        raise typer.Exit(serve_ray(settings, replicas, ray_address))
     try:
         code = run_server(settings, tls)
     except BaseModelError as e:  # the header check of a base dir that lacks a file

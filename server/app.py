@@ -263,15 +263,19 @@ def _credentials_ok(settings: ServeSettings, headers: Any, query: Any) -> bool:
 
 
 def create_app(settings: ServeSettings, host: ModelHost | None = None,
-               load_in_background: bool = True) -> FastAPI:
+               load_in_background: bool = True, cluster: Any = None) -> FastAPI:
     """The app. With `load_in_background`, loading starts at start-up on a thread (so /health
-    can answer 503 meanwhile); otherwise the caller has loaded `host` already."""
+    can answer 503 meanwhile); otherwise the caller has loaded `host` already. With `cluster`
+    (a replica of `serve --ray`: server.ray_serve.ClusterView), /health/cluster, /health/ready
+    and /metrics answer for every replica of the deployment."""
     host = host or ModelHost(settings)
 
     async def lifespan(app: FastAPI):
         if load_in_background and host.status == "starting":
             host.start_loading()
         yield
+        if cluster is not None:
+            cluster.stop()
         await host.shutdown()
 
     # The interactive docs describe every route and would answer without the key: off with one.
@@ -296,7 +300,10 @@ def create_app(settings: ServeSettings, host: ModelHost | None = None,
     def ready() -> JSONResponse:
         """Whether a new session would be taken now (a readiness probe, or a load balancer
         choosing a replica): 200 with the free slots, else 503 with the reason and a
-        Retry-After (seconds) so that a balancer sends the client elsewhere meanwhile."""
+        Retry-After (seconds) so that a balancer sends the client elsewhere meanwhile. Under
+        Ray: whether any replica of the deployment has a free slot."""
+        if cluster is not None:
+            return cluster_ready()
         active = host.engine.active if host.engine is not None else 0
         capacity = settings.max_sessions
         body = {"status": host.status, "active": active, "capacity": capacity,
@@ -314,7 +321,33 @@ def create_app(settings: ServeSettings, host: ModelHost | None = None,
 
     @app.get("/metrics")
     def metrics() -> Response:
+        if cluster is not None:
+            from .ray_serve import cluster_metrics
+
+            return Response(cluster_metrics(cluster.snapshot()),
+                            media_type="text/plain; version=0.0.4")
         return Response(host.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    if cluster is not None:
+        from .ray_serve import cluster_health
+
+        @app.get("/health/cluster")
+        def health_cluster() -> JSONResponse:
+            """Every replica: state, device, checkpoint, sessions; 503 while fewer replicas
+            are up than were deployed."""
+            code, body = cluster_health(cluster.snapshot())
+            return JSONResponse(body, status_code=code)
+
+        def cluster_ready() -> JSONResponse:
+            code, body = cluster_health(cluster.snapshot())
+            s = body["sessions"]
+            out = {"status": body["status"], "replicas_up": body["replicas_up"], **s}
+            if body["replicas_up"] and s["free"] > 0:
+                return JSONResponse(dict(out, ready=True))
+            reason = (f"all {s['capacity']} session slots of the cluster are taken"
+                      if body["replicas_up"] else "no replica is up")
+            return JSONResponse(dict(out, ready=False, reason=reason), status_code=503,
+                                headers={"Retry-After": "1"})
 
     @app.websocket("/api/chat")
     async def chat(ws: WebSocket) -> None:

@@ -1,0 +1,281 @@
+"""`moshi-ttt serve --ray`: the same FastAPI app as a Ray Serve deployment, one replica per GPU.
+
+Each replica is a whole server (its own ModelHost, engine and `max_sessions` slots) that loads
+and validates its model in its constructor, so a replica that fails validation fails the
+deployment with the message, and no replica takes traffic before it is warm.
+
+Routing. Ray counts a websocket as one ongoing request for as long as it is open. Each replica
+takes `max_sessions + 1` of them: the extra one lets a connection that arrives when every slot
+of the cluster is taken reach a replica and get the same refusal as a single server (ERROR +
+close 1013), instead of Ray's HTTP 503 before the handshake. `LeastLoadedRouter` sends each
+connection to the replica with the fewest open sessions of all (Ray's default samples two), so
+the extra slot is only used when every replica is full. `max_queued_requests` bounds the wait
+of connections beyond that.
+
+Cluster view. Each replica reports its health summary and its Prometheus metrics to one named
+actor, `ReplicaRegistry`, every `HEARTBEAT_S`; any replica answers `/health/cluster` and the
+cluster-wide `/metrics` (every sample labelled `replica`) from it. A replica whose reports stop
+is "down"; the cluster is healthy while at least the deployed number of replicas report.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from prometheus_client.core import Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from ray.serve.request_router import FIFOMixin, RequestRouter
+
+from .settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "moshi-ttt"
+REGISTRY_NAME = "moshi-ttt-replicas"
+HEARTBEAT_S = 1.0
+DOWN_AFTER_S = 4.0  # no report for this long: the replica is down
+FORGET_AFTER_S = 120.0  # a down replica is dropped from the view after this
+
+
+class LeastLoadedRouter(FIFOMixin, RequestRouter):
+    """Every running replica is a candidate at once: Ray's router then takes, among those whose
+    ongoing requests are below the limit, the one with the fewest (see the module's doc)."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        return [list(candidate_replicas)] if candidate_replicas else []
+
+
+class ReplicaRegistry:
+    """The latest report of every replica (a Ray actor: one per deployment)."""
+
+    def __init__(self, expected: int):
+        self.expected = expected
+        self.reports: dict[str, dict[str, Any]] = {}
+
+    def report(self, replica: str, summary: dict[str, Any], metrics: bytes) -> None:
+        self.reports[replica] = {"summary": summary, "metrics": metrics, "at": time.time()}
+
+    def forget(self, replica: str) -> None:
+        self.reports.pop(replica, None)
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.time()
+        for rid in [r for r, v in self.reports.items() if now - v["at"] > FORGET_AFTER_S]:
+            del self.reports[rid]
+        return {"expected": self.expected, "now": now, "reports": dict(self.reports)}
+
+
+def cluster_health(snap: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, body) of /health/cluster from a registry snapshot."""
+    replicas, active, capacity, alive = [], 0, 0, 0
+    for rid, rep in sorted(snap["reports"].items()):
+        s = rep["summary"]
+        age = snap["now"] - rep["at"]
+        up = age <= DOWN_AFTER_S and s["status"] == "ok"
+        alive += up
+        if up:
+            active += s["active"]
+            capacity += s["capacity"]
+        replicas.append({"replica": rid, "state": "up" if up else "down",
+                         "last_report_s": round(age, 2), **s})
+    ok = alive >= snap["expected"]
+    body = {"status": "ok" if ok else ("degraded" if alive else "down"),
+            "replicas_expected": snap["expected"], "replicas_up": alive,
+            "sessions": {"active": active, "capacity": capacity,
+                         "free": max(0, capacity - active)},
+            "replicas": replicas}
+    if not ok:
+        body["reason"] = f"{alive} of {snap['expected']} replicas are up"
+    return (200 if ok else 503), body
+
+
+def cluster_metrics(snap: dict[str, Any]) -> bytes:
+    """Every replica's Prometheus metrics in one exposition, each sample labelled `replica`
+    (families merged so that each appears once, as the text format requires)."""
+    families: dict[str, Metric] = {}
+    for rid, rep in sorted(snap["reports"].items()):
+        for fam in text_string_to_metric_families(rep["metrics"].decode()):
+            merged = families.setdefault(fam.name, Metric(fam.name, fam.documentation,
+                                                          fam.type, fam.unit))
+            for s in fam.samples:
+                merged.add_sample(s.name, dict(s.labels, replica=rid), s.value, s.timestamp,
+                                  s.exemplar)
+
+    class _Collector:
+        def collect(self):
+            return list(families.values())
+
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Collector())
+    return generate_latest(reg)
+
+
+class ClusterView:
+    """A replica's link to the registry: its reports (on a thread) and the cluster's figures."""
+
+    def __init__(self, registry: Any, replica_id: str):
+        self.registry = registry
+        self.replica_id = replica_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, host: Any) -> None:
+        def loop() -> None:
+            import ray
+
+            while not self._stop.is_set():
+                h = host.health()
+                summary = {"status": h["status"] if host.ready else "failed",
+                           "active": h["sessions"]["active"],
+                           "capacity": h["sessions"]["capacity"], "device": h["device"],
+                           "node": ray.get_runtime_context().get_node_id(),
+                           "checkpoint": h["checkpoint"].get("id", h["checkpoint"].get("path"))}
+                try:
+                    ray.get(self.registry.report.remote(self.replica_id, summary,
+                                                        host.metrics.render()), timeout=5)
+                except Exception as e:  # the registry gone (shutdown): keep serving
+                    logger.warning("replica %s: report failed: %s", self.replica_id, e)
+                self._stop.wait(HEARTBEAT_S)
+
+        self._thread = threading.Thread(target=loop, name="moshi-ttt-report", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.registry.forget.remote(self.replica_id)
+        except Exception:
+            pass
+
+    def snapshot(self) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self.registry.snapshot.remote(), timeout=10)
+
+
+def build_replica_app(settings_json: dict[str, Any]):
+    """Run on each replica by Ray Serve: load, validate and warm the model (raising, with the
+    reason, if it fails: the deployment then fails), then the app with the cluster routes."""
+    import ray
+    from ray import serve
+
+    from .app import ModelHost, create_app
+
+    settings = ServeSettings.model_validate(settings_json)
+    replica = serve.get_replica_context().replica_id.unique_id
+    host = ModelHost(settings)
+    host.load()
+    if not host.ready:
+        raise RuntimeError(f"replica {replica} refuses to serve: {host.reason}")
+    view = ClusterView(ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE), replica)
+    view.start(host)
+    logger.info("replica %s ready on %s: %d session slots", replica, host.device,
+                settings.max_sessions)
+    return create_app(settings, host, load_in_background=False, cluster=view)
+
+
+def deployment_options(settings: ServeSettings, replicas: int, gpu: bool) -> dict[str, Any]:
+    """Ray Serve options of the deployment (see the module's doc for the limits)."""
+    from ray.serve.config import RequestRouterConfig
+
+    return {
+        "name": "moshi-ttt",
+        "num_replicas": replicas,
+        "max_ongoing_requests": settings.max_sessions + 1,
+        "max_queued_requests": replicas,
+        "ray_actor_options": {"num_gpus": 1} if gpu else {"num_cpus": 0},
+        "request_router_config": RequestRouterConfig(
+            request_router_class=f"{__name__}:LeastLoadedRouter"),
+        "health_check_period_s": 2.0,
+    }
+
+
+def start_deployment(settings: ServeSettings, replicas: int, ray_address: str | None = None,
+                     num_cpus: int | None = None) -> None:
+    """Start (or join) Ray, the registry and the deployment; returns once every replica is
+    ready. Raises RuntimeError with the replica's reason when one fails to start."""
+    import ray
+    from ray import serve
+
+    from .app import resolve_device
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address, namespace=NAMESPACE, include_dashboard=False,
+                 num_cpus=num_cpus, log_to_driver=True)
+    gpu = resolve_device(settings.device).type == "cuda"
+    Registry = ray.remote(num_cpus=0)(ReplicaRegistry)
+    registry = Registry.options(name=REGISTRY_NAME, namespace=NAMESPACE, lifetime="detached",
+                                get_if_exists=True).remote(replicas)
+    ray.get(registry.snapshot.remote())
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    settings_json = settings.model_dump(mode="json")
+
+    def builder():  # Ray Serve calls a zero-argument function on each replica
+        return build_replica_app(settings_json)
+
+    ingress = serve.deployment(serve.ingress(builder)(),
+                               **deployment_options(settings, replicas, gpu))
+    try:
+        serve.run(ingress.bind(), name="moshi-ttt", route_prefix="/",
+                  logging_config={"enable_access_log": False})
+    except Exception as e:  # the replica's reason is in the deployment's status message
+        text = str(e)
+        try:
+            text += "\n" + serve.status().applications["moshi-ttt"].deployments[
+                "moshi-ttt"].message
+        except Exception:
+            pass
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        reason = next((ln for ln in reversed(lines) if "refuses to serve" in ln),
+                      lines[-1] if lines else repr(e))
+        raise RuntimeError(reason[reason.find("replica "):] if "refuses to serve" in reason
+                           else reason) from None
+    logger.info("Ray Serve deployment ready: %d replica(s) x %d sessions at http://%s:%s/",
+                replicas, settings.max_sessions, settings.host, settings.port)
+
+
+def stop_deployment() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+        try:
+            ray.kill(ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE))
+        except ValueError:  # never started
+            pass
+    finally:
+        ray.shutdown()
+
+
+def serve_ray(settings: ServeSettings, replicas: int, ray_address: str | None = None) -> int:
+    """`moshi-ttt serve --ray`: the deployment until SIGTERM/Ctrl-C; the exit status as
+    `serve`'s (0 stopped, 2 invalid, 1 failed to start)."""
+    from .main import EXIT_INVALID, EXIT_LOAD_FAILED, EXIT_OK, preflight, resolve_checkpoint
+
+    try:
+        settings = resolve_checkpoint(settings)
+        preflight(settings)  # header-only, here: a bad checkpoint never starts Ray
+    except Exception as e:
+        logger.error("refusing to start: %s", e)
+        return EXIT_INVALID
+    stop = threading.Event()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda *_: stop.set())
+    try:
+        start_deployment(settings, replicas, ray_address)
+    except RuntimeError as e:
+        logger.error("the deployment failed to start: %s", e)
+        stop_deployment()
+        return EXIT_INVALID if "refuses to serve" in str(e) else EXIT_LOAD_FAILED
+    stop.wait()
+    logger.info("stopping the deployment")
+    stop_deployment()
+    return EXIT_OK

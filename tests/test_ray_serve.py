@@ -1,0 +1,206 @@
+"""`serve --ray`: the server as a Ray Serve deployment of two CPU replicas with 2 slots each.
+
+Ray (local, 2 CPUs) is started and stopped by the module's fixture. Checked: sessions spread
+over the replicas, the cluster's 5th session gets the single server's refusal (ERROR + 1013),
+a freed slot is reused, greedy outputs equal a single server's, /health/cluster and
+/health/ready and the replica-labelled /metrics, and a killed replica: its sessions end, new
+ones go to the survivor, Ray starts a replacement. Prints the proxy's added round trip and the
+deployment's start-up time.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from fixtures import make_tiny_base  # noqa: E402
+from moshi_ttt.protocol import Kind  # noqa: E402
+from serving import Peer, ServerThread, get_json, settings, user_codes  # noqa: E402
+
+log = logging.getLogger(__name__)
+SLOTS, REPLICAS = 2, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_tiny_base(tmp_path_factory.mktemp("ray"))
+
+
+@pytest.fixture(scope="module")
+def cluster(base):
+    from server.ray_serve import start_deployment, stop_deployment
+
+    port = _free_port()
+    s = settings(base, max_sessions=SLOTS, port=port, cpu_threads=1)
+    t0 = time.perf_counter()
+    start_deployment(s, REPLICAS, num_cpus=2)
+    started = time.perf_counter() - t0
+    print(f"\n[ray] 2-replica deployment ready in {started:.1f} s (Ray start included)")
+    url = f"http://127.0.0.1:{port}"
+    _wait(lambda: get_json(url + "/health/cluster")[1].get("replicas_up") == REPLICAS, 30)
+    try:
+        yield url
+    finally:
+        stop_deployment()
+
+
+def _wait(pred, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not reached in {timeout} s")
+        time.sleep(0.2)
+
+
+def _ws(url: str, **q) -> str:
+    query = "&".join(f"{k}={v}" for k, v in dict(q, mode="tokens").items())
+    return url.replace("http://", "ws://") + "/api/chat?" + query
+
+
+def _active(url: str) -> dict[str, int]:
+    _, body = get_json(url + "/health/cluster")
+    return {r["replica"]: r["active"] for r in body["replicas"] if r["state"] == "up"}
+
+
+def _settled(url: str, want: list[int]) -> dict[str, int]:
+    """Wait until the replicas' reported active counts, sorted, equal `want`."""
+    _wait(lambda: sorted(_active(url).values()) == want, 10)
+    return _active(url)
+
+
+def test_sessions_spread_fifth_refused_slot_reused(cluster):
+    peers = []
+    try:
+        for i in range(SLOTS * REPLICAS):
+            p = Peer(_ws(cluster)).__enter__()
+            peers.append(p)
+            assert not p.closed and p.of(Kind.HANDSHAKE), f"session {i} refused: {p.errors}"
+        _settled(cluster, [SLOTS] * REPLICAS)  # 2 + 2: spread over both replicas
+        code, ready = get_json(cluster + "/health/ready")
+        assert code == 503 and ready["free"] == 0 and "taken" in ready["reason"]
+        with Peer(_ws(cluster)) as fifth:
+            fifth.wait_closed()
+            assert fifth.close_code == 1013, (fifth.close_code, fifth.errors)
+            assert any("slots are taken" in e for e in fifth.errors), fifth.errors
+        peers.pop(0).__exit__(None, None, None)
+        _settled(cluster, [SLOTS - 1, SLOTS])
+        assert get_json(cluster + "/health/ready")[0] == 200
+        with Peer(_ws(cluster)) as again:  # the freed slot
+            assert not again.closed and again.of(Kind.HANDSHAKE), again.errors
+            _settled(cluster, [SLOTS, SLOTS])
+    finally:
+        for p in peers:
+            p.__exit__(None, None, None)
+    _settled(cluster, [0] * REPLICAS)
+
+
+def test_greedy_outputs_equal_a_single_server(cluster, base):
+    codes = user_codes(24, 7)
+    with Peer(_ws(cluster)) as p:
+        p.send_codes(codes)
+        via_ray = p.wait_codes(len(codes))
+    with ServerThread(settings(base, max_sessions=SLOTS, cpu_threads=1)) as srv:
+        with Peer(srv.url(mode="tokens")) as q:
+            q.send_codes(codes)
+            direct = q.wait_codes(len(codes))
+    assert via_ray.shape == (24, 9)
+    np.testing.assert_array_equal(via_ray, direct)
+
+
+def test_cluster_health_and_labelled_metrics(cluster, base):
+    code, body = get_json(cluster + "/health/cluster")
+    assert code == 200 and body["status"] == "ok"
+    assert body["replicas_expected"] == REPLICAS == body["replicas_up"]
+    assert body["sessions"]["capacity"] == SLOTS * REPLICAS
+    ids = {r["replica"] for r in body["replicas"]}
+    assert len(ids) == REPLICAS
+    for r in body["replicas"]:
+        assert r["device"] == "cpu" and r["capacity"] == SLOTS and r["checkpoint"]
+    with urllib.request.urlopen(cluster + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    caps = [ln for ln in text.splitlines() if ln.startswith("moshi_ttt_sessions_capacity{")]
+    assert {ln.split('replica="')[1].split('"')[0] for ln in caps} == ids
+    assert all(ln.endswith(f" {float(SLOTS)}") for ln in caps)
+    assert text.count("# TYPE moshi_ttt_sessions_capacity ") == 1  # one family, all replicas
+
+
+def test_proxy_round_trip_figure(cluster, base):
+    """Not a timed test: prints p50/p99 of a frame's round trip through Ray's proxy and
+    directly, on the same model (the README's figure)."""
+    def round_trips(url: str, n: int = 60) -> np.ndarray:
+        out = []
+        with Peer(url) as p:
+            for i in range(n):
+                t = time.perf_counter()
+                p.send_codes(user_codes(1, i))
+                p.wait_codes(i + 1)
+                out.append(time.perf_counter() - t)
+        return 1000 * np.array(out[5:])
+
+    ray_ms = round_trips(_ws(cluster))
+    with ServerThread(settings(base, max_sessions=SLOTS, cpu_threads=1)) as srv:
+        direct_ms = round_trips(srv.url(mode="tokens"))
+    print(f"\n[ray] frame round trip p50/p99: via Ray proxy {np.median(ray_ms):.1f}/"
+          f"{np.percentile(ray_ms, 99):.1f} ms, direct {np.median(direct_ms):.1f}/"
+          f"{np.percentile(direct_ms, 99):.1f} ms")
+    assert np.isfinite(ray_ms).all() and len(ray_ms) == 55
+
+
+def test_killed_replica_ends_its_sessions_survivor_serves_ray_restarts(cluster):
+    """Last in the module: it kills one replica's process."""
+    import ray
+
+    a, b = Peer(_ws(cluster)).__enter__(), Peer(_ws(cluster)).__enter__()
+    try:
+        before = _settled(cluster, [1, 1])
+        victim = sorted(before)[0]
+        actors = [x for x in ray.util.list_named_actors(all_namespaces=True)
+                  if victim in x["name"]]
+        assert actors, ray.util.list_named_actors(all_namespaces=True)
+        handle = ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"])
+        ray.kill(handle, no_restart=True)
+        _wait(lambda: a.closed or b.closed, 30)
+        dead, alive = (a, b) if a.closed else (b, a)
+        assert dead.close_code is not None and dead.close_code != 1000
+        alive.send_codes(user_codes(4, 1))
+        assert len(alive.wait_codes(4)) == 4 and not alive.closed
+        with Peer(_ws(cluster)) as new:  # goes to the survivor (one free slot there)
+            assert not new.closed and new.of(Kind.HANDSHAKE), new.errors
+        code, body = get_json(cluster + "/health/cluster")
+        assert code == 503 or body["replicas_up"] == REPLICAS  # down, or already replaced
+        # the victim's reports stop (down), Ray starts a replacement: the cluster is whole again
+        _wait(lambda: victim not in _active(cluster), 30)
+        _wait(lambda: get_json(cluster + "/health/cluster")[0] == 200, 120)
+        ids = set(_active(cluster))
+        assert victim not in ids and len(ids) == REPLICAS
+    finally:
+        a.__exit__(None, None, None)
+        b.__exit__(None, None, None)
+
+
+def test_serve_ray_refuses_a_bad_checkpoint_before_starting_ray(tmp_path):
+    """The command's own checks run first: a missing checkpoint exits 2 in one line."""
+    import subprocess
+    import sys
+
+    from serving import serve_env
+
+    r = subprocess.run([sys.executable, "-m", "moshi_ttt.cli", "serve", "--ray", "--replicas",
+                        "2", "--checkpoint", str(tmp_path / "nothing"), "--port", "0"],
+                       capture_output=True, text=True, timeout=120, env=serve_env())
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "refusing to start" in r.stderr and "nothing" in r.stderr
+    assert "Started a local Ray instance" not in r.stderr
