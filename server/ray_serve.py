@@ -204,12 +204,14 @@ def start_deployment(settings: ServeSettings, replicas: int, ray_address: str | 
     import ray
     from ray import serve
 
-    from .app import resolve_device
-
     if not ray.is_initialized():
         ray.init(address=ray_address, namespace=NAMESPACE, include_dashboard=False,
                  num_cpus=num_cpus, log_to_driver=True)
-    gpu = resolve_device(settings.device).type == "cuda"
+    # One GPU per replica when the setting asks for CUDA, or leaves it to `auto` on a cluster
+    # that has GPUs (the driver may run on a CPU-only head node). Ray shows each replica its
+    # GPU as cuda:0.
+    dev = settings.device
+    gpu = dev.startswith("cuda") or (dev == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     Registry = ray.remote(num_cpus=0)(ReplicaRegistry)
     registry = Registry.options(name=REGISTRY_NAME, namespace=NAMESPACE, lifetime="detached",
                                 get_if_exists=True).remote(replicas)
@@ -260,6 +262,10 @@ def serve_ray(settings: ServeSettings, replicas: int, ray_address: str | None = 
     `serve`'s (0 stopped, 2 invalid, 1 failed to start)."""
     from .main import EXIT_INVALID, EXIT_LOAD_FAILED, EXIT_OK, preflight, resolve_checkpoint
 
+    if settings.device.startswith("cuda:") and settings.device != "cuda:0":
+        logger.error("refusing to start: --device %s: under --ray each replica sees its one "
+                     "GPU as cuda:0; use --device cuda or auto", settings.device)
+        return EXIT_INVALID
     try:
         settings = resolve_checkpoint(settings)
         preflight(settings)  # header-only, here: a bad checkpoint never starts Ray
