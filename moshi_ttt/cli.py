@@ -542,9 +542,8 @@ def serve(
             from server.ray_serve import serve_ray
         except ImportError as e:
             fail(f"--ray needs Ray Serve ({e}): pip install 'moshi-ttt[ray]'")
-        raise typer.Exit(serve_ray(settings, replicas, ray_address))
     try:
-        code = run_server(settings, tls)
+        code = serve_ray(settings, replicas, ray_address) if ray else run_server(settings, tls)
     except BaseModelError as e:  # the header check of a base dir that lacks a file
         fail(f"refusing to start: {e}")
     raise typer.Exit(code)

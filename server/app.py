@@ -322,14 +322,12 @@ def create_app(settings: ServeSettings, host: ModelHost | None = None,
     @app.get("/metrics")
     def metrics() -> Response:
         if cluster is not None:
-            from .ray_serve import cluster_metrics
-
             return Response(cluster_metrics(cluster.snapshot()),
                             media_type="text/plain; version=0.0.4")
         return Response(host.metrics.render(), media_type="text/plain; version=0.0.4")
 
     if cluster is not None:
-        from .ray_serve import cluster_health
+        from .ray_serve import cluster_health, cluster_metrics
 
         @app.get("/health/cluster")
         def health_cluster() -> JSONResponse:

@@ -267,17 +267,21 @@ def _exit_now(code: int, why: str) -> None:
     os._exit(code)
 
 
-def serve(settings: ServeSettings, tls: TLSFiles | None = None) -> int:
-    """Run the server in this process; returns the exit status (see the module's docstring).
-    With `tls`, it speaks https and wss (uvicorn's TLS)."""
+def invalid_errors() -> tuple[type[Exception], ...]:
+    """What the checkpoint check raises for an invalid checkpoint or config (exit status 2)."""
     from moshi_ttt.checkpoint import CheckpointError
     from moshi_ttt.config import ConfigError
     from moshi_ttt.dims import DimensionMismatch
 
+    return (DimensionMismatch, CheckpointError, ConfigError, FileNotFoundError, ValueError)
+
+
+def serve(settings: ServeSettings, tls: TLSFiles | None = None) -> int:
+    """Run the server in this process; returns the exit status (see the module's docstring).
+    With `tls`, it speaks https and wss (uvicorn's TLS)."""
     term = _Termination()
     try:
-        return _serve(settings, term, (DimensionMismatch, CheckpointError, ConfigError,
-                                       FileNotFoundError, ValueError), tls)
+        return _serve(settings, term, invalid_errors(), tls)
     finally:
         term.restore()
 

@@ -127,16 +127,18 @@ class ClusterView:
         self._thread: threading.Thread | None = None
 
     def start(self, host: Any) -> None:
-        def loop() -> None:
-            import ray
+        """Report `host` every HEARTBEAT_S (a loaded host: build_replica_app's)."""
+        import ray
 
+        fixed = {"capacity": host.settings.max_sessions, "device": str(host.device),
+                 "node": ray.get_runtime_context().get_node_id(),
+                 "checkpoint": host.loaded.ref.id}
+
+        def loop() -> None:
             while not self._stop.is_set():
-                h = host.health()
-                summary = {"status": h["status"] if host.ready else "failed",
-                           "active": h["sessions"]["active"],
-                           "capacity": h["sessions"]["capacity"], "device": h["device"],
-                           "node": ray.get_runtime_context().get_node_id(),
-                           "checkpoint": h["checkpoint"].get("id", h["checkpoint"].get("path"))}
+                ready = host.ready  # a dead model thread turns it false (and the status failed)
+                summary = dict(fixed, status=host.status,
+                               active=host.engine.active if ready else 0)
                 try:
                     ray.get(self.registry.report.remote(self.replica_id, summary,
                                                         host.metrics.render()), timeout=5)
@@ -260,7 +262,9 @@ def stop_deployment() -> None:
 def serve_ray(settings: ServeSettings, replicas: int, ray_address: str | None = None) -> int:
     """`moshi-ttt serve --ray`: the deployment until SIGTERM/Ctrl-C; the exit status as
     `serve`'s (0 stopped, 2 invalid, 1 failed to start)."""
-    from .main import EXIT_INVALID, EXIT_LOAD_FAILED, EXIT_OK, preflight, resolve_checkpoint
+    from .main import (
+        EXIT_INVALID, EXIT_LOAD_FAILED, EXIT_OK, invalid_errors, preflight, resolve_checkpoint,
+    )
 
     if settings.device.startswith("cuda:") and settings.device != "cuda:0":
         logger.error("refusing to start: --device %s: under --ray each replica sees its one "
@@ -269,7 +273,7 @@ def serve_ray(settings: ServeSettings, replicas: int, ray_address: str | None = 
     try:
         settings = resolve_checkpoint(settings)
         preflight(settings)  # header-only, here: a bad checkpoint never starts Ray
-    except Exception as e:
+    except invalid_errors() as e:
         logger.error("refusing to start: %s", e)
         return EXIT_INVALID
     stop = threading.Event()

@@ -10,7 +10,6 @@ deployment's start-up time.
 
 from __future__ import annotations
 
-import logging
 import socket
 import time
 import urllib.request
@@ -24,7 +23,6 @@ from fixtures import make_tiny_base  # noqa: E402
 from moshi_ttt.protocol import Kind  # noqa: E402
 from serving import Peer, ServerThread, get_json, settings, user_codes  # noqa: E402
 
-log = logging.getLogger(__name__)
 SLOTS, REPLICAS = 2, 2
 
 
