@@ -378,6 +378,7 @@ def train(
     from .data.index import DataError
     from .dims import DimensionMismatch
     from .train.settings import TrainSettings
+    from .train import distributed as dist_util
     from .train.trainer import TrainingError, train as run_training
 
     check_device(device)
@@ -396,8 +397,12 @@ def train(
         last = run_training(cfg, settings, out, base_override=base_ref, resume=resume)
     except (ConfigError, BaseModelError, CheckpointError, DimensionMismatch, DataError,
             TrainingError, ValueError) as e:  # ValueError: flags TrainSettings refuses
+        if dist_util.is_torchrun():
+            dist_util.exit_worker(reason(e), 2)
         fail(reason(e))
     except OSError as e:  # e.g. a run directory that cannot be written
+        if dist_util.is_torchrun():
+            dist_util.exit_worker(os_reason(e), 2)
         fail(os_reason(e))
     if last:
         logger.info("done: step %s, loss %.4f; checkpoints in %s", last.get("step"),

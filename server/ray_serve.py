@@ -50,6 +50,67 @@ class LeastLoadedRouter(FIFOMixin, RequestRouter):
         return [list(candidate_replicas)] if candidate_replicas else []
 
 
+REPLICA_LOST_CODE = 1012  # "service restart": the client may reconnect (to a survivor)
+REPLICA_LOST_REASON = ("the replica serving this session stopped; reconnect to continue on "
+                       "another replica (this session's memory is lost)")
+PROXY_MIDDLEWARES = "server.ray_serve:proxy_middlewares"
+
+
+class ReplicaLossClose:
+    """ASGI middleware in Ray's HTTP proxy: a websocket whose replica dies gets ERROR + close
+    1012 instead of a dropped connection.
+
+    When the replica serving an accepted websocket dies, Ray's proxy ends the request without
+    sending anything (the client would see 1006, no reason). This wraps the proxy's app: if the
+    app returns (or raises) after `websocket.accept` with neither side having closed, it sends
+    the protocol's ERROR message and closes with `REPLICA_LOST_CODE`."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "websocket":
+            return await self.app(scope, receive, send)
+        from moshi_ttt.protocol import error
+
+        seen = {"accepted": False, "ended": False}
+
+        async def watched_send(message):
+            if message["type"] == "websocket.accept":
+                seen["accepted"] = True
+            elif message["type"] == "websocket.close":
+                seen["ended"] = True
+            await send(message)
+
+        async def watched_receive():
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                seen["ended"] = True
+            return message
+
+        try:
+            await self.app(scope, watched_receive, watched_send)
+        finally:
+            if seen["accepted"] and not seen["ended"]:
+                logger.warning("a websocket's replica stopped: closing it with %d",
+                               REPLICA_LOST_CODE)
+                try:
+                    await send({"type": "websocket.send", "bytes": error(REPLICA_LOST_REASON)})
+                    await send({"type": "websocket.close", "code": REPLICA_LOST_CODE,
+                                "reason": "replica stopped"})
+                except Exception:  # the client went away meanwhile: nothing left to tell
+                    logger.debug("could not close a websocket whose replica stopped",
+                                 exc_info=True)
+
+
+def proxy_middlewares() -> list:
+    """What Ray's proxy wraps its app in (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, set on the
+    Serve controller by `start_deployment`; proxies inherit it)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ReplicaLossClose)]
+
+
 class ReplicaRegistry:
     """The latest report of every replica (a Ray actor: one per deployment)."""
 
@@ -218,7 +279,9 @@ def start_deployment(settings: ServeSettings, replicas: int, ray_address: str | 
     registry = Registry.options(name=REGISTRY_NAME, namespace=NAMESPACE, lifetime="detached",
                                 get_if_exists=True).remote(replicas)
     ray.get(registry.snapshot.remote())
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(http_options={"host": settings.host, "port": settings.port},
+                controller_options={"runtime_env": {"env_vars": {
+                    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_MIDDLEWARES}}})
     settings_json = settings.model_dump(mode="json")
 
     def builder():  # Ray Serve calls a zero-argument function on each replica

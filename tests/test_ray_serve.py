@@ -172,7 +172,9 @@ def test_killed_replica_ends_its_sessions_survivor_serves_ray_restarts(cluster):
         ray.kill(handle, no_restart=True)
         _wait(lambda: a.closed or b.closed, 30)
         dead, alive = (a, b) if a.closed else (b, a)
-        assert dead.close_code is not None and dead.close_code != 1000
+        # the proxy's middleware says why (ERROR + 1012), not a dropped connection (1006)
+        assert dead.close_code == 1012, (dead.close_code, dead.errors)
+        assert any("replica serving this session stopped" in e for e in dead.errors), dead.errors
         alive.send_codes(user_codes(4, 1))
         assert len(alive.wait_codes(4)) == 4 and not alive.closed
         with Peer(_ws(cluster)) as new:  # goes to the survivor (one free slot there)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, TypeVar
+import sys
+from typing import Callable, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -62,6 +63,21 @@ def shutdown(clean: bool = True) -> None:
     if clean:
         dist.barrier()
     dist.destroy_process_group()
+
+
+def exit_worker(message: str, code: int) -> NoReturn:
+    """End a torchrun worker after a documented failure: the message, then `os._exit(code)`.
+
+    A normal interpreter exit runs the destructors of torch's native threads (the gloo group's,
+    the rendezvous store's); if one is still joinable the process aborts ("terminate called
+    without an active exception", status -6) and torchrun reports a signal instead of the
+    worker's status 2. The group is already destroyed (`shutdown`); nothing else is left to
+    tear down but buffered output, which is flushed first."""
+    logger.error(message)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def world() -> int:
