@@ -204,3 +204,45 @@ def test_serve_ray_refuses_a_bad_checkpoint_before_starting_ray(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "refusing to start" in r.stderr and "nothing" in r.stderr
     assert "Started a local Ray instance" not in r.stderr
+
+
+@pytest.mark.parametrize("ending", ["app_returns", "app_raises", "app_closes", "client_leaves"])
+def test_proxy_middleware_closes_only_a_websocket_left_open(ending):
+    """ReplicaLossClose alone (no Ray): ERROR + 1012 exactly when the app ended an accepted
+    websocket that neither side closed (what Ray's proxy does when the replica dies)."""
+    import asyncio
+
+    from moshi_ttt.protocol import Kind
+    from server.ray_serve import REPLICA_LOST_CODE, ReplicaLossClose
+
+    sent: list[dict] = []
+
+    async def app(scope, receive, send):
+        await send({"type": "websocket.accept"})
+        if ending == "app_closes":
+            await send({"type": "websocket.close", "code": 1000})
+        elif ending == "client_leaves":
+            assert (await receive())["type"] == "websocket.disconnect"
+        elif ending == "app_raises":
+            raise RuntimeError("the replica died")
+
+    async def receive():
+        return {"type": "websocket.disconnect", "code": 1001}
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        try:
+            await ReplicaLossClose(app)({"type": "websocket"}, receive, send)
+        except RuntimeError:
+            assert ending == "app_raises"
+
+    asyncio.run(run())
+    closes = [m for m in sent if m["type"] == "websocket.close"]
+    if ending in ("app_returns", "app_raises"):
+        assert closes == [sent[-1]] and closes[0]["code"] == REPLICA_LOST_CODE
+        error = sent[-2]["bytes"]
+        assert error[0] == Kind.ERROR and b"replica serving this session stopped" in error
+    else:
+        assert len(closes) == (ending == "app_closes") and len(sent) == 1 + len(closes)
