@@ -381,6 +381,11 @@ def train(
     from .train import distributed as dist_util
     from .train.trainer import TrainingError, train as run_training
 
+    def refuse(msg: str) -> NoReturn:
+        if dist_util.is_torchrun():  # a plain exit can abort in teardown: see exit_worker
+            dist_util.exit_worker(msg, 2)
+        fail(msg)
+
     check_device(device)
     try:
         cfg = load_config(config)
@@ -397,13 +402,9 @@ def train(
         last = run_training(cfg, settings, out, base_override=base_ref, resume=resume)
     except (ConfigError, BaseModelError, CheckpointError, DimensionMismatch, DataError,
             TrainingError, ValueError) as e:  # ValueError: flags TrainSettings refuses
-        if dist_util.is_torchrun():
-            dist_util.exit_worker(reason(e), 2)
-        fail(reason(e))
+        refuse(reason(e))
     except OSError as e:  # e.g. a run directory that cannot be written
-        if dist_util.is_torchrun():
-            dist_util.exit_worker(os_reason(e), 2)
-        fail(os_reason(e))
+        refuse(os_reason(e))
     if last:
         logger.info("done: step %s, loss %.4f; checkpoints in %s", last.get("step"),
                     last.get("loss", float("nan")), out / "checkpoints")

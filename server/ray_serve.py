@@ -31,6 +31,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from ray.serve.request_router import FIFOMixin, RequestRouter
 
+from moshi_ttt.protocol import error
+
 from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -71,8 +73,6 @@ class ReplicaLossClose:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "websocket":
             return await self.app(scope, receive, send)
-        from moshi_ttt.protocol import error
-
         seen = {"accepted": False, "ended": False}
 
         async def watched_send(message):
