@@ -635,7 +635,9 @@ def eval_memory(
     codec: Optional[Path] = typer.Option(
         None, "--codec", help="base directory whose calibrated codec encodes the speech task's "
         "words [runs/eval-memory/codec, made (make-data + init-base --calibrate-on) if missing]"),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads [1]"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads per worker [1]"),
+    workers: Optional[int] = typer.Option(
+        None, min=1, help="processes running the (task, seed, method) jobs side by side [2]"),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="results JSON [runs/eval-memory/results(-quick).json]"),
 ) -> None:
@@ -654,7 +656,7 @@ def eval_memory(
     try:
         cfg = load_config(config)
         settings = MemoryEvalSettings.from_config(
-            cfg, quick=quick, sets=sets, steps=steps, threads=threads,
+            cfg, quick=quick, sets=sets, steps=steps, threads=threads, workers=workers,
             seeds=[seed] if seed is not None else None)
         if "speech" in settings.tasks and codec is None:
             codec = _eval_codec(cfg, root)
@@ -929,15 +931,20 @@ def bench_step(
     random_config: Optional[Path] = typer.Option(
         None, "--random-config", callback=config_path,
         help="or a config with random weights (e.g. the 7B)"),
-    sessions: str = typer.Option("1,4", help="batch rows (all active), one engine each"),
-    runs: int = typer.Option(25, help="interleaved runs of 48 steps, telemetry on and off"),
+    sessions: str = typer.Option("1,4", help="batch rows (all active), one engine each; "
+                                 "with --capacity: sessions on that engine"),
+    capacity: Optional[int] = typer.Option(
+        None, help="time the sessions on an engine of this many rows against an engine of "
+                   "exactly as many rows as sessions (instead of telemetry on vs off)"),
+    runs: int = typer.Option(25, help="interleaved runs of 48 steps of each side"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
 ) -> None:
-    """Time the engine's model step in-process, TTT telemetry on vs off.
+    """Time the engine's model step in-process: TTT telemetry on vs off, or (--capacity) a
+    server sized for more sessions than it has.
 
-    The codec and LM step of every row, back to back, with the telemetry read every 12 steps:
-    what telemetry costs, without the client noise of `bench serve`.
+    The codec and LM step, back to back, with the telemetry read every 12 steps: what
+    telemetry costs, or what spare rows cost, without the client noise of `bench serve`.
     """
     _cpu_defaults()
     from server.stepbench import run as run_steps
@@ -948,6 +955,10 @@ def bench_step(
         fail("give exactly one of --checkpoint or --random-config")
     counts = int_list(sessions, "--sessions")
     at_least(runs, 1, "--runs")
+    if capacity is not None:
+        at_least(capacity, 1, "--capacity")
+        if max(counts) > capacity:
+            fail(f"--capacity {capacity} is below the largest session count {max(counts)}")
     check_device(device)
     import torch
 
@@ -958,7 +969,7 @@ def bench_step(
             return load_model(checkpoint, dev)
         return random_model(random_config, dev)
     try:
-        run_steps(loaded, counts, runs, json_out)
+        run_steps(loaded, counts, runs, json_out, capacity)
     except (ValueError, RuntimeError) as e:
         fail(reason(e))
 

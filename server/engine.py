@@ -6,8 +6,13 @@ Each step advances every session that has an input frame ready by one 80 ms fram
     token rows:  8 user codes -----------------------------+--> LMGen.step --> text token + 8
                                                                Moshi codes --Mimi.decode--> PCM
 
-Rows without a frame ready (a slow client, a free slot) are masked out with moshi's exec mask:
-their KV cache, codec buffers and TTT fast weights do not move. A new session's row is reset by
+A step costs what its sessions cost: sessions hold the first rows (a new one takes the lowest
+free row; when one in the middle leaves, the last row's session moves into its row, state and
+all: `server.rows.RowStates.move_row`), and each step runs only the smallest bucket of rows
+(1, 2, 4, ... capacity) that holds the rows with a frame, on views of those rows' states
+(`RowStates.prefix`; on GPU each bucket has its own CUDA graphs). Rows in the bucket without a
+frame ready (a slow client) are masked out with moshi's exec mask: their KV cache, codec buffers
+and TTT fast weights do not move. A new session's row is reset by
 mask (KV cache cleared, generation state, codec state, TTT fast weights back to the trained W0);
 every frame then updates that row's TTT state, which no other row reads.
 
@@ -43,6 +48,7 @@ from moshi_ttt.streaming import reset_rows
 from moshi_ttt.telemetry import TelemetryReader, telemetry_message
 
 from .metrics import ServerMetrics
+from .rows import RowStates
 from .slots import CapacityError, SessionSlots
 
 logger = logging.getLogger(__name__)
@@ -138,6 +144,9 @@ class Engine:
         self.lm_gen.streaming_forever(S)
         if mimi is not None:
             mimi.streaming_forever(S)
+        # steps run on the first rows only (a bucket), sessions are moved to stay there
+        self.rows = RowStates([self.lm_gen] + ([mimi] if mimi is not None else []), S)
+        self.moves = 0  # sessions moved to a lower row
         self._handles: dict[int, SessionHandle] = {}
         self._resets: set[int] = set()
         self._tasks: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = \
@@ -146,7 +155,8 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
-        self.recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
+        # (seconds, sessions stepped, rows stepped) of the last steps
+        self.recent: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=4096)
         # Main-transformer blocks only: moshi streams the depformer "detached", with a fresh state
         # inside every depformer step, so a depformer block holds no state between steps.
         self._blocks = [a.block for a in ttt_blocks(lm) if a.component == "transformer"]
@@ -183,27 +193,34 @@ class Engine:
 
     @torch.no_grad()
     def warmup(self, frames: int, should_stop: Callable[[], bool] | None = None) -> float:
-        """Run `frames` steps with every row active through both codec directions (on GPU this
-        also captures moshi's CUDA graphs), then reset every row. Returns seconds per step.
-        Raises WarmupDiverged if the TTT state turned non-finite (every session would fail on
-        its first frames). `should_stop` is asked between steps (a shutdown during start-up)."""
+        """Run `frames` steps with every row active through both codec directions, then (at
+        least two) steps of every smaller bucket of rows (on GPU this also captures moshi's CUDA
+        graphs, each bucket its own), then reset every row. Returns seconds per step of the full
+        batch. Raises WarmupDiverged if the TTT state turned non-finite (every session would
+        fail on its first frames). `should_stop` is asked between steps (a shutdown during
+        start-up)."""
         if frames <= 0:
             return 0.0
         S = self.cfg.capacity
-        everyone = torch.ones(S, dtype=torch.bool, device=self.device)
         bad = torch.zeros(S, dtype=torch.bool, device=self.device)
-        t0 = time.perf_counter()
         done = 0
-        for _ in range(frames):
-            if should_stop is not None and should_stop():
-                break
-            pcm = torch.zeros(S, 1, FRAME_SIZE, device=self.device)
-            bad |= self._step_tensors(
-                pcm, torch.zeros(S, NUM_CODEBOOKS, 1, dtype=torch.long, device=self.device),
-                everyone, *(2 * [everyone if self.mimi is not None else None]))[2]
-            done += 1
-        self._sync()
-        dt = (time.perf_counter() - t0) / max(done, 1)
+        dt = 0.0
+        for n in reversed(self.rows.buckets):
+            everyone = torch.ones(n, dtype=torch.bool, device=self.device)
+            t0 = time.perf_counter()
+            steps = 0
+            for _ in range(frames if n == S else 2):  # 2: eager, then graph capture
+                if should_stop is not None and should_stop():
+                    break
+                pcm = torch.zeros(n, 1, FRAME_SIZE, device=self.device)
+                bad[:n] |= self._step_tensors(
+                    pcm, torch.zeros(n, NUM_CODEBOOKS, 1, dtype=torch.long, device=self.device),
+                    everyone, *(2 * [everyone if self.mimi is not None else None]))[2]
+                steps += 1
+            self._sync()
+            if n == S:
+                dt = (time.perf_counter() - t0) / max(steps, 1)
+            done += steps
         if bool(bad.any()):
             layers = [f"transformer.layers.{a.layer}" for a in ttt_blocks(self.lm)
                       if a.component == "transformer"
@@ -273,13 +290,16 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Step latency over the last (up to 4096) steps: what a load test reads."""
         recent = list(self.recent)
-        out: dict[str, Any] = {"steps": self.steps, "window": len(recent)}
+        out: dict[str, Any] = {"steps": self.steps, "window": len(recent),
+                               "buckets": list(self.rows.buckets),
+                               "rows_last_step": self.rows.current, "row_moves": self.moves}
         if recent:
-            dts = np.array([d for d, _ in recent]) * 1000
+            dts = np.array([d for d, _, _ in recent]) * 1000
             out.update(step_ms_p50=round(float(np.percentile(dts, 50)), 3),
                        step_ms_p99=round(float(np.percentile(dts, 99)), 3),
                        step_ms_max=round(float(dts.max()), 3),
-                       sessions_per_step=round(float(np.mean([b for _, b in recent])), 3))
+                       sessions_per_step=round(float(np.mean([b for _, b, _ in recent])), 3),
+                       rows_per_step=round(float(np.mean([n for _, _, n in recent])), 3))
         return out
 
 
@@ -308,9 +328,11 @@ class Engine:
     def _has_work(self) -> bool:
         return bool(self._resets or self._tasks or any(h.inbox for h in self._handles.values()))
 
-    def _take(self) -> tuple[list[int], list[tuple], list[tuple[SessionHandle, np.ndarray]]]:
+    def _take(self) -> tuple[list[int], list[tuple[SessionHandle, int, int]], list[tuple],
+                             list[tuple[SessionHandle, np.ndarray]]]:
         """Under the lock: wait for work, then for the other sessions' frames (up to
-        batch_wait_s), and take one frame from each ready session."""
+        batch_wait_s), and take the rows to reset, the sessions to move to a lower row, the
+        tasks, and one frame from each ready session."""
         while not self._stopping and not self._has_work():
             self._cond.wait()
         while not self._stopping and not self._resets and not self._tasks:
@@ -329,15 +351,60 @@ class Engine:
             if left <= 0:
                 break
             self._cond.wait(timeout=left)
-        resets = sorted(self._resets)
+        pending = set(self._resets)
         self._resets.clear()
+        moves = self._plan_moves(pending)
+        resets = sorted(pending)
         tasks = list(self._tasks)
         self._tasks.clear()
         batch = []
         for h in self._handles.values():
             if h.inbox:
                 batch.append((h, h.inbox.popleft()[1]))
-        return resets, tasks, batch
+        return resets, moves, tasks, batch
+
+    def _plan_moves(self, resets: set[int]) -> list[tuple[SessionHandle, int, int]]:
+        """Under the lock: while a row below the last held row is free, give the last row's
+        session that row (bookkeeping now; `_apply_moves` copies the state). A session whose
+        row is still waiting for its reset needs no copy: its new row is reset instead. Updates
+        `resets` (the rows to reset after the copies); returns (handle, from, to) to copy."""
+        moves = []
+        while True:
+            held = self.slots.held()
+            if not held or len(held) == held[-1] + 1:
+                return moves  # dense: rows 0 .. active - 1
+            src = held[-1]
+            dst = next(r for r in range(src) if r not in held)
+            h = self._handles.get(src)
+            if h is None or h.closed:  # being opened right now: its open notifies us again
+                return moves
+            gen = self.slots.move(src, h.generation, dst)
+            if gen is None:  # dst granted meanwhile (open() takes rows outside this lock)
+                return moves
+            del self._handles[src]
+            h.slot, h.generation = dst, gen
+            self._handles[dst] = h
+            if src in resets:
+                resets.discard(src)
+                resets.add(dst)
+            else:
+                resets.discard(dst)  # the copy overwrites every per-row tensor of dst
+                resets.add(src)  # and then nothing of the session stays in its old row
+                moves.append((h, src, dst))
+
+    def _apply_moves(self, moves: list[tuple[SessionHandle, int, int]]) -> None:
+        """Copy the moved sessions' states (before the resets of their old rows)."""
+        for h, src, dst in moves:
+            try:
+                self.rows.move_row(src, dst)
+            except Exception as e:
+                logger.exception("moving the session in row %d to row %d failed", src, dst)
+                self._detach(h, SessionFailed(f"could not move the session's row: {e}",
+                                              "internal"))
+                self._failed_once("a row move", e)
+            else:
+                self.moves += 1
+                logger.debug("session moved from row %d to row %d", src, dst)
 
     def _loop(self) -> None:
         try:
@@ -372,11 +439,13 @@ class Engine:
     def _serve_steps(self) -> None:
         while True:
             with self._cond:
-                resets, tasks, batch = self._take()
+                resets, moves, tasks, batch = self._take()
                 if self._stopping:
                     for _, fut in tasks:
                         fut.cancel()
                     return
+            if moves:
+                self._apply_moves(moves)
             for fn, fut in tasks:
                 if fut.set_running_or_notify_cancel():
                     try:
@@ -430,26 +499,31 @@ class Engine:
 
     @torch.no_grad()
     def _step_tensors(self, pcm: torch.Tensor | None, codes: torch.Tensor, ready: torch.Tensor,
-                      encode: torch.Tensor | None, decode: torch.Tensor | None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """One batched step on device. pcm [S,1,1920] for the `encode` rows, codes [S,8,1] for
-        the others; `decode`: rows that want audio. Returns (tokens [S,9], pcm [S,1920] or None,
-        nonfinite [S])."""
-        if encode is not None and pcm is not None:
-            self.mimi.set_exec_mask(encode)
-            enc = self.mimi.encode(pcm)[:, :NUM_CODEBOOKS]
-            codes = torch.where(encode[:, None, None], enc, codes)
-        self.lm_gen.set_exec_mask(ready)
-        out = self.lm_gen.step(codes)[:, :, 0]  # [S, 9]; -2 until a row's delays are filled
-        audio = None
-        if decode is not None:
-            dec = decode & (out[:, 1:] >= 0).all(dim=1)
-            self.mimi.set_exec_mask(dec)
-            audio = self.mimi.decode(out[:, 1:, None].clamp(min=0))[:, 0]
-        bad = torch.zeros_like(ready)
-        for b in self._blocks:
-            bad |= b._streaming_state.nonfinite
-        return out, audio, bad & ready
+                      encode: torch.Tensor | None, decode: torch.Tensor | None,
+                      telemetry: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                 torch.Tensor | None]:
+        """One batched step on device of rows 0 .. n - 1, n = len(ready) a bucket
+        (`RowStates.prefix`). pcm [n,1,1920] for the `encode` rows, codes [n,8,1] for the
+        others; `decode`: rows that want audio. Returns (tokens [n,9], pcm [n,1920] or None,
+        nonfinite [n], and when `telemetry` the TTT telemetry read now [n, layers, 5])."""
+        with self.rows.prefix(ready.shape[0]):
+            if encode is not None and pcm is not None:
+                self.mimi.set_exec_mask(encode)
+                enc = self.mimi.encode(pcm)[:, :NUM_CODEBOOKS]
+                codes = torch.where(encode[:, None, None], enc, codes)
+            self.lm_gen.set_exec_mask(ready)
+            out = self.lm_gen.step(codes)[:, :, 0]  # [n, 9]; -2 until a row's delays fill
+            audio = None
+            if decode is not None:
+                dec = decode & (out[:, 1:] >= 0).all(dim=1)
+                self.mimi.set_exec_mask(dec)
+                audio = self.mimi.decode(out[:, 1:, None].clamp(min=0))[:, 0]
+            bad = torch.zeros_like(ready)
+            for b in self._blocks:
+                bad |= b._streaming_state.nonfinite
+            tel = self.telemetry.read() if telemetry and self.telemetry is not None else None
+        return out, audio, bad & ready, tel
 
     def _telemetry_of(self, h: SessionHandle, row: np.ndarray) -> dict[str, Any] | None:
         """The session's telemetry message for its row (None if it had no frame in the window),
@@ -470,10 +544,11 @@ class Engine:
     _READY, _ENCODE, _DECODE, _CODES = 0, 1, 2, 3
     _PCM = _CODES + NUM_CODEBOOKS
 
-    def _inputs(self, batch: list[tuple[SessionHandle, np.ndarray]]) -> torch.Tensor:
-        """The step's inputs in one host buffer, kept from step to step (pinned on CUDA), and
-        one copy of it on the device (a fresh tensor: codec states may keep views of it)."""
-        buf = self._host_in
+    def _inputs(self, batch: list[tuple[SessionHandle, np.ndarray]], n: int) -> torch.Tensor:
+        """The step's inputs for rows 0 .. n - 1 in one host buffer, kept from step to step
+        (pinned on CUDA), and one copy of it on the device (a fresh tensor: codec states may
+        keep views of it)."""
+        buf = self._host_in[:n]
         buf.zero_()  # the previous step's copy has completed: its outputs were read back
         for h, frame in batch:
             row = buf[h.slot]
@@ -489,16 +564,15 @@ class Engine:
         return buf.to(self.device, non_blocking=True)
 
     def _read_back(self, out: torch.Tensor, bad: torch.Tensor, audio: torch.Tensor | None,
-                   telemetry: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
-                                             np.ndarray | None]:
-        """The step's one device-to-host copy: tokens [S, 9], flags [S], the audio [S, 1920]
-        if any and, when `telemetry`, the TTT telemetry read now [S, layers, 5] (tokens and
-        flags are small integers: exact in fp32)."""
+                   tel: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                      np.ndarray | None]:
+        """The step's one device-to-host copy: tokens [n, 9], flags [n], the audio [n, 1920]
+        if any and the TTT telemetry [n, layers, 5] if read (tokens and flags are small
+        integers: exact in fp32)."""
         parts = [out.float(), bad[:, None].float()]
         if audio is not None:
             parts.append(audio.float())
-        if telemetry:
-            tel = self.telemetry.read()
+        if tel is not None:
             parts.append(tel.flatten(1))
         host = torch.cat(parts, dim=1).cpu().numpy()
         n = out.shape[1]
@@ -508,22 +582,25 @@ class Engine:
         if audio is not None:
             pcm = host[:, col:col + FRAME_SIZE]
             col += FRAME_SIZE
-        rows = host[:, col:].reshape(len(host), *tel.shape[1:]) if telemetry else None
+        rows = host[:, col:].reshape(len(host), *tel.shape[1:]) if tel is not None else None
         return tokens, flags, pcm, rows
 
     def _step(self, batch: list[tuple[SessionHandle, np.ndarray]]) -> None:
         t0 = time.perf_counter()
         S, dev = self.cfg.capacity, self.device
+        # the smallest bucket of rows that holds every row with a frame (sessions hold the
+        # first rows: `_plan_moves`)
+        n = self.rows.bucket_for(max(h.slot for h, _ in batch) + 1)
         any_audio = any(frame.dtype == np.float32 for _, frame in batch)
         any_decode = any(h.wants_audio for h, _ in batch)
-        x = self._inputs(batch)
-        out, audio, bad = self._step_tensors(
+        x = self._inputs(batch, n)
+        due = self.telemetry is not None and (self.steps + 1) % self.cfg.telemetry_every == 0
+        out, audio, bad, tel = self._step_tensors(
             x[:, None, self._PCM:].contiguous() if any_audio else None,
             x[:, self._CODES:self._PCM].long()[:, :, None], x[:, self._READY] > 0,
             x[:, self._ENCODE] > 0 if any_audio else None,
-            x[:, self._DECODE] > 0 if any_decode else None)
-        due = self.telemetry is not None and (self.steps + 1) % self.cfg.telemetry_every == 0
-        out, bad, audio, tel_rows = self._read_back(out, bad, audio, due)
+            x[:, self._DECODE] > 0 if any_decode else None, telemetry=due)
+        out, bad, audio, tel_rows = self._read_back(out, bad, audio, tel)
         first = [h for h, frame in batch if frame.dtype == np.float32 and not h.primed]
         if first:  # moshi re-primes the codec after a session's first frame (see the top)
             mask = torch.zeros(S, dtype=torch.bool)
@@ -534,7 +611,7 @@ class Engine:
         self.steps += 1
         self._last_step_end = time.monotonic()
         dt = time.perf_counter() - t0
-        self.recent.append((dt, len(batch)))
+        self.recent.append((dt, len(batch), n))
         self.metrics.step_seconds.observe(dt)
         self.metrics.step_batch.observe(len(batch))
         self.metrics.frames.inc(len(batch))

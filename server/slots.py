@@ -10,7 +10,8 @@ class CapacityError(RuntimeError):
 
 
 class SessionSlots:
-    """A fixed set of batch rows handed out to sessions, lowest free row first. Each grant
+    """A fixed set of batch rows handed out to sessions, lowest free row first (so sessions
+    fill the first rows, which is all a step needs to run). Each grant
     carries a generation number, so releasing twice (or releasing a row that has been granted
     again since) is harmless."""
 
@@ -39,6 +40,26 @@ class SessionSlots:
                 return False
             self._free.append(slot)
             return True
+
+    def move(self, src: int, generation: int, dst: int) -> int | None:
+        """Give the session that holds `src` under `generation` the free row `dst` instead and
+        free `src` (the engine keeps sessions in the first rows). Returns the session's new
+        generation, or None, changing nothing, if `src` is no longer its or `dst` was taken."""
+        with self._lock:
+            if (self._generation[src] != generation or src in self._free
+                    or dst not in self._free):
+                return None
+            self._free.remove(dst)
+            self._generation[dst] += 1
+            self._generation[src] += 1  # a late release of the old grant is a no-op
+            self._free.append(src)
+            return self._generation[dst]
+
+    def held(self) -> list[int]:
+        """The rows granted now, in order."""
+        with self._lock:
+            free = set(self._free)
+            return [s for s in range(self.capacity) if s not in free]
 
     @property
     def active(self) -> int:

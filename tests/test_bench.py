@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from moshi_ttt.bench_train import LORA_RANK, method_config, run_bench
 from moshi_ttt.config import load_config
 
@@ -56,3 +58,21 @@ def test_bench_step_times_the_engine_with_telemetry_on_and_off():
     r = run_step_bench(random_model(CONFIGS / "tiny.yaml"), capacity=2, runs=2, steps=12)
     assert r["capacity"] == 2 and r["step_ms_on"] > 0 and r["step_ms_off"] > 0
     assert r["overhead"] == round(r["step_ms_on"] / r["step_ms_off"] - 1, 4)
+
+
+def test_bench_step_capacity_times_sessions_on_spare_rows_against_an_exact_engine():
+    """1 session on a capacity-4 engine steps 1 row (its bucket), 3 sessions step 4 rows; each
+    against an engine of exactly that many rows."""
+    from moshi_ttt.checkpoint import random_model
+    from server.stepbench import run_capacity_bench
+
+    def loaded():
+        return random_model(CONFIGS / "tiny.yaml")
+    one = run_capacity_bench(loaded, capacity=4, sessions=1, runs=2, steps=12)
+    assert one["rows_stepped"] == 1 and one["telemetry"] is True
+    assert one["step_ms_capacity"] > 0 and one["step_ms_exact"] > 0
+    assert one["ratio"] == round(one["step_ms_capacity"] / one["step_ms_exact"], 4)
+    three = run_capacity_bench(loaded, capacity=4, sessions=3, runs=1, steps=12)
+    assert three["rows_stepped"] == 4 and three["sessions"] == 3
+    with pytest.raises(ValueError, match="do not fit"):
+        run_capacity_bench(loaded, capacity=2, sessions=3)

@@ -194,6 +194,9 @@ CASES_2 = {
     "bench step": [
         ([], "give exactly one of --checkpoint or --random-config"),
         (["--random-config", TINY, "--runs", "0"], "--runs must be at least 1"),
+        (["--random-config", TINY, "--capacity", "0"], "--capacity must be at least 1"),
+        (["--random-config", TINY, "--sessions", "1,4", "--capacity", "2"],
+         "--capacity 2 is below the largest session count 4"),
     ],
     "bench train": [
         (["-c", "{nowhere}.yaml"], "config file not found"),
