@@ -162,6 +162,67 @@ def test_concurrent_sessions_equal_each_alone_and_keep_their_own_ttt_state(srv):
     assert all(m > 0 for m in moved)  # both sessions' TTT states learned online
 
 
+def _send_paced(sends: list[tuple[Peer, np.ndarray, int, int]]) -> None:
+    """Each (peer, codes, start, stop): frames start .. stop - 1, 5 at a time, the peers
+    interleaved, each round answered before the next (the input queue is bounded)."""
+    for j in range(0, max(stop - start for _, _, start, stop in sends), 5):
+        for p, c, start, stop in sends:
+            if start + j < stop:
+                p.send_codes(c[start + j:min(start + j + 5, stop)])
+        for p, _, start, stop in sends:
+            p.wait_codes(min(start + j + 5, stop))
+
+
+def test_sessions_joining_and_leaving_across_row_buckets_equal_each_alone(base):
+    """Capacity 4, so a step runs 1, 2 or 4 rows: A, B and C join (rows 0-2: 4-row steps),
+    A leaves (C moves into row 0), D joins (row 2), B and D leave, C finishes alone (1-row
+    steps). Each session's outputs equal those of its input streamed alone, over TTT
+    mini-batch commits (every K = 16 frames)."""
+    ins = {"A": user_codes(10, 30), "B": user_codes(25, 31), "C": user_codes(35, 32),
+           "D": user_codes(15, 33)}
+    with ServerThread(settings(base, max_sessions=4)) as srv:
+        alone = {k: _run_alone(srv, v, hold_slot0=False) for k, v in ins.items()}
+        assert not np.array_equal(alone["A"], alone["B"][:10])
+        eng = srv.engine
+        moves0, steps0 = eng.moves, eng.steps
+
+        def wait(pred) -> None:
+            deadline = time.monotonic() + 30
+            while not pred():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        a = Peer(srv.url(mode="tokens")).__enter__()
+        b = Peer(srv.url(mode="tokens")).__enter__()
+        c = Peer(srv.url(mode="tokens")).__enter__()
+        d = None
+        try:
+            assert [p.metadata["slot"] for p in (a, b, c)] == [0, 1, 2]
+            _send_paced([(a, ins["A"], 0, 10), (b, ins["B"], 0, 10), (c, ins["C"], 0, 10)])
+            a.__exit__()
+            wait(lambda: eng.moves > moves0)  # C moved into A's row
+            assert eng.slots.held() == [0, 1]
+            d = Peer(srv.url(mode="tokens")).__enter__()
+            assert d.metadata["slot"] == 2
+            _send_paced([(b, ins["B"], 10, 25), (c, ins["C"], 10, 25), (d, ins["D"], 0, 15)])
+            b.__exit__()
+            d.__exit__()
+            wait(lambda: eng.active == 1)
+            _send_paced([(c, ins["C"], 25, 35)])
+            out = {k: p.codes_out() for k, p in zip("ABCD", (a, b, c, d))}
+        finally:
+            for p in (a, b, c, d):
+                if p is not None:
+                    p.__exit__()
+        wait_idle(srv)
+        rows = [r for _, _, r in list(eng.recent)[-(eng.steps - steps0):]]
+        _, health = get_json(srv.http("/health"))
+    for k in "ABCD":
+        np.testing.assert_array_equal(out[k], alone[k], err_msg=k)
+    assert {1, 4} <= set(rows), sorted(set(rows))
+    assert health["engine"]["buckets"] == [1, 2, 4]
+    assert health["engine"]["row_moves"] >= 1
+
+
 def test_refusal_at_capacity_says_so(base):
     with ServerThread(settings(base, max_sessions=1)) as srv:
         with Peer(srv.url(mode="tokens")):
