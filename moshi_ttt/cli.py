@@ -940,11 +940,11 @@ def bench_step(
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
 ) -> None:
-    """Time the engine's model step in-process: TTT telemetry on vs off, or (--capacity) a
-    server sized for more sessions than it has.
+    """Time the engine's step: telemetry on vs off, or spare rows.
 
-    The codec and LM step, back to back, with the telemetry read every 12 steps: what
-    telemetry costs, or what spare rows cost, without the client noise of `bench serve`.
+    The codec and LM step, back to back, with the telemetry read every 12 steps: what TTT
+    telemetry costs, or (--capacity C) what N sessions cost on a server of C rows against
+    one of N rows, without the client noise of `bench serve`.
     """
     _cpu_defaults()
     from server.stepbench import run as run_steps
