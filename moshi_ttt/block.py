@@ -177,16 +177,38 @@ class TTTState(State):
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _init_conv(conv: StreamingConv1d) -> None:
+@dataclass
+class CarriedState:
+    """Training over consecutive segments of one stream per row (truncated backpropagation
+    through time): what a block's last training forward ended with, which its next forward
+    continues from. The state is detached, so gradients stay inside a segment; rows marked
+    `fresh` start from the learned W0 instead (a new stream), and only they carry W0's gradient.
+
+    Why: a model trained only on sequences that start at W0 never learns to read fast weights
+    that have absorbed minutes of other content, which is what every long session holds.
+    """
+
+    fresh: torch.Tensor  # [B] bool: rows whose next segment starts a new stream
+    w: FastWeights | None = None  # [B, H, ...] the fast weights the last segment committed
+    conv_tail: tuple[torch.Tensor, torch.Tensor] | None = None  # q, k projections [B, D, n-1]
+
+
+def _init_conv(conv: StreamingConv1d, kind: str = "identity", lag: int = 0) -> None:
     """A causal depthwise q/k conv starts as the identity (last tap 1, others and bias 0), so an
     untrained block is the block without convs, and training learns which earlier frames a key
-    holds. PyTorch's default init (uniform taps and a uniform bias per channel) adds a constant
+    holds; `shift` puts the 1 `lag` frames back, `mean` spreads it over the window (options,
+    measured in the README: neither learned faster). PyTorch's default init (uniform taps and a uniform bias per channel) adds a constant
     per channel to every q and k: after their L2 normalisation all keys share that direction and
     the inner output loses input dependence within the first mini-batches (measured with
     `diagnose-ttt`: ratio 0.35 at 1000 frames at head dim 128, against 0.7 without convs)."""
     w = conv.conv.conv.weight  # [D, 1, k]; its last tap multiplies the current frame
-    nn.init.zeros_(w)
-    w[:, :, -1] = 1.0
+    if kind in ("identity", "shift"):  # `lag` frames back (shift: 1 for k, 0 for q)
+        nn.init.zeros_(w)
+        w[:, :, -1 - min(lag, w.shape[-1] - 1)] = 1.0
+    elif kind == "mean":
+        nn.init.constant_(w, 1.0 / w.shape[-1])
+    else:
+        raise ValueError(f"unknown qk_conv_init {kind!r}: expected identity, mean or shift")
     nn.init.zeros_(conv.conv.conv.bias)
 
 
@@ -209,11 +231,15 @@ class TTTBlock(StreamingModule[TTTState]):
         self.checkpoint_group = cfg.checkpoint_group
         self.forget = cfg.forget
         self.rope = cfg.rope
+        self.qk_conv_init = cfg.qk_conv_init
         self.position_scale_kind = cfg.position_scale
         self.layer_index = layer_index
         # Streaming only: accumulate each row's inner losses (TTTState.telemetry). Off by
         # default: it costs one more inner forward per frame; the server turns it on.
         self.telemetry = False
+        # Training only: continue each row from the previous segment's state (`CarriedState`,
+        # set by `moshi_ttt.model.carry_fast_weights`); None: every sequence starts at W0.
+        self.carry: CarriedState | None = None
         kw = {"device": device, "dtype": dtype}
         self.pre_norm = create_norm_fn(norm, d_model, **kw)
         self.wq = nn.Linear(d_model, d_model, bias=True, **kw)
@@ -251,9 +277,10 @@ class TTTBlock(StreamingModule[TTTState]):
                 elif isinstance(norm, nn.LayerNorm):
                     norm.reset_parameters()
             nn.init.constant_(self.gate_alpha, self.gate_init)
-            for conv in (self.conv_q, self.conv_k):
-                if conv is not None:  # identity: the current frame only (see _init_conv)
-                    _init_conv(conv)
+            for conv, lag in ((self.conv_q, 0), (self.conv_k, 1)):
+                if conv is not None:  # see _init_conv and TTTConfig.qk_conv_init
+                    _init_conv(conv, self.qk_conv_init,
+                               lag if self.qk_conv_init == "shift" else 0)
             self.inner.reset_parameters()
 
     # -- shared projections ------------------------------------------------------------------
@@ -268,8 +295,7 @@ class TTTBlock(StreamingModule[TTTState]):
         q = self.wq(h)
         k = q if self.wk is None else self.wk(h)
         if self.conv_q is not None:
-            q = self.conv_q(q.transpose(1, 2)).transpose(1, 2)
-            k = self.conv_k(k.transpose(1, 2)).transpose(1, 2)
+            q, k = self._convs(q.transpose(1, 2), k.transpose(1, 2))
         xq = F.normalize(heads(q), dim=-1)
         xk = F.normalize(heads(k), dim=-1)
         xv = heads(self.wv(h))
@@ -277,6 +303,25 @@ class TTTBlock(StreamingModule[TTTState]):
             gate = torch.einsum("btd,hd->bht", xn.float(), self.inner.lr_weight)
             lr = self.base_lr * torch.sigmoid(gate + self.inner.lr_bias[None, :, None])
         return xq, xk, xv, lr / self.head_dim
+
+    def _convs(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The causal q/k convs over [B, D, T]; returned as [B, T, D]. With a carried state
+        (training, not streaming) each row's conv first reads the previous segment's last
+        frames, as moshi's streaming conv would (zeros for a fresh row)."""
+        assert self.conv_q is not None and self.conv_k is not None
+        carry = self.carry if self._streaming_state is None else None
+        if carry is None:
+            return self.conv_q(q).transpose(1, 2), self.conv_k(k).transpose(1, 2)
+        n = self.conv_q.conv.conv.kernel_size[0] - 1
+        if carry.conv_tail is None:
+            tails = (q.new_zeros(*q.shape[:2], n), k.new_zeros(*k.shape[:2], n))
+        else:
+            keep = (~carry.fresh).view(-1, 1, 1).to(q.device)
+            tails = tuple(torch.where(keep, t, 0.0).to(q.dtype) for t in carry.conv_tail)
+        qq, kk = torch.cat([tails[0], q], dim=-1), torch.cat([tails[1], k], dim=-1)
+        carry.conv_tail = (qq[..., -n:].detach(), kk[..., -n:].detach()) if n else None
+        return (self.conv_q(qq)[..., n:].transpose(1, 2),
+                self.conv_k(kk)[..., n:].transpose(1, 2))
 
     def _out(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         B, H, T, HD = z.shape
@@ -290,19 +335,23 @@ class TTTBlock(StreamingModule[TTTState]):
                 f"TTT block of layer {self.layer_index} expects width {self.d_model}, got input "
                 f"of shape {tuple(x.shape)}"
             )
+        if self.carry is not None and self._streaming_state is None:
+            self._check_carry(x.shape[0], x.shape[1])
         xq, xk, xv, lr = self._qkv_lr(x)
         inner = self.inner
         with _fp32_region(x):
             if self._streaming_state is None:
                 xq, xk = self._rope(xq, xk)
-                z, _ = ttt_scan(
-                    self._w0(x.shape[0]),
+                z, w_end = ttt_scan(
+                    self._start_weights(x.shape[0]),
                     xq, xk, xv, lr, self.mini_batch_size,
                     inner.ttt_norm_weight, inner.ttt_norm_bias, self.ln_eps,
                     checkpoint_group=self.checkpoint_group if self.training else 0,
                     rule=inner.settle_rule(self.forget, detach=False),
                     scale=self._scale(xq.device),
                 )
+                if self.carry is not None:
+                    self.carry.w = FastWeights(*(t.detach() for t in w_end.as_tuple()))
             else:
                 z = self._stream(xq, xk, xv, lr)
         return self._out(x, z)
@@ -338,6 +387,28 @@ class TTTBlock(StreamingModule[TTTState]):
         in training the gradients of every row flow back into the learned W0."""
         return FastWeights(*(p[None].expand(batch_size, *p.shape) for p in
                              (self.inner.w1, self.inner.b1, self.inner.w2, self.inner.b2)))
+
+    def _check_carry(self, batch_size: int, frames: int) -> None:
+        carry = self.carry
+        assert carry is not None
+        if frames % self.mini_batch_size:
+            raise ValueError(
+                f"TTT layer {self.layer_index}: carrying fast weights across segments needs "
+                f"segments of whole mini-batches, got {frames} frames (K = "
+                f"{self.mini_batch_size}): a partial last mini-batch is never committed")
+        if carry.fresh.shape != (batch_size,):
+            raise ValueError(f"TTT layer {self.layer_index}: carried state's fresh mask has "
+                             f"shape {tuple(carry.fresh.shape)}, expected ({batch_size},)")
+
+    def _start_weights(self, batch_size: int) -> FastWeights:
+        """What a training sequence starts from: W0 (`_w0`), or per row the carried state."""
+        w0 = self._w0(batch_size)
+        carry = self.carry
+        if carry is None or carry.w is None:
+            return w0
+        keep = (~carry.fresh).view(-1, 1, 1, 1).to(w0.w1.device)
+        return FastWeights(*(torch.where(keep, c, init)
+                             for c, init in zip(carry.w.as_tuple(), w0.as_tuple())))
 
     # -- streaming -----------------------------------------------------------------------------
     def _init_streaming_state(self, batch_size: int) -> TTTState:

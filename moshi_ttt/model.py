@@ -18,7 +18,7 @@ from moshi.models.lm_utils import _delay_sequence
 from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer
 from torch import nn
 
-from .block import TTTBlock
+from .block import CarriedState, TTTBlock
 from .config import ProjectConfig, TTTConfig
 from .layer import HybridTransformerLayer, forget_streaming_children
 
@@ -100,6 +100,25 @@ def ttt_blocks(lm: nn.Module) -> Iterator[AttachedBlock]:
         for i, layer in enumerate(tr.layers):
             if isinstance(layer, HybridTransformerLayer):
                 yield AttachedBlock(component, i, layer.ttt)
+
+
+def carry_fast_weights(lm: nn.Module, fresh: torch.Tensor | None) -> None:
+    """Truncated backpropagation through time for the TTT layers: the next training forward of
+    every TTT block starts row b from the fast weights (and q/k conv history) its previous
+    forward ended with, unless `fresh[b]` ([B] bool), when it starts from W0 as a new stream.
+    Call before each segment; `None` turns carrying off and drops every carried state.
+
+    Attention is not carried (a segment's first frames see no earlier context): segments should
+    start where nothing before them matters to attention, e.g. at a new recall instance.
+    """
+    for a in ttt_blocks(lm):
+        blk = a.block
+        if fresh is None:
+            blk.carry = None
+        elif blk.carry is None:
+            blk.carry = CarriedState(fresh=fresh)
+        else:
+            blk.carry.fresh = fresh
 
 
 def is_ttt_param(name: str) -> bool:
