@@ -197,10 +197,11 @@ def _init_conv(conv: StreamingConv1d, kind: str = "identity", lag: int = 0) -> N
     """A causal depthwise q/k conv starts as the identity (last tap 1, others and bias 0), so an
     untrained block is the block without convs, and training learns which earlier frames a key
     holds; `shift` puts the 1 `lag` frames back, `mean` spreads it over the window (options,
-    measured in the README: neither learned faster). PyTorch's default init (uniform taps and a uniform bias per channel) adds a constant
-    per channel to every q and k: after their L2 normalisation all keys share that direction and
-    the inner output loses input dependence within the first mini-batches (measured with
-    `diagnose-ttt`: ratio 0.35 at 1000 frames at head dim 128, against 0.7 without convs)."""
+    measured in the README: neither learned faster). PyTorch's default init (uniform taps and a
+    uniform bias per channel) adds a constant per channel to every q and k: after their L2
+    normalisation all keys share that direction and the inner output loses input dependence
+    within the first mini-batches (measured with `diagnose-ttt`: ratio 0.35 at 1000 frames at
+    head dim 128, against 0.7 without convs)."""
     w = conv.conv.conv.weight  # [D, 1, k]; its last tap multiplies the current frame
     if kind in ("identity", "shift"):  # `lag` frames back (shift: 1 for k, 0 for q)
         nn.init.zeros_(w)
