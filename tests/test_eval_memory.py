@@ -65,6 +65,29 @@ def test_dependent_mask_marks_exactly_the_recall_frames():
     assert (codes[:, 1:] == -1).all()
 
 
+def test_a_lead_puts_each_instance_at_its_own_point_of_the_session():
+    """With `lead`, each row's instance starts after its own lead of lead/2..lead distractor
+    frames: the same layout, shifted, with distractors before START and after the recall."""
+    task = RecallTask(context=8, content_len=5, gap=40, tail=3, lead=20)
+    codes, dep = text_batch(task, 64, torch.Generator().manual_seed(0), n_q=16)
+    L, r, T = task.content_len, task.recall_frame(), task.length()
+    assert T == 20 + 1 + 5 + 40 + 1 + 5 + 3 and codes.shape == (64, 17, T)
+    text = codes[:, 0]
+    starts = (text == task.first_id - 2).int().argmax(dim=1)
+    assert ((text == task.first_id - 2).sum(dim=1) == 1).all()
+    assert starts.min() == 10 and starts.max() == 20 and len(set(starts.tolist())) > 5
+    hi = task.first_id + task.content_vocab
+    for b in range(64):
+        s0 = int(starts[b])
+        assert (text[b, :s0] >= hi).all()  # the lead: distractors only
+        assert text[b, s0 + r] == task.first_id - 1
+        assert torch.equal(text[b, s0 + r + 1:s0 + r + 1 + L], text[b, s0 + 1:s0 + 1 + L])
+        expected = torch.zeros(T, dtype=torch.bool)
+        expected[s0 + r + 1:s0 + r + 1 + L] = True
+        assert torch.equal(dep[b], expected)
+        assert (text[b, s0 + r + 1 + L:] >= hi).all()  # what the lead left: tail distractors
+
+
 def _words(n_content=4, n_dis=3, W=3) -> WordCodes:
     """Distinct synthetic code patterns standing for words (the real ones come from espeak-ng
     and a calibrated codec: see test_speech_words_are_encoded_by_the_codec)."""
@@ -97,6 +120,18 @@ def test_speech_batch_holds_the_words_only_in_the_user_audio():
     for b in range(6):
         for s0 in range(0, gap.shape[-1] - W + 1, W):
             assert tuple(gap[b, :, s0:s0 + W].flatten().tolist()) not in content_set
+    # with a lead, the same instance follows distractor speech and the recall moves with it
+    led, dep2 = speech_batch(task.model_copy(update={"lead": 12}), words, 6,
+                             torch.Generator().manual_seed(1), 16, 8)
+    assert led.shape[-1] == T + 12 and dep2.sum() == 6 * L
+    for b in range(6):
+        s0 = int((led[b, 0] == task.first_id - 2).int().argmax())
+        assert 6 <= s0 <= 12 and dep2[b, s0 + r + 1:s0 + r + 1 + L].all()
+        for i in range(L):
+            word = led[b, 9:, s0 + 1 + i * W:s0 + 1 + (i + 1) * W]
+            assert torch.equal(word, words.content[led[b, 0, s0 + r + 1 + i] - task.first_id])
+        for t0 in range(0, s0 - W + 1, W):  # the lead: distractor words or silence
+            assert tuple(led[b, 9:, t0:t0 + W].flatten().tolist()) not in content_set
 
 
 def test_speech_words_are_encoded_by_the_codec():
@@ -216,8 +251,10 @@ def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg, tmp_path
     from fixtures import calibrated_base
 
     s = _quick(tiny_cfg, ablations={"reference_init": {"inner_init": "reference"}})
-    a = mem.run_memory_eval(tiny_cfg, s, codec=calibrated_base(), out_dir=tmp_path)
-    b = mem.run_memory_eval(tiny_cfg, s, codec=calibrated_base())
+    a = mem.run_memory_eval(tiny_cfg, s.model_copy(update={"workers": 1}),
+                            codec=calibrated_base(), out_dir=tmp_path)
+    b = mem.run_memory_eval(tiny_cfg, s.model_copy(update={"workers": 2}),
+                            codec=calibrated_base())
     keys = {(r["task"], r["method"], r["gap_x"]) for r in a["results"]}
     for task in ("text", "speech"):
         for m in ("ttt", "ttt_off", "lora", "frozen"):
@@ -225,7 +262,9 @@ def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg, tmp_path
     assert {("text", "ttt:reference_init", g) for g in s.gaps} <= keys
     assert not any(k[0] == "speech" and k[1].startswith("ttt:") for k in keys)
     assert _all_finite(_numbers(a))
-    assert _numbers(a) == _numbers(b)  # same seed: the very same numbers
+    # same seed: the very same numbers, whether the jobs ran in this process or in two workers
+    assert _numbers(a) == _numbers(b)
+    assert b["environment"]["workers"] == 2
     by = {(r["task"], r["method"]): r for r in a["results"] if r["gap_x"] == 1.0}
     assert by[("text", "ttt")]["fast_weight_drift"] > 0  # the sessions' fast weights learned
     assert by[("text", "ttt_off")]["fast_weight_drift"] == 0  # ... and not with the lr at 0
@@ -316,3 +355,45 @@ def test_stability_refuses_a_model_without_ttt(tiny_cfg):
     cfg = tiny_cfg.model_copy(update={"ttt": tiny_cfg.ttt.model_copy(update={"layers": []})})
     with pytest.raises(ValueError, match="no TTT|TTT layers"):
         run_stability(cfg, StabilitySettings(frames=5))
+
+
+# -- training across steps (carry) --------------------------------------------------------------
+
+def test_restart_chance_ramps_from_one_to_the_setting(tiny_cfg):
+    s = _quick(tiny_cfg, steps=100, carry_restart=0.2, carry_ramp=0.5)
+    assert mem.restart_chance(s, 0) == 1.0
+    assert mem.restart_chance(s, 25) == pytest.approx(0.6)
+    assert mem.restart_chance(s, 50) == mem.restart_chance(s, 99) == 0.2
+    s0 = _quick(tiny_cfg, steps=100, carry_restart=0.2, carry_ramp=0.0)
+    assert mem.restart_chance(s0, 0) == 0.2
+
+
+def test_carried_training_continues_each_row_and_leaves_no_state(tiny_cfg):
+    """With `carry`, step n+1's sequences start from the fast weights step n ended with (rows
+    not restarted); the batches are the ones every method sees; nothing is left carried."""
+    s = _quick(tiny_cfg, steps=3, carry=True, carry_restart=0.0, carry_ramp=0.0)
+    task = mem.whole_mini_batches(mem.task_at(s.task, 1.0, 4), tiny_cfg.ttt.mini_batch_size)
+    assert task.length() % tiny_cfg.ttt.mini_batch_size == 0
+    batch = mem.batches("text", 16, 8, None)
+    lm = mem.build_method("ttt", tiny_cfg, s.task.context, 0, 1)
+    starts = []
+
+    def record(mod, args):
+        carry = mod.carry
+        starts.append(None if carry is None or carry.w is None else
+                      (carry.fresh.clone(), carry.w.w2.clone()))
+
+    blk = next(iter(ttt_blocks(lm))).block
+    blk.register_forward_pre_hook(record)
+    mem.train_method(lm, s, task, batch, data_seed=1)
+    assert starts[0] is None  # step 0: every row from W0
+    assert all(st is not None and not st[0].any() for st in starts[1:])  # then carried
+    assert not torch.equal(starts[1][1], starts[2][1])  # ... and the state moved on
+    assert all(a.block.carry is None for a in ttt_blocks(lm))
+    # carrying does not change which batches a method sees
+    seen = []
+    lm2 = mem.build_method("lora", tiny_cfg, s.task.context, 0, 1)
+    mem.train_method(lm2, s, task, lambda t, b, g: seen.append(batch(t, b, g)) or seen[-1],
+                     data_seed=1)
+    g = torch.Generator().manual_seed(1)
+    assert all(torch.equal(x[0], batch(task, s.batch_size, g)[0]) for x in seen)

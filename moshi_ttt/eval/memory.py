@@ -15,23 +15,29 @@ gets:
 * `ttt_off`: the trained TTT model scored with its inner learning rate at 0 (fast weights stay
   W0): what `ttt` gains over it comes from learning during the session.
 
-Methods train at the first gap of `gaps` (multiples of the stacked attention reach) and are scored
-at every gap, on held-out sequences, frame by frame through moshi's streaming state (KV ring
-buffer of `context` frames, per-row TTT state) as the server runs the model; one LMGen run per
-report checks that LMGen's teacher-forced text logits are those of that stream. Ablations retrain
-TTT with one design choice reverted (e.g. the reference init) on `ablation_seeds`.
+Every sequence puts its content after a lead of distractors (`recall.py`): content arrives
+mid-session, as it does in a conversation, and a model cannot find it by its position in the
+session. Methods train at the first gap of `gaps` (multiples of the stacked attention reach) and
+are scored at every gap, on held-out sequences, frame by frame through moshi's streaming state
+(KV ring buffer of `context` frames, per-row TTT state) as the server runs the model; one LMGen
+run per report checks that LMGen's teacher-forced text logits are those of that stream.
+Ablations retrain TTT with one design choice reverted (e.g. the reference init) on
+`ablation_seeds`.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import json
 import logging
 import math
+import multiprocessing
 import platform
 import statistics
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -43,7 +49,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..config import ProjectConfig, TTTConfig
 from ..lora import apply_lora, is_lora_param
-from ..model import attach_ttt, build_base_lm, delayed_inputs, is_ttt_param, ttt_blocks
+from ..model import (
+    attach_ttt, build_base_lm, carry_fast_weights, delayed_inputs, is_ttt_param, ttt_blocks,
+)
 from ..train.trainer import _lr_lambda
 from .recall import RecallTask, WordCodes, encode_words, speech_batch, text_batch
 
@@ -93,13 +101,30 @@ class MemoryEvalSettings(BaseModel):
     warmup_steps: int = Field(20, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     eval_sequences: int = Field(64, ge=1, description="held-out sequences, the same for all")
-    threads: int = Field(1, ge=1, description="torch CPU threads (1: robust on a shared box)")
+    threads: int = Field(1, ge=1, description="torch CPU threads per worker (1: robust on a "
+                         "shared box)")
+    workers: int = Field(2, ge=1, description="processes that run the (task, seed, method) jobs "
+                         "side by side (1: all in this process)")
     lora_rank: int | None = Field(None, ge=1, description="None: matched to TTT's count")
     lora_scaling: float = 2.0
     train_on: Literal["all", "dependent", "balanced"] = Field(
         "balanced", description="training loss, the same for every method: `all` frames (plain "
         "next-token training), only the `dependent` ones, or `balanced`: the mean of the two "
         "groups' means (the recall frames are a few percent of a sequence of noise)")
+    carry: bool = Field(False, description="TTT trains across steps as one stream per batch "
+                        "row (truncated BPTT): each step's sequence starts from the fast weights "
+                        "the row's previous sequence ended with, so the outer loop learns on "
+                        "states that hold earlier content. Off: measured, it slowed learning at "
+                        "this budget (text recall at chance after 400 steps, without a lead), "
+                        "and with a lead the TTT trained from W0 already recalls after 1000 "
+                        "frames of earlier content")
+    carry_restart: float = Field(0.1, ge=0, le=1, description="per step, the chance that a row "
+                                 "starts a new stream at W0 (the mean carried history is "
+                                 "1 / this sequences), reached after `carry_ramp` of the steps")
+    carry_ramp: float = Field(0.5, ge=0, le=1, description="fraction of the steps over which the "
+                              "restart chance falls linearly from 1 (every sequence fresh, as "
+                              "without carrying) to `carry_restart`: the mechanism is learned on "
+                              "fresh states first, then on states that hold earlier content")
     save_ttt: bool = Field(True, description="keep the text task's seed-0 TTT model (for "
                            "eval-stability's late recall)")
 
@@ -159,7 +184,7 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 #: `--quick`: a small task and budget for the test suite; it checks the machinery, not memory.
 QUICK: dict[str, Any] = {
-    "task": {"context": 8, "content_len": 4},
+    "task": {"context": 8, "content_len": 4, "lead": 16},
     "speech": {"content_len": 2, "content_vocab": 4, "distractor_vocab": 4},
     "gaps": [1.0, 2.0], "seeds": [0], "ablation_seeds": [0],
     "pretrain_steps": 2, "steps": 3, "batch_size": 4, "warmup_steps": 1, "eval_sequences": 4,
@@ -171,6 +196,11 @@ QUICK: dict[str, Any] = {
 def task_at(task: RecallTask, gap_x: float, num_layers: int) -> RecallTask:
     """The task with its gap set to `gap_x` times the stacked attention reach."""
     return task.model_copy(update={"gap": math.ceil(gap_x * task.reach(num_layers))})
+
+
+def whole_mini_batches(task: RecallTask, k: int, word_frames: int = 1) -> RecallTask:
+    """The task with a tail of distractor frames that makes its length a multiple of `k`."""
+    return task.model_copy(update={"tail": task.tail + (-task.length(word_frames)) % k})
 
 
 def speech_shape(s: MemoryEvalSettings) -> RecallTask:
@@ -291,35 +321,61 @@ def train_method(lm: LMModel, s: MemoryEvalSettings, task: RecallTask, batch: Ba
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: _lr_lambda(i, s.warmup_steps, s.steps, s.min_lr_ratio))
     g = torch.Generator().manual_seed(data_seed)
+    # restarts from their own generator: every method sees the same batches
+    restarts = torch.Generator().manual_seed(data_seed + 1)
+    carry = s.carry and any(True for _ in ttt_blocks(lm))
     tail = max(1, s.steps // 10)
     hist: list[tuple[float, float, float]] = []
     lm.train()
-    for step in range(s.steps):
-        codes, dependent = batch(task, s.batch_size, g)
-        ce = frame_losses(lm, codes)
-        if train_on == "dependent":
-            loss = ce[dependent].mean()
-        elif train_on == "balanced":
-            loss = 0.5 * (ce[dependent].mean() + ce[~dependent].mean())
-        else:
-            loss = ce.mean()
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"training loss became {float(loss)} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ce = ce.detach()
-        hist.append((float(ce.mean()), float(ce[dependent].mean()), float(ce[~dependent].mean())))
-        if (step + 1) % max(tail, s.steps // 4) == 0:
-            logger.info("  step %d/%d: train loss %.4f (dependent %.4f, other %.4f)", step + 1,
-                        s.steps, *(sum(h[i] for h in hist[-tail:]) / tail for i in range(3)))
+    try:
+        for step in range(s.steps):
+            fresh = torch.rand(s.batch_size, generator=restarts) < restart_chance(s, step)
+            if carry:
+                carry_fast_weights(lm, fresh | (step == 0))
+            hist.append(_train_step(lm, opt, params, batch(task, s.batch_size, g), train_on,
+                                    step))
+            sched.step()
+            if (step + 1) % max(tail, s.steps // 4) == 0:
+                logger.info("  step %d/%d: train loss %.4f (dependent %.4f, other %.4f)",
+                            step + 1, s.steps,
+                            *(sum(h[i] for h in hist[-tail:]) / tail for i in range(3)))
+    finally:
+        carry_fast_weights(lm, None)
     lm.eval()
     last = hist[-tail:]
     return {"loss_first": hist[0][0], "loss_last": sum(h[0] for h in last) / len(last),
             "dependent_last": sum(h[1] for h in last) / len(last),
             "other_last": sum(h[2] for h in last) / len(last)}
+
+
+def restart_chance(s: MemoryEvalSettings, step: int) -> float:
+    """The chance that a row starts a new stream at `step` (see `carry_ramp`)."""
+    ramp = s.carry_ramp * s.steps
+    if step >= ramp:
+        return s.carry_restart
+    return 1.0 - (1.0 - s.carry_restart) * step / ramp
+
+
+def _train_step(lm: LMModel, opt: torch.optim.Optimizer, params: list[torch.Tensor],
+                data: tuple[torch.Tensor, torch.Tensor], train_on: str, step: int
+                ) -> tuple[float, float, float]:
+    """One optimiser step; returns the frames' mean loss, overall, dependent and other."""
+    codes, dependent = data
+    ce = frame_losses(lm, codes)
+    if train_on == "dependent":
+        loss = ce[dependent].mean()
+    elif train_on == "balanced":
+        loss = 0.5 * (ce[dependent].mean() + ce[~dependent].mean())
+    else:
+        loss = ce.mean()
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"training loss became {float(loss)} at step {step}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ce = ce.detach()
+    return float(ce.mean()), float(ce[dependent].mean()), float(ce[~dependent].mean())
 
 
 # -- streaming evaluation -----------------------------------------------------------------------
@@ -454,19 +510,48 @@ def ttt_variant(cfg: ProjectConfig, overrides: dict[str, Any] | None = None) -> 
     return TTTConfig.model_validate({**cfg.ttt.model_dump(), **(overrides or {})})
 
 
+@dataclass
+class _TaskPlan:
+    """One task as every job of it needs it (picklable: jobs may run in worker processes)."""
+
+    kind: str
+    shape: RecallTask
+    tasks: dict[float, RecallTask]  # gap multiple -> the task at that gap
+    train_task: RecallTask
+    words: WordCodes | None
+    rank: int
+
+    def batch(self, n_q: int, dep_q: int) -> Batch:
+        return batches(self.kind, n_q, dep_q, self.words)
+
+
+@dataclass
+class _Job:
+    """One trained (or frozen) model of one task and seed, scored at every gap."""
+
+    plan: _TaskPlan
+    seed: int
+    method: str  # "ttt", "ttt:ABLATION", "lora" or "frozen"
+    ttt_overrides: dict[str, Any]
+    lmgen_check: bool = False
+    save_to: Path | None = None
+
+
 def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | None = None,
                     out_dir: Path | None = None) -> dict[str, Any]:
     """Every task, seed, method and gap of `s` (and the ablations); returns settings, task
     facts, one row per (task, gap, seed, method), a summary over seeds and the LMGen check.
-    `codec`: a base directory whose calibrated Mimi encodes the speech task's words."""
+    `codec`: a base directory whose calibrated Mimi encodes the speech task's words.
+
+    Each task's base is trained first, then every (task, seed, method) is its own job; with
+    `s.workers` > 1 jobs run in that many processes of `s.threads` threads each. Every job seeds
+    its own generators, so the numbers do not depend on how many workers ran them."""
     num_layers = int(cfg.lm["num_layers"])
-    n_q, dep_q = int(cfg.lm["n_q"]), int(cfg.lm["dep_q"])
     if "speech" in s.tasks and codec is None:
         raise ValueError("the speech task needs a base with a calibrated codec (--codec BASE)")
     t_start = time.perf_counter()
-    rows: list[dict[str, Any]] = []
     facts: dict[str, Any] = {}
-    check: dict[str, Any] = {}
+    plans: list[_TaskPlan] = []
     with _threads(s.threads):
         words = None
         if "speech" in s.tasks:
@@ -484,78 +569,119 @@ def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | Non
                 "lengths": {str(g): t.length(wf) for g, t in tasks.items()},
                 "content_len": shape.content_len, "word_frames": wf,
                 "chance_acc": shape.chance_acc, "chance_loss": shape.chance_loss}
-            batch = batches(kind, n_q, dep_q, words)
-            train_task = tasks[s.gaps[0]]
-            rank = s.lora_rank or matched_lora_rank(cfg, shape.context)
-            variants: list[tuple[str, dict[str, Any], list[int]]] = [("ttt", {}, s.seeds)]
-            if kind in s.ablation_tasks:
-                variants += [(f"ttt:{name}", over, s.ablation_seeds)
+            # the training task in whole TTT mini-batches (its tail holds distractors), so a
+            # carried stream commits every frame it saw
+            train_task = whole_mini_batches(tasks[s.gaps[0]], cfg.ttt.mini_batch_size, wf)
+            plans.append(_TaskPlan(kind, shape, tasks, train_task,
+                                   words if kind == "speech" else None,
+                                   s.lora_rank or matched_lora_rank(cfg, shape.context)))
+    jobs: list[_Job] = []
+    for plan in plans:
+        for seed in s.seeds:
+            if "ttt" in s.methods:
+                first = seed == s.seeds[0]
+                jobs.append(_Job(plan, seed, "ttt", {}, lmgen_check=first and plan is plans[0],
+                                 save_to=out_dir / "ttt-text.pt" if (
+                                     first and plan.kind == "text" and s.save_ttt and out_dir)
+                                 else None))
+                if plan.kind in s.ablation_tasks and seed in s.ablation_seeds:
+                    jobs += [_Job(plan, seed, f"ttt:{name}", over)
                              for name, over in s.ablations.items()]
-            base = pretrain_base(cfg, s, train_task, batch, s.base_seed)
-            for seed in s.seeds:
-                g = torch.Generator().manual_seed(seed + 999)  # held-out, the same for all
-                held = {gap: batch(t, s.eval_sequences, g) for gap, t in tasks.items()}
-
-                def score(name: str, lm: LMModel, extra: dict[str, Any]) -> None:
-                    for gap, (codes, dep) in held.items():
-                        t0 = time.perf_counter()
-                        drift: list[float] = []
-                        logits = stream_text_logits(
-                            lm, codes, on_end=lambda m: drift.append(fast_weight_drift(m)))
-                        m = recall_metrics(logits, codes, dep)
-                        rows.append({"task": kind, "gap_x": gap, "gap": tasks[gap].gap,
-                                     "seed": seed, "method": name, **m,
-                                     "chance_acc": shape.chance_acc,
-                                     "chance_loss": shape.chance_loss, **extra,
-                                     "fast_weight_drift": drift[0],
-                                     "eval_seconds": time.perf_counter() - t0})
-                    r = [x for x in rows if x["method"] == name and x["seed"] == seed
-                         and x["task"] == kind]
-                    logger.info("%s / seed %d / %s: recall acc %s", kind, seed, name,
-                                ", ".join(f"{x['recall_acc']:.3f} at {x['gap_x']:g}x"
-                                          for x in r))
-
-                methods = [m for m in s.methods if m != "ttt"]
-                for name, over, seeds in (variants if "ttt" in s.methods else []):
-                    if seed not in seeds:
-                        continue
-                    tc = ttt_variant(cfg, over)
-                    lm = build_method("ttt", cfg, shape.context, seed, rank, base, tc)
-                    t0 = time.perf_counter()
-                    tr = train_method(lm, s, train_task, batch, data_seed=seed + 100)
-                    extra = {"trainable_params": trainable(lm), "steps": s.steps,
-                             "train_seconds": time.perf_counter() - t0,
-                             "train_loss_first": tr["loss_first"],
-                             "train_loss_last": tr["loss_last"]}
-                    score(name, lm, extra)
-                    if name == "ttt":
-                        with inner_updates_off(lm):
-                            score("ttt_off", lm, extra)
-                        if not check and seed == s.seeds[0]:
-                            check = _lmgen_check(lm, *held[s.gaps[0]])
-                            check.update(task=kind, seed=seed, gap_x=s.gaps[0])
-                        if kind == "text" and seed == s.seeds[0] and s.save_ttt and out_dir:
-                            save_model(lm, cfg, tc, shape, out_dir / "ttt-text.pt")
-                for name in methods:
-                    lm = build_method(name, cfg, shape.context, seed, rank, base,
-                                      lora_scaling=s.lora_scaling)
-                    t0 = time.perf_counter()
-                    tr = train_method(lm, s, train_task, batch, data_seed=seed + 100)
-                    extra = {"trainable_params": trainable(lm),
-                             "steps": s.steps if name != "frozen" else 0,
-                             "train_seconds": time.perf_counter() - t0,
-                             "train_loss_first": tr["loss_first"],
-                             "train_loss_last": tr["loss_last"]}
-                    if name == "lora":
-                        extra["lora_rank"] = rank
-                    score(name, lm, extra)
+            jobs += [_Job(plan, seed, m, {}) for m in s.methods if m != "ttt"]
+    with _workers(s) as run:
+        bases = dict(zip((p.kind for p in plans),
+                         run(_pretrain_job, [(cfg, s, p) for p in plans])))
+        done = run(_run_job, [(cfg, s, job, bases[job.plan.kind]) for job in jobs])
+    rows = [r for job_rows, _ in done for r in job_rows]
+    check = next((c for _, c in done if c), {})
     return {
         "settings": s.model_dump(), "ttt": cfg.ttt.model_dump(), "tasks": facts,
         "results": rows, "summary": summarize(rows), "lmgen_check": check,
         "wall_seconds": time.perf_counter() - t_start,
         "environment": {"torch": torch.__version__, "threads": s.threads,
-                        "machine": platform.machine()},
+                        "workers": s.workers, "machine": platform.machine()},
     }
+
+
+@contextmanager
+def _workers(s: MemoryEvalSettings) -> Iterator[Callable[[Callable[..., Any], list[tuple]],
+                                                         list[Any]]]:
+    """`run(fn, args_list)` -> results in order: inline (1 worker) or in a pool of spawned
+    processes (spawn, not fork: a forked child of a process that ran torch's thread pools can
+    hang), each set to `s.threads` torch threads and to this process's log level."""
+    if s.workers <= 1:
+        yield lambda fn, arglist: [fn(*a) for a in arglist]
+        return
+    ctx = multiprocessing.get_context("spawn")
+    level = logging.getLogger().getEffectiveLevel()
+    with concurrent.futures.ProcessPoolExecutor(
+            s.workers, mp_context=ctx, initializer=_init_worker,
+            initargs=(s.threads, level)) as pool:
+        yield lambda fn, arglist: [f.result() for f in [pool.submit(fn, *a) for a in arglist]]
+
+
+def _init_worker(threads: int, level: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _pretrain_job(cfg: ProjectConfig, s: MemoryEvalSettings, plan: _TaskPlan
+                  ) -> dict[str, torch.Tensor]:
+    with _threads(s.threads):
+        return pretrain_base(cfg, s, plan.train_task,
+                             plan.batch(int(cfg.lm["n_q"]), int(cfg.lm["dep_q"])), s.base_seed)
+
+
+def _run_job(cfg: ProjectConfig, s: MemoryEvalSettings, job: _Job,
+             base: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Build, train and score one job's model: its rows (and `ttt_off`'s for TTT) and, when the
+    job asks, the LMGen check."""
+    plan, seed = job.plan, job.seed
+    batch = plan.batch(int(cfg.lm["n_q"]), int(cfg.lm["dep_q"]))
+    g = torch.Generator().manual_seed(seed + 999)  # held-out, the same for every method
+    held = {gap: batch(t, s.eval_sequences, g) for gap, t in plan.tasks.items()}
+    rows: list[dict[str, Any]] = []
+    check: dict[str, Any] = {}
+
+    def score(name: str, lm: LMModel, extra: dict[str, Any]) -> None:
+        for gap, (codes, dep) in held.items():
+            t0 = time.perf_counter()
+            drift: list[float] = []
+            logits = stream_text_logits(lm, codes,
+                                        on_end=lambda m: drift.append(fast_weight_drift(m)))
+            rows.append({"task": plan.kind, "gap_x": gap, "gap": plan.tasks[gap].gap,
+                         "seed": seed, "method": name, **recall_metrics(logits, codes, dep),
+                         "chance_acc": plan.shape.chance_acc,
+                         "chance_loss": plan.shape.chance_loss, **extra,
+                         "fast_weight_drift": drift[0],
+                         "eval_seconds": time.perf_counter() - t0})
+        logger.info("%s / seed %d / %s: recall acc %s", plan.kind, seed, name,
+                    ", ".join(f"{x['recall_acc']:.3f} at {x['gap_x']:g}x"
+                              for x in rows if x["method"] == name))
+
+    with _threads(s.threads):
+        is_ttt = job.method.startswith("ttt")
+        tc = ttt_variant(cfg, job.ttt_overrides) if is_ttt else None
+        lm = build_method("ttt" if is_ttt else job.method, cfg, plan.shape.context, seed,
+                          plan.rank, base, tc, lora_scaling=s.lora_scaling)
+        t0 = time.perf_counter()
+        tr = train_method(lm, s, plan.train_task, batch, data_seed=seed + 100)
+        extra = {"trainable_params": trainable(lm),
+                 "steps": s.steps if job.method != "frozen" else 0,
+                 "train_seconds": time.perf_counter() - t0,
+                 "train_loss_first": tr["loss_first"], "train_loss_last": tr["loss_last"]}
+        if job.method == "lora":
+            extra["lora_rank"] = plan.rank
+        score(job.method, lm, extra)
+        if job.method == "ttt":
+            with inner_updates_off(lm):
+                score("ttt_off", lm, extra)
+        if job.lmgen_check:
+            check = _lmgen_check(lm, *held[s.gaps[0]])
+            check.update(task=plan.kind, seed=seed, gap_x=s.gaps[0])
+        if job.save_to is not None and tc is not None:
+            save_model(lm, cfg, tc, plan.shape, job.save_to)
+    return rows, check
 
 
 def _lmgen_check(lm: LMModel, codes: torch.Tensor, dep: torch.Tensor) -> dict[str, float]:

@@ -3,8 +3,8 @@ depend on content beyond every attention window.
 
 Both tasks lay out Moshi's 17 streams as
 
-    frame  0      content          gap              recall marker   recall            (tail)
-           START  L items          distractors      RECALL          the L items again
+    frame  (lead)        0      content   gap           recall marker   recall     (tail)
+           distractors   START  L items   distractors   RECALL          the L items again
 
 and score the L recall frames (the *dependent* frames) in the text stream: there the model must
 name the content items, in order. Each item is uniform and independent of everything but its
@@ -20,6 +20,14 @@ first occurrence, so without access to it the best loss is log(content_vocab).
 
 "Beyond the window" must hold for the whole network, not one layer: N stacked attention layers of
 C frames reach N*(C-1) frames back, so gaps are multiples (>= 1) of that reach.
+
+Content can arrive at any point of a session, not only at its start: each sequence draws its own
+lead of `lead`/2..`lead` distractor frames before START (the rest of its length is tail); with
+`lead` at least twice the attention context, every content frame sees a full window. Without a lead
+the content always sits in the first frames of a sequence, and a model can tell content frames by
+their position in the session (e.g. an attention window not yet full) instead of by the START
+marker: measured, a TTT model trained that way recalls at chance once 16 distractor frames
+precede START, even with its fast weights held at W0 through them.
 """
 
 from __future__ import annotations
@@ -46,6 +54,9 @@ class RecallTask(BaseModel):
     content_len: int = Field(8, ge=1, description="L: content items to remember")
     gap: int = Field(128, ge=1, description="G: frames between the content and the recall")
     tail: int = Field(0, ge=0, description="distractor frames after the recall")
+    lead: int = Field(0, ge=0, description="the most distractor frames before START; each "
+                      "sequence draws its lead uniformly in lead/2..lead (rounded down), and "
+                      "the frames its lead leaves unused go to its tail")
     content_vocab: int = Field(32, ge=2)
     distractor_vocab: int = Field(32, ge=1)
     first_id: int = Field(10, ge=2, description="first content id; the two ids below are markers")
@@ -54,10 +65,15 @@ class RecallTask(BaseModel):
         return self.content_len * word_frames
 
     def length(self, word_frames: int = 1) -> int:
-        """T: START, content, gap, RECALL, recalled content, tail."""
+        """T: lead, START, content, gap, RECALL, recalled content, tail."""
+        return self.lead + self.instance_length(word_frames)
+
+    def instance_length(self, word_frames: int = 1) -> int:
+        """START, content, gap, RECALL, recalled content, tail: a sequence without its lead."""
         return 1 + self.content_frames(word_frames) + self.gap + 1 + self.content_len + self.tail
 
     def recall_frame(self, word_frames: int = 1) -> int:
+        """The RECALL marker's frame in a sequence whose lead is 0."""
         return 1 + self.content_frames(word_frames) + self.gap
 
     @property
@@ -113,7 +129,7 @@ def text_batch(task: RecallTask, batch: int, generator: torch.Generator, n_q: in
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """codes [B, 1 + n_q, T] (text = the task, audio = -1 "no input") and the dependent-frame
     mask [B, T] (True on the L recall frames)."""
-    L, T = task.content_len, task.length()
+    L, T = task.content_len, task.instance_length()
     start_id, recall_id = task.first_id - 2, task.first_id - 1
     content = task.first_id + torch.randint(task.content_vocab, (batch, L), generator=generator)
     dis_lo = task.first_id + task.content_vocab
@@ -127,27 +143,46 @@ def text_batch(task: RecallTask, batch: int, generator: torch.Generator, n_q: in
     codes[:, 0] = text
     dependent = torch.zeros(batch, T, dtype=torch.bool)
     dependent[:, r + 1:r + 1 + L] = True
-    return codes, dependent
+    if not task.lead:
+        return codes, dependent
+    filler = codes.new_full((batch, 1 + n_q, task.length()), -1)
+    filler[:, 0] = dis_lo + torch.randint(task.distractor_vocab, (batch, task.length()),
+                                          generator=generator)
+    return _after_lead(task, codes, dependent, filler, generator)
+
+
+def _after_lead(task: RecallTask, codes: torch.Tensor, dependent: torch.Tensor,
+                filler: torch.Tensor, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's instance (codes [B, S, T0], dependent [B, T0]) placed after its own lead of
+    task.lead/2..task.lead frames in `filler` [B, S, T0 + lead], whose other frames stay
+    distractors."""
+    B, S, T0 = codes.shape
+    T = filler.shape[-1]
+    lead = torch.randint(task.lead // 2, task.lead + 1, (B,), generator=generator)
+    src = torch.arange(T)[None, :] - lead[:, None]  # [B, T]: instance frame at each frame
+    inside = (src >= 0) & (src < T0)
+    src = src.clamp(0, T0 - 1)
+    placed = codes.gather(2, src[:, None, :].expand(B, S, T))
+    out = torch.where(inside[:, None, :], placed, filler)
+    return out, dependent.gather(1, src) & inside
 
 
 def speech_batch(task: RecallTask, words: WordCodes, batch: int, generator: torch.Generator,
                  n_q: int, dep_q: int) -> tuple[torch.Tensor, torch.Tensor]:
     """codes [B, 1 + n_q, T]: the user speaks L content words, then distractor words fill the
     gap (one word slot of `word_frames` at a time, a slot silent with probability 1/2); the text
-    stream is padding but for the markers and the recalled words; Moshi's own audio is -1."""
+    stream is padding but for the markers and the recalled words; Moshi's own audio is -1. A
+    lead is spoken distractor words too."""
     L, W = task.content_len, words.word_frames
-    T, r = task.length(W), task.recall_frame(W)
+    T, r = task.instance_length(W), task.recall_frame(W)
     start_id, recall_id = task.first_id - 2, task.first_id - 1
     content = torch.randint(words.content.shape[0], (batch, L), generator=generator)
     user = words.silence.view(1, -1, 1).repeat(batch, 1, T)  # [B, 8, T]
     for i in range(L):
         user[:, :, 1 + i * W:1 + (i + 1) * W] = words.content[content[:, i]]
-    lo, hi = 1 + L * W, r  # the gap: distractor word slots
-    for s in range(lo, hi - W + 1, W):
-        pick = torch.randint(words.distractors.shape[0], (batch,), generator=generator)
-        speak = torch.rand(batch, generator=generator) < 0.5
-        user[:, :, s:s + W] = torch.where(speak[:, None, None], words.distractors[pick],
-                                          user[:, :, s:s + W])
+    lo = 1 + L * W  # the gap: distractor word slots
+    user[:, :, lo:r] = _spoken_distractors(words, batch, r - lo, generator)
     text = torch.full((batch, T), TEXT_PADDING, dtype=torch.long)
     text[:, 0] = start_id
     text[:, r] = recall_id
@@ -157,7 +192,27 @@ def speech_batch(task: RecallTask, words: WordCodes, batch: int, generator: torc
     codes[:, 1 + dep_q:1 + dep_q + user.shape[1]] = user
     dependent = torch.zeros(batch, T, dtype=torch.bool)
     dependent[:, r + 1:r + 1 + L] = True
-    return codes, dependent
+    if not task.lead:
+        return codes, dependent
+    filler = codes.new_full((batch, 1 + n_q, task.length(W)), -1)
+    filler[:, 0] = TEXT_PADDING
+    filler[:, 1 + dep_q:1 + dep_q + user.shape[1]] = _spoken_distractors(
+        words, batch, task.length(W), generator)
+    return _after_lead(task, codes, dependent, filler, generator)
+
+
+def _spoken_distractors(words: WordCodes, batch: int, frames: int, generator: torch.Generator
+                        ) -> torch.Tensor:
+    """User codes [B, 8, frames]: whole word slots, each a distractor word with probability 1/2
+    and silence otherwise; frames after the last whole slot are silence."""
+    W = words.word_frames
+    user = words.silence.view(1, -1, 1).repeat(batch, 1, frames)
+    for s in range(0, frames - W + 1, W):
+        pick = torch.randint(words.distractors.shape[0], (batch,), generator=generator)
+        speak = torch.rand(batch, generator=generator) < 0.5
+        user[:, :, s:s + W] = torch.where(speak[:, None, None], words.distractors[pick],
+                                          user[:, :, s:s + W])
+    return user
 
 
 def encode_words(base: Path, content_vocab: int, distractor_vocab: int) -> WordCodes:
