@@ -180,17 +180,31 @@ class TTTState(State):
 @dataclass
 class CarriedState:
     """Training over consecutive segments of one stream per row (truncated backpropagation
-    through time): what a block's last training forward ended with, which its next forward
-    continues from. The state is detached, so gradients stay inside a segment; rows marked
-    `fresh` start from the learned W0 instead (a new stream), and only they carry W0's gradient.
+    through time): what a block's training forward starts from (`w`, `conv_tail`: the state the
+    previous segment ended with) and what it ends with (`next_w`, `next_conv_tail`), which
+    `advance` makes the start of the next segment. Detached, so gradients stay inside a
+    segment; rows marked `fresh` start from the learned W0 instead (a new stream).
 
-    Why: a model trained only on sequences that start at W0 never learns to read fast weights
-    that have absorbed minutes of other content, which is what every long session holds.
+    Start and end are kept apart so that a forward run twice on one segment (activation
+    checkpointing recomputes it in the backward pass) starts from the same state both times.
+
+    Why: a model trained only on sequences that start at W0 never learns on fast weights that
+    have absorbed earlier content, which is what a long session's hold.
     """
 
-    fresh: torch.Tensor  # [B] bool: rows whose next segment starts a new stream
+    fresh: torch.Tensor  # [B] bool: rows whose current segment starts a new stream
     w: FastWeights | None = None  # [B, H, ...] the fast weights the last segment committed
-    conv_tail: tuple[torch.Tensor, torch.Tensor] | None = None  # q, k projections [B, D, n-1]
+    conv_tail: tuple[torch.Tensor, torch.Tensor] | None = None  # q, k [B, D, kernel - 1]
+    next_w: FastWeights | None = None
+    next_conv_tail: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def advance(self, fresh: torch.Tensor) -> None:
+        """The next segment: it starts where the last forward ended (rows not `fresh`)."""
+        if self.next_w is not None:
+            self.w, self.next_w = self.next_w, None
+        if self.next_conv_tail is not None:
+            self.conv_tail, self.next_conv_tail = self.next_conv_tail, None
+        self.fresh = fresh
 
 
 def _init_conv(conv: StreamingConv1d, kind: str = "identity", lag: int = 0) -> None:
@@ -238,8 +252,9 @@ class TTTBlock(StreamingModule[TTTState]):
         # Streaming only: accumulate each row's inner losses (TTTState.telemetry). Off by
         # default: it costs one more inner forward per frame; the server turns it on.
         self.telemetry = False
-        # Training only: continue each row from the previous segment's state (`CarriedState`,
-        # set by `moshi_ttt.model.carry_fast_weights`); None: every sequence starts at W0.
+        # Training only (train mode, not streaming): continue each row from the previous
+        # segment's state (`CarriedState`, set by `moshi_ttt.model.carry_fast_weights`); None:
+        # every sequence starts at W0.
         self.carry: CarriedState | None = None
         kw = {"device": device, "dtype": dtype}
         self.pre_norm = create_norm_fn(norm, d_model, **kw)
@@ -310,7 +325,7 @@ class TTTBlock(StreamingModule[TTTState]):
         (training, not streaming) each row's conv first reads the previous segment's last
         frames, as moshi's streaming conv would (zeros for a fresh row)."""
         assert self.conv_q is not None and self.conv_k is not None
-        carry = self.carry if self._streaming_state is None else None
+        carry = self._active_carry()
         if carry is None:
             return self.conv_q(q).transpose(1, 2), self.conv_k(k).transpose(1, 2)
         n = self.conv_q.conv.conv.kernel_size[0] - 1
@@ -320,7 +335,7 @@ class TTTBlock(StreamingModule[TTTState]):
             keep = (~carry.fresh).view(-1, 1, 1).to(q.device)
             tails = tuple(torch.where(keep, t, 0.0).to(q.dtype) for t in carry.conv_tail)
         qq, kk = torch.cat([tails[0], q], dim=-1), torch.cat([tails[1], k], dim=-1)
-        carry.conv_tail = (qq[..., -n:].detach(), kk[..., -n:].detach()) if n else None
+        carry.next_conv_tail = (qq[..., -n:].detach(), kk[..., -n:].detach()) if n else None
         return (self.conv_q(qq)[..., n:].transpose(1, 2),
                 self.conv_k(kk)[..., n:].transpose(1, 2))
 
@@ -336,7 +351,7 @@ class TTTBlock(StreamingModule[TTTState]):
                 f"TTT block of layer {self.layer_index} expects width {self.d_model}, got input "
                 f"of shape {tuple(x.shape)}"
             )
-        if self.carry is not None and self._streaming_state is None:
+        if self._active_carry() is not None:
             self._check_carry(x.shape[0], x.shape[1])
         xq, xk, xv, lr = self._qkv_lr(x)
         inner = self.inner
@@ -351,8 +366,9 @@ class TTTBlock(StreamingModule[TTTState]):
                     rule=inner.settle_rule(self.forget, detach=False),
                     scale=self._scale(xq.device),
                 )
-                if self.carry is not None:
-                    self.carry.w = FastWeights(*(t.detach() for t in w_end.as_tuple()))
+                carry = self._active_carry()
+                if carry is not None:
+                    carry.next_w = FastWeights(*(t.detach() for t in w_end.as_tuple()))
             else:
                 z = self._stream(xq, xk, xv, lr)
         return self._out(x, z)
@@ -389,6 +405,12 @@ class TTTBlock(StreamingModule[TTTState]):
         return FastWeights(*(p[None].expand(batch_size, *p.shape) for p in
                              (self.inner.w1, self.inner.b1, self.inner.w2, self.inner.b2)))
 
+    def _active_carry(self) -> CarriedState | None:
+        """The carried state, in a training forward outside streaming (else None)."""
+        if self.carry is None or not self.training or self._streaming_state is not None:
+            return None
+        return self.carry
+
     def _check_carry(self, batch_size: int, frames: int) -> None:
         carry = self.carry
         assert carry is not None
@@ -397,14 +419,20 @@ class TTTBlock(StreamingModule[TTTState]):
                 f"TTT layer {self.layer_index}: carrying fast weights across segments needs "
                 f"segments of whole mini-batches, got {frames} frames (K = "
                 f"{self.mini_batch_size}): a partial last mini-batch is never committed")
-        if carry.fresh.shape != (batch_size,):
+        if carry.fresh.shape != (batch_size,) or carry.fresh.dtype != torch.bool:
             raise ValueError(f"TTT layer {self.layer_index}: carried state's fresh mask has "
-                             f"shape {tuple(carry.fresh.shape)}, expected ({batch_size},)")
+                             f"shape {tuple(carry.fresh.shape)} and dtype {carry.fresh.dtype}, "
+                             f"expected ({batch_size},) bool")
+        held = carry.w.w1.shape[0] if carry.w is not None else batch_size
+        if held != batch_size:
+            raise ValueError(f"TTT layer {self.layer_index}: the carried state holds {held} "
+                             f"rows, this segment has {batch_size}: a stream's rows cannot "
+                             f"change (drop the state with carry_fast_weights(lm, None))")
 
     def _start_weights(self, batch_size: int) -> FastWeights:
         """What a training sequence starts from: W0 (`_w0`), or per row the carried state."""
         w0 = self._w0(batch_size)
-        carry = self.carry
+        carry = self._active_carry()
         if carry is None or carry.w is None:
             return w0
         keep = (~carry.fresh).view(-1, 1, 1, 1).to(w0.w1.device)

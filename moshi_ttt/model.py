@@ -106,19 +106,28 @@ def carry_fast_weights(lm: nn.Module, fresh: torch.Tensor | None) -> None:
     """Truncated backpropagation through time for the TTT layers: the next training forward of
     every TTT block starts row b from the fast weights (and q/k conv history) its previous
     forward ended with, unless `fresh[b]` ([B] bool), when it starts from W0 as a new stream.
-    Call before each segment; `None` turns carrying off and drops every carried state.
+    Call before each segment; `None` turns carrying off and drops every carried state. Only in
+    train mode (an eval forward starts from W0 and leaves the carried state alone); safe under
+    activation checkpointing (a recomputed forward starts from the same state).
 
     Attention is not carried (a segment's first frames see no earlier context): segments should
-    start where nothing before them matters to attention, e.g. at a new recall instance.
+    start where nothing before them matters to attention, e.g. at a new recall instance. The
+    main transformer's blocks only: moshi runs the depformer one frame at a time.
     """
+    if fresh is not None and fresh.dtype != torch.bool:
+        raise ValueError(f"carry_fast_weights: fresh must be a bool mask, got {fresh.dtype}")
     for a in ttt_blocks(lm):
+        if a.component != "transformer":
+            continue
         blk = a.block
         if fresh is None:
             blk.carry = None
-        elif blk.carry is None:
-            blk.carry = CarriedState(fresh=fresh)
+            continue
+        mask = fresh.to(blk.inner.w1.device)
+        if blk.carry is None:
+            blk.carry = CarriedState(fresh=mask)
         else:
-            blk.carry.fresh = fresh
+            blk.carry.advance(mask)
 
 
 def is_ttt_param(name: str) -> bool:

@@ -397,3 +397,14 @@ def test_carried_training_continues_each_row_and_leaves_no_state(tiny_cfg):
                      data_seed=1)
     g = torch.Generator().manual_seed(1)
     assert all(torch.equal(x[0], batch(task, s.batch_size, g)[0]) for x in seen)
+
+
+def test_a_failing_job_ends_the_run_with_its_error(tiny_cfg):
+    """In the worker pool the first failure is raised at once and queued jobs never start."""
+    import math as m
+
+    s = _quick(tiny_cfg, workers=2)
+    with mem._workers(s) as run:
+        assert run(m.sqrt, [(4.0,), (9.0,)]) == [2.0, 3.0]
+        with pytest.raises(ValueError, match="math domain error"):
+            run(m.sqrt, [(-1.0,)] + [(4.0,)] * 50)

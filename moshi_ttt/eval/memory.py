@@ -226,7 +226,8 @@ def _random_base(cfg: ProjectConfig, context: int, seed: int) -> LMModel:
 
 
 def pretrain_base(cfg: ProjectConfig, s: MemoryEvalSettings, task: RecallTask, batch: Batch,
-                  seed: int) -> dict[str, torch.Tensor]:
+                  seed: int, label: str = "base"
+                  ) -> dict[str, torch.Tensor]:
     """The shared base of one task and seed: the seeded random tiny base, trained in full for
     `s.pretrain_steps` on the task with the shortened context, then frozen by every method.
 
@@ -242,9 +243,9 @@ def pretrain_base(cfg: ProjectConfig, s: MemoryEvalSettings, task: RecallTask, b
     if s.pretrain_steps:
         res = train_method(lm, s.model_copy(update={"steps": s.pretrain_steps,
                                                     "lr": s.pretrain_lr}),
-                           task, batch, data_seed=seed + 200, train_on="all")
-        logger.info("base (seed %d): %d steps of in-window training, text loss %.3f -> %.3f",
-                    seed, s.pretrain_steps, res["loss_first"], res["loss_last"])
+                           task, batch, data_seed=seed + 200, train_on="all", label=label)
+        logger.info("%s (seed %d): %d steps of in-window training, text loss %.3f -> %.3f",
+                    label, seed, s.pretrain_steps, res["loss_first"], res["loss_last"])
     return {k: v.detach().clone() for k, v in lm.state_dict().items()}
 
 
@@ -308,11 +309,13 @@ def frame_losses(lm: LMModel, codes: torch.Tensor) -> torch.Tensor:
 
 
 def train_method(lm: LMModel, s: MemoryEvalSettings, task: RecallTask, batch: Batch,
-                 data_seed: int, train_on: str | None = None) -> dict[str, float | None]:
+                 data_seed: int, train_on: str | None = None, label: str = "train"
+                 ) -> dict[str, float | None]:
     """AdamW + warm-up/cosine on the tensors that require grad; the batches depend only on
     `data_seed`, so every method of a seed sees the same ones. Returns the training loss of the
     first step and the mean over the last tenth of the steps, overall and split into dependent /
-    other frames (all None when nothing is trained)."""
+    other frames (all None when nothing is trained). `label` names the run in the log (jobs of
+    several workers interleave there)."""
     params = [p for p in lm.parameters() if p.requires_grad]
     if not params or not s.steps:
         return dict.fromkeys(("loss_first", "loss_last", "dependent_last", "other_last"))
@@ -331,13 +334,13 @@ def train_method(lm: LMModel, s: MemoryEvalSettings, task: RecallTask, batch: Ba
         for step in range(s.steps):
             fresh = torch.rand(s.batch_size, generator=restarts) < restart_chance(s, step)
             if carry:
-                carry_fast_weights(lm, fresh | (step == 0))
+                carry_fast_weights(lm, fresh)
             hist.append(_train_step(lm, opt, params, batch(task, s.batch_size, g), train_on,
                                     step))
             sched.step()
             if (step + 1) % max(tail, s.steps // 4) == 0:
-                logger.info("  step %d/%d: train loss %.4f (dependent %.4f, other %.4f)",
-                            step + 1, s.steps,
+                logger.info("%s: step %d/%d: train loss %.4f (dependent %.4f, other %.4f)",
+                            label, step + 1, s.steps,
                             *(sum(h[i] for h in hist[-tail:]) / tail for i in range(3)))
     finally:
         carry_fast_weights(lm, None)
@@ -617,7 +620,17 @@ def _workers(s: MemoryEvalSettings) -> Iterator[Callable[[Callable[..., Any], li
     with concurrent.futures.ProcessPoolExecutor(
             s.workers, mp_context=ctx, initializer=_init_worker,
             initargs=(s.threads, level)) as pool:
-        yield lambda fn, arglist: [f.result() for f in [pool.submit(fn, *a) for a in arglist]]
+        def run(fn: Callable[..., Any], arglist: list[tuple]) -> list[Any]:
+            futures = [pool.submit(fn, *a) for a in arglist]
+            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            failed = next((f for f in futures if f.done() and f.exception() is not None), None)
+            if failed is not None:  # the first failure ends the run: queued jobs never start
+                for f in futures:
+                    f.cancel()
+                raise failed.exception()
+            return [f.result() for f in futures]
+
+        yield run
 
 
 def _init_worker(threads: int, level: int) -> None:
@@ -629,7 +642,8 @@ def _pretrain_job(cfg: ProjectConfig, s: MemoryEvalSettings, plan: _TaskPlan
                   ) -> dict[str, torch.Tensor]:
     with _threads(s.threads):
         return pretrain_base(cfg, s, plan.train_task,
-                             plan.batch(int(cfg.lm["n_q"]), int(cfg.lm["dep_q"])), s.base_seed)
+                             plan.batch(int(cfg.lm["n_q"]), int(cfg.lm["dep_q"])), s.base_seed,
+                             label=f"{plan.kind} base")
 
 
 def _run_job(cfg: ProjectConfig, s: MemoryEvalSettings, job: _Job,
@@ -665,7 +679,8 @@ def _run_job(cfg: ProjectConfig, s: MemoryEvalSettings, job: _Job,
         lm = build_method("ttt" if is_ttt else job.method, cfg, plan.shape.context, seed,
                           plan.rank, base, tc, lora_scaling=s.lora_scaling)
         t0 = time.perf_counter()
-        tr = train_method(lm, s, plan.train_task, batch, data_seed=seed + 100)
+        tr = train_method(lm, s, plan.train_task, batch, data_seed=seed + 100,
+                          label=f"{plan.kind} / seed {seed} / {job.method}")
         extra = {"trainable_params": trainable(lm),
                  "steps": s.steps if job.method != "frozen" else 0,
                  "train_seconds": time.perf_counter() - t0,

@@ -173,7 +173,8 @@ def speech_batch(task: RecallTask, words: WordCodes, batch: int, generator: torc
     """codes [B, 1 + n_q, T]: the user speaks L content words, then distractor words fill the
     gap (one word slot of `word_frames` at a time, a slot silent with probability 1/2); the text
     stream is padding but for the markers and the recalled words; Moshi's own audio is -1. A
-    lead is spoken distractor words too."""
+    lead is spoken distractor words too (their slots start at the sequence's first frame, so the
+    word just before START and the first of the tail may be cut short)."""
     L, W = task.content_len, words.word_frames
     T, r = task.instance_length(W), task.recall_frame(W)
     start_id, recall_id = task.first_id - 2, task.first_id - 1
