@@ -210,8 +210,8 @@ class CarriedState:
 def _init_conv(conv: StreamingConv1d, kind: str = "identity", lag: int = 0) -> None:
     """A causal depthwise q/k conv starts as the identity (last tap 1, others and bias 0), so an
     untrained block is the block without convs, and training learns which earlier frames a key
-    holds; `shift` puts the 1 `lag` frames back, `mean` spreads it over the window (options,
-    measured in the README: neither learned faster). PyTorch's default init (uniform taps and a
+    holds; `shift` puts the 1 `lag` frames back (an option; measured in the README's memory
+    section: it learned slower). PyTorch's default init (uniform taps and a
     uniform bias per channel) adds a constant per channel to every q and k: after their L2
     normalisation all keys share that direction and the inner output loses input dependence
     within the first mini-batches (measured with `diagnose-ttt`: ratio 0.35 at 1000 frames at
@@ -220,10 +220,8 @@ def _init_conv(conv: StreamingConv1d, kind: str = "identity", lag: int = 0) -> N
     if kind in ("identity", "shift"):  # `lag` frames back (shift: 1 for k, 0 for q)
         nn.init.zeros_(w)
         w[:, :, -1 - min(lag, w.shape[-1] - 1)] = 1.0
-    elif kind == "mean":
-        nn.init.constant_(w, 1.0 / w.shape[-1])
     else:
-        raise ValueError(f"unknown qk_conv_init {kind!r}: expected identity, mean or shift")
+        raise ValueError(f"unknown qk_conv_init {kind!r}: expected identity or shift")
     nn.init.zeros_(conv.conv.conv.bias)
 
 

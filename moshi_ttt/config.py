@@ -87,12 +87,11 @@ class TTTConfig(BaseModel):
     qk_conv: int = Field(4, ge=0, description="kernel (frames) of a causal depthwise conv on the "
                          "q and k projections, as ttt-lm's conv_q/conv_k (0: none): lets a key "
                          "hold the frames just before it (e.g. key = previous token)")
-    qk_conv_init: Literal["identity", "mean", "shift"] = Field(
+    qk_conv_init: Literal["identity", "shift"] = Field(
         "identity", description="the q/k convs at init, bias 0: `identity` (q and k the current "
-        "frame), `mean` (both the average of the window's frames) or `shift` (q the current "
-        "frame, k the frame before it: a frame's value is stored under the context that preceded "
-        "it, so the current frame's query retrieves what followed it before, as H3's shift on "
-        "the keys)")
+        "frame) or `shift` (q the current frame, k the frame before it: a frame's value is "
+        "stored under the context that preceded it, so the current frame's query retrieves what "
+        "followed it before, as H3's shift on the keys; measured: it learned slower)")
     share_qk: bool = Field(False, description="q and k from one projection, told apart by their "
                            "own convs (needs qk_conv), as ttt-lm's share_qk")
     position_scale: Literal["mean", "sum"] = Field(

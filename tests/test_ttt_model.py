@@ -322,16 +322,15 @@ def test_moshi_reset_alone_leaves_nan_in_kv_cache(tiny_cfg):
     assert not torch.isfinite(logits[1]).all()
 
 
-@pytest.mark.parametrize("kind", ["identity", "mean", "shift"])
+@pytest.mark.parametrize("kind", ["identity", "shift"])
 def test_qk_conv_inits(kind):
     """identity: q and k read the current frame; shift: k reads the frame before (q the
-    current); mean: both the window's average. Biases start at 0 in every case."""
+    current). Biases start at 0 in either case."""
     from moshi_ttt.config import TTTConfig
 
     blk = TTTBlock(32, 2, TTTConfig(layers=[0], num_heads=2, qk_conv=4, qk_conv_init=kind))
     wq, wk = blk.conv_q.conv.conv.weight, blk.conv_k.conv.conv.weight  # [D, 1, 4]
-    expect = {"identity": ([0, 0, 0, 1], [0, 0, 0, 1]), "shift": ([0, 0, 0, 1], [0, 0, 1, 0]),
-              "mean": ([0.25] * 4, [0.25] * 4)}[kind]
+    expect = {"identity": ([0, 0, 0, 1], [0, 0, 0, 1]), "shift": ([0, 0, 0, 1], [0, 0, 1, 0])}[kind]
     assert torch.equal(wq[:, 0], torch.tensor(expect[0]).expand(32, 4))
     assert torch.equal(wk[:, 0], torch.tensor(expect[1]).expand(32, 4))
     assert not blk.conv_q.conv.conv.bias.any() and not blk.conv_k.conv.conv.bias.any()
