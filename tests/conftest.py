@@ -20,6 +20,16 @@ def _seed():
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: on a shared 2-core box two spinning threads per process
+    cost more than they give (modules opt in with `pytestmark`)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def tiny_cfg():
     from moshi_ttt.config import load_config
 

@@ -18,12 +18,7 @@ from moshi_ttt.model import build_ttt_lm, ttt_blocks
 from conftest import CONFIGS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(tiny_cfg, head_dim: int, **ttt):

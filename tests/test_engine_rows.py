@@ -18,12 +18,7 @@ from conftest import CONFIGS
 TINY = CONFIGS / "tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _engine(capacity: int, codec: bool, **kw):

@@ -16,14 +16,8 @@ from moshi_ttt.model import ttt_blocks
 from conftest import CONFIGS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core box two spinning threads per process cost more than
-    they give, and the memory eval runs with one thread anyway."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one torch thread (the memory eval runs with one anyway)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _quick(tiny_cfg, **kw) -> MemoryEvalSettings:
