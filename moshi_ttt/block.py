@@ -207,21 +207,18 @@ class CarriedState:
         self.fresh = fresh
 
 
-def _init_conv(conv: StreamingConv1d, kind: str = "identity", lag: int = 0) -> None:
+def _init_conv(conv: StreamingConv1d, lag: int = 0) -> None:
     """A causal depthwise q/k conv starts as the identity (last tap 1, others and bias 0), so an
     untrained block is the block without convs, and training learns which earlier frames a key
-    holds; `shift` puts the 1 `lag` frames back (an option; measured in the README's memory
-    section: it learned slower). PyTorch's default init (uniform taps and a
+    holds; `lag` > 0 puts the 1 that many frames back (`qk_conv_init: shift` for k; measured in
+    the README's memory section: it learned slower). PyTorch's default init (uniform taps and a
     uniform bias per channel) adds a constant per channel to every q and k: after their L2
     normalisation all keys share that direction and the inner output loses input dependence
     within the first mini-batches (measured with `diagnose-ttt`: ratio 0.35 at 1000 frames at
     head dim 128, against 0.7 without convs)."""
     w = conv.conv.conv.weight  # [D, 1, k]; its last tap multiplies the current frame
-    if kind in ("identity", "shift"):  # `lag` frames back (shift: 1 for k, 0 for q)
-        nn.init.zeros_(w)
-        w[:, :, -1 - min(lag, w.shape[-1] - 1)] = 1.0
-    else:
-        raise ValueError(f"unknown qk_conv_init {kind!r}: expected identity or shift")
+    nn.init.zeros_(w)
+    w[:, :, -1 - min(lag, w.shape[-1] - 1)] = 1.0
     nn.init.zeros_(conv.conv.conv.bias)
 
 
@@ -291,10 +288,10 @@ class TTTBlock(StreamingModule[TTTState]):
                 elif isinstance(norm, nn.LayerNorm):
                     norm.reset_parameters()
             nn.init.constant_(self.gate_alpha, self.gate_init)
-            for conv, lag in ((self.conv_q, 0), (self.conv_k, 1)):
-                if conv is not None:  # see _init_conv and TTTConfig.qk_conv_init
-                    _init_conv(conv, self.qk_conv_init,
-                               lag if self.qk_conv_init == "shift" else 0)
+            k_lag = 1 if self.qk_conv_init == "shift" else 0  # TTTConfig.qk_conv_init
+            for conv, lag in ((self.conv_q, 0), (self.conv_k, k_lag)):
+                if conv is not None:  # see _init_conv
+                    _init_conv(conv, lag)
             self.inner.reset_parameters()
 
     # -- shared projections ------------------------------------------------------------------

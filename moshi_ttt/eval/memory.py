@@ -611,15 +611,14 @@ def _workers(s: MemoryEvalSettings) -> Iterator[Callable[[Callable[..., Any], li
                                                          list[Any]]]:
     """`run(fn, args_list)` -> results in order: inline (1 worker) or in a pool of spawned
     processes (spawn, not fork: a forked child of a process that ran torch's thread pools can
-    hang), each set to `s.threads` torch threads and to this process's log level."""
+    hang), logging at this process's level; every job sets `s.threads` itself."""
     if s.workers <= 1:
         yield lambda fn, arglist: [fn(*a) for a in arglist]
         return
     ctx = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
     with concurrent.futures.ProcessPoolExecutor(
-            s.workers, mp_context=ctx, initializer=_init_worker,
-            initargs=(s.threads, level)) as pool:
+            s.workers, mp_context=ctx, initializer=_init_worker, initargs=(level,)) as pool:
         def run(fn: Callable[..., Any], arglist: list[tuple]) -> list[Any]:
             futures = [pool.submit(fn, *a) for a in arglist]
             concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
@@ -633,8 +632,8 @@ def _workers(s: MemoryEvalSettings) -> Iterator[Callable[[Callable[..., Any], li
         yield run
 
 
-def _init_worker(threads: int, level: int) -> None:
-    torch.set_num_threads(threads)
+def _init_worker(level: int) -> None:
+    """A worker logs as this process does (each job sets its own torch threads)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
