@@ -7,6 +7,11 @@
   its input, e.g. after one commit from a too-small W0) gives ~0.
 * fast-weight norms and the drift ||W - W0|| / ||W0||.
 * effective step: ||W after a commit - W before|| / ||W before||, per mini-batch.
+* key selectivity: can the memory tell frames apart? The mean cosine between two frames' keys,
+  and the crosstalk of the inner model at W0: the share of one frame's write that another
+  frame's key reads back. Near 1, every write lands on every key and a query retrieves about the
+  mean of everything written, whatever it asks for (measured on the tiny recall task: keys share a
+  large common component, mean cosine ~0.75, crosstalk ~0.8, at init and after training).
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from .model import delayed_inputs, ttt_blocks
 from .ttt_mlp import FastWeights, gelu_tanh, head_layer_norm
 
 logger = logging.getLogger(__name__)
+
+#: Frames whose keys `key_selectivity` compares in `diagnose` (its cost grows as their square).
+SELECTIVITY_FRAMES = 1024
 
 #: A layer whose input dependence falls below this fraction of its value at W0 has collapsed.
 COLLAPSE_RATIO = 0.1
@@ -68,6 +76,66 @@ def norms_by_tensor(w: FastWeights) -> dict[str, float]:
             zip(("w1", "b1", "w2", "b2"), w.as_tuple())}
 
 
+@torch.no_grad()
+def key_selectivity(xk: torch.Tensor, w0: FastWeights) -> dict[str, float]:
+    """How well keys xk [H, T, HD] (unit vectors, T >= 2 frames) are told apart by the inner
+    model at W0 (unbatched [H, ...]), averaged over heads and over pairs of different frames:
+
+    * `key_cosine`: the mean cosine between two frames' keys;
+    * `crosstalk`: the mean of h_i . h_j over pairs i != j, over the mean of h_i . h_i, with
+      h = gelu(k W1 + b1) the input of W2. A frame's write changes W2 by (a multiple of) h_i, so
+      this is the share of it that another frame's key reads back: 1 when all keys are alike
+      (the memory returns the mean of what was written, whatever the query); about 0.2 for
+      independent random keys at the shipped init (gelu's outputs have a positive mean).
+    """
+    H, T, _ = xk.shape
+    if T < 2:
+        raise ValueError(f"key selectivity needs at least 2 frames, got {T}")
+    k = xk.float()
+    off = ~torch.eye(T, dtype=torch.bool, device=k.device)
+    cos = torch.nn.functional.normalize(k, dim=-1)
+    cos = cos @ cos.transpose(-1, -2)  # [H, T, T]
+    h = gelu_tanh(k @ w0.w1.float() + w0.b1.float())  # [H, T, F]
+    gram = h @ h.transpose(-1, -2)
+    diag = gram.diagonal(dim1=-2, dim2=-1).mean(-1)  # [H]
+    cross = gram[:, off].mean(-1) / diag.clamp_min(1e-12)
+    return {"key_cosine": float(cos[:, off].mean()), "crosstalk": float(cross.mean())}
+
+
+@torch.no_grad()
+def block_keys(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The keys [B, H, T, HD] a TTT block computes from its inputs x [B, T, D] in one parallel
+    pass (causal: the same as frame by frame), as its inner loss sees them."""
+    _, xk, _, _ = block._qkv_lr(x)
+    return xk
+
+
+@torch.no_grad()
+def key_report(lm: LMModel, codes: torch.Tensor) -> dict[int, dict[str, float]]:
+    """Per main-transformer TTT layer: `key_selectivity` of the keys of each row of codes
+    [B, 17, T] (one parallel forward, teacher forced), averaged over rows."""
+    blocks = [a for a in ttt_blocks(lm) if a.component == "transformer"]
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [a.block.register_forward_pre_hook(
+        lambda _m, args, layer=a.layer: inputs.__setitem__(layer, args[0].detach()))
+        for a in blocks]
+    was_training = lm.training
+    try:
+        lm.eval()
+        lm.forward_text(delayed_inputs(lm, codes)[:, :, :-1])
+    finally:
+        lm.train(was_training)
+        for h in hooks:
+            h.remove()
+    out = {}
+    for a in blocks:
+        xk = block_keys(a.block, inputs[a.layer])
+        rows = [key_selectivity(xk[b], a.block.inner.fast_weights()) for b in range(xk.shape[0])]
+        out[a.layer] = {name: statistics.fmean(r[name] for r in rows)
+                        for name in ("key_cosine", "crosstalk")}
+    return out
+
+
 def collapsed(ratio: float) -> bool:
     return not math.isfinite(ratio) or ratio < COLLAPSE_RATIO
 
@@ -91,6 +159,14 @@ def diagnose(lm: LMModel, codes: torch.Tensor, every: int | None = None, seed: i
     steps: dict[int, list[float]] = {a.layer: [] for a in blocks}
     last_commit: dict[int, FastWeights] = {}
 
+    inputs: dict[int, list[torch.Tensor]] = {a.layer: [] for a in blocks}
+
+    def keep_input(layer: int):
+        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if len(inputs[layer]) < SELECTIVITY_FRAMES:
+                inputs[layer].append(args[0][:1].detach())
+        return hook
+
     def snapshot(w: FastWeights) -> FastWeights:
         return FastWeights(*(t[:1].clone() for t in w.as_tuple()))
 
@@ -111,25 +187,35 @@ def diagnose(lm: LMModel, codes: torch.Tensor, every: int | None = None, seed: i
             series[a.layer].append(rec)
             steps[a.layer].clear()
 
-    with lm.streaming(1):
-        record(0)
-        for a in blocks:
-            last_commit[a.layer] = snapshot(a.block._streaming_state.w)
-        for t in range(T):
-            lm.forward_text(seq[:, :, t:t + 1])
-            if (t + 1) % K == 0:  # a commit happened at this frame
-                for a in blocks:
-                    w = snapshot(a.block._streaming_state.w)
-                    prev = last_commit[a.layer]
-                    steps[a.layer].append(float(distance(w, prev)[0] / total_norm(prev)[0]))
-                    last_commit[a.layer] = w
-            if (t + 1) % every == 0 or t + 1 == T:
-                record(t + 1)
+    hooks = [a.block.register_forward_pre_hook(keep_input(a.layer)) for a in blocks]
+    try:
+        with lm.streaming(1):
+            record(0)
+            for a in blocks:
+                last_commit[a.layer] = snapshot(a.block._streaming_state.w)
+            for t in range(T):
+                lm.forward_text(seq[:, :, t:t + 1])
+                if (t + 1) % K == 0:  # a commit happened at this frame
+                    for a in blocks:
+                        w = snapshot(a.block._streaming_state.w)
+                        prev = last_commit[a.layer]
+                        steps[a.layer].append(float(distance(w, prev)[0] / total_norm(prev)[0]))
+                        last_commit[a.layer] = w
+                if (t + 1) % every == 0 or t + 1 == T:
+                    record(t + 1)
+    finally:
+        for h in hooks:
+            h.remove()
     layers = []
     for a in blocks:
         s = series[a.layer]
-        layers.append({"layer": a.layer, "series": s, "final_ratio": s[-1]["ratio"],
-                       "collapsed": collapsed(s[-1]["ratio"])})
+        lay = {"layer": a.layer, "series": s, "final_ratio": s[-1]["ratio"],
+               "collapsed": collapsed(s[-1]["ratio"])}
+        if T >= 2:  # the streamed frames' keys, computed again in one parallel (causal) pass
+            xk = block_keys(a.block, torch.cat(inputs[a.layer], dim=1))
+            lay["keys"] = {"frames": int(xk.shape[-2]),
+                           **key_selectivity(xk[0], a.block.inner.fast_weights())}
+        layers.append(lay)
     return {"frames": T, "mini_batch_size": K, "every": every, "layers": layers}
 
 

@@ -11,7 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from moshi_ttt.cli import app
-from moshi_ttt.diagnostics import diagnose, input_dependence, probe_queries
+from moshi_ttt.diagnostics import (
+    block_keys, diagnose, input_dependence, key_report, key_selectivity, probe_queries,
+)
 from moshi_ttt.eval.diagnose import random_codes
 from moshi_ttt.model import build_ttt_lm, ttt_blocks
 
@@ -73,6 +75,62 @@ def test_input_dependence_is_zero_for_a_constant_inner_model():
     assert float(input_dependence(w, torch.ones(2, 8), torch.zeros(2, 8), 1e-6, probes)) > 0.3
 
 
+def _w0(heads: int, head_dim: int):
+    """The shipped (`scaled`) init's W0 for `heads` heads."""
+    from moshi_ttt.block import FastWeightInit
+
+    torch.manual_seed(0)
+    init = FastWeightInit(heads, head_dim, heads * head_dim, 4 * head_dim, 16, False)
+    init.reset_parameters()
+    return init.fast_weights()
+
+
+def test_key_selectivity_of_alike_random_and_shared_keys():
+    """Alike keys: every write lands on every key (1, 1). Independent random keys: cosine ~0,
+    crosstalk ~0.2 (gelu's positive mean). Keys sharing a common direction, as a trained base's
+    residual stream gives them: both high, the memory can hardly tell frames apart."""
+    w0 = _w0(2, 64)
+    same = torch.nn.functional.normalize(torch.randn(2, 1, 64), dim=-1).expand(2, 50, 64)
+    alike = key_selectivity(same, w0)
+    assert alike["key_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert alike["crosstalk"] == pytest.approx(1.0, abs=1e-5)
+    g = torch.Generator().manual_seed(1)
+    rand = key_selectivity(torch.nn.functional.normalize(torch.randn(2, 400, 64, generator=g),
+                                                         dim=-1), w0)
+    assert abs(rand["key_cosine"]) < 0.02 and 0.1 < rand["crosstalk"] < 0.3, rand
+    common = torch.randn(2, 1, 64, generator=g)
+    shared = key_selectivity(torch.nn.functional.normalize(
+        common + 0.6 * torch.randn(2, 400, 64, generator=g), dim=-1), w0)
+    assert shared["key_cosine"] > 0.6 and shared["crosstalk"] > 0.7, shared
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        key_selectivity(same[:, :1], w0)
+
+
+def test_diagnose_measures_the_streamed_keys(tiny_cfg):
+    """The keys `diagnose` scores are the block's own keys of the frames streamed (recomputed in
+    one causal pass): equal to those the parallel forward computes over the same frames."""
+    torch.manual_seed(0)
+    lm = build_ttt_lm(tiny_cfg)
+    codes = random_codes(lm, 40, 0)
+    rep = diagnose(lm, codes, every=16)
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [a.block.register_forward_pre_hook(
+        lambda m, args, i=a.layer: inputs.__setitem__(i, args[0])) for a in ttt_blocks(lm)]
+    from moshi_ttt.model import delayed_inputs
+
+    with torch.no_grad():
+        lm.forward_text(delayed_inputs(lm, codes)[:, :, :-1])
+    for h in hooks:
+        h.remove()
+    for lay, a in zip(rep["layers"], ttt_blocks(lm)):
+        xk = block_keys(a.block, inputs[a.layer])
+        want = key_selectivity(xk[0], a.block.inner.fast_weights())
+        assert key_report(lm, codes)[a.layer] == pytest.approx(want, abs=1e-5)
+        assert lay["keys"]["frames"] == 40
+        for name in ("key_cosine", "crosstalk"):
+            assert lay["keys"][name] == pytest.approx(want[name], abs=1e-4)
+
+
 def test_cli_json_and_errors(tmp_path):
     res = CliRunner().invoke(app, ["diagnose-ttt", "-c", str(CONFIGS / "tiny.yaml"), "--frames",
                                    "64", "--json"])
@@ -81,9 +139,11 @@ def test_cli_json_and_errors(tmp_path):
     assert rep["frames"] == 64 and {lay["layer"] for lay in rep["layers"]} >= {0}
     assert all(set(r) >= {"frame", "dependence", "ratio", "norm", "drift", "step"}
                for lay in rep["layers"] for r in lay["series"])
+    assert all(lay["keys"]["frames"] == 64 and -1 <= lay["keys"]["key_cosine"] <= 1
+               and 0 < lay["keys"]["crosstalk"] <= 1 for lay in rep["layers"])
     table = CliRunner().invoke(app, ["diagnose-ttt", "-c", str(CONFIGS / "tiny.yaml"),
                                      "--frames", "32"])
-    assert table.exit_code == 0 and "dependence" in table.output
+    assert table.exit_code == 0 and "dependence" in table.output and "crosstalk" in table.output
     for args, needle in (
         (["diagnose-ttt"], "exactly one of"),
         (["diagnose-ttt", "-c", str(CONFIGS / "tiny.yaml"), "--frames", "0"], "at least 1"),

@@ -278,6 +278,15 @@ def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg, tmp_path
     assert c_ttt["recall_loss"] != by[("text", "ttt")]["recall_loss"]
     table = mem.format_table(a)
     assert "| text | 1x" in table and "| speech |" in table and "| ttt_off |" in table
+    # every TTT job scores its keys before and after training (diagnostics.key_report)
+    ttt = by[("text", "ttt")]["keys"]
+    assert set(ttt) == {"init", "trained"} and set(ttt["init"]) == {0, 1}
+    for when in ttt.values():
+        for k in when.values():
+            assert -1 <= k["key_cosine"] <= 1 and 0 < k["crosstalk"] <= 1
+    assert ttt["trained"] != ttt["init"]  # training moved the projections
+    assert "keys" not in by[("text", "lora")]
+    assert "TTT keys" in table and "- text, layer 0: cosine" in table
 
 
 def test_cli_eval_memory_quick_writes_json(tmp_path):

@@ -7,7 +7,8 @@ tokens: speech codes of a dataset encoded by the model's own codec when one is g
 tokens), and every `every` frames each TTT layer of the main transformer reports, for batch row 0
 (see `moshi_ttt.diagnostics`): the input dependence of its inner output and its ratio to the value
 at W0 (frame 0), the fast-weight norms and their drift from W0, and the effective step of the
-commits since the last report.
+commits since the last report; and once, over the first frames, how well its keys tell frames
+apart (`moshi_ttt.diagnostics.key_selectivity`).
 """
 
 from __future__ import annotations
@@ -65,4 +66,10 @@ def format_diagnosis(report: dict[str, Any], rows: int = 8) -> str:
             r = s[i]
             out.append(f"  {r['frame']:>6}  {r['dependence']:>10.4f}  {r['ratio']:>6.3f}  "
                        f"{r['norm']:>7.2f}  {r['drift']:>7.4f}  {r['step']:>7.5f}")
+        if "keys" in lay:
+            k = lay["keys"]
+            out.append(f"  keys of the first {k['frames']} frames: mean cosine "
+                       f"{k['key_cosine']:.3f}, crosstalk {k['crosstalk']:.3f} (the share of a "
+                       f"write another key reads back; near 1 the memory cannot tell frames "
+                       f"apart)")
     return "\n".join(out)

@@ -48,6 +48,7 @@ from moshi.models.lm import LMGen, LMModel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..config import ProjectConfig, TTTConfig
+from ..diagnostics import key_report
 from ..lora import apply_lora, is_lora_param
 from ..model import (
     attach_ttt, build_base_lm, carry_fast_weights, delayed_inputs, is_ttt_param, ttt_blocks,
@@ -58,6 +59,8 @@ from .recall import RecallTask, WordCodes, encode_words, speech_batch, text_batc
 logger = logging.getLogger(__name__)
 
 METHODS = ("ttt", "lora", "frozen")
+#: Held-out sequences whose keys each TTT job scores (`moshi_ttt.diagnostics.key_report`).
+KEY_ROWS = 8
 TASKS = ("text", "speech")
 Batch = Callable[[RecallTask, int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -677,6 +680,8 @@ def _run_job(cfg: ProjectConfig, s: MemoryEvalSettings, job: _Job,
         tc = ttt_variant(cfg, job.ttt_overrides) if is_ttt else None
         lm = build_method("ttt" if is_ttt else job.method, cfg, plan.shape.context, seed,
                           plan.rank, base, tc, lora_scaling=s.lora_scaling)
+        probe = held[s.gaps[0]][0][:KEY_ROWS]
+        keys = {"init": key_report(lm, probe)} if is_ttt else None
         t0 = time.perf_counter()
         tr = train_method(lm, s, plan.train_task, batch, data_seed=seed + 100,
                           label=f"{plan.kind} / seed {seed} / {job.method}")
@@ -686,6 +691,15 @@ def _run_job(cfg: ProjectConfig, s: MemoryEvalSettings, job: _Job,
                  "train_loss_first": tr["loss_first"], "train_loss_last": tr["loss_last"]}
         if job.method == "lora":
             extra["lora_rank"] = plan.rank
+        if keys is not None:
+            keys["trained"] = key_report(lm, probe)
+            extra["keys"] = keys
+            logger.info("%s / seed %d / %s: keys (mean cosine, crosstalk) per layer, at init -> "
+                        "trained: %s", plan.kind, seed, job.method, "; ".join(
+                            f"{layer}: {k['key_cosine']:.3f} -> "
+                            f"{keys['trained'][layer]['key_cosine']:.3f}, {k['crosstalk']:.3f} "
+                            f"-> {keys['trained'][layer]['crosstalk']:.3f}"
+                            for layer, k in keys["init"].items()))
         score(job.method, lm, extra)
         if job.method == "ttt":
             with inner_updates_off(lm):
@@ -749,6 +763,19 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{r['recall_acc']:.3f} ± {r['recall_acc_std']:.3f} "
                      f"({r['recall_acc_min']:.3f}) | {r['recall_loss']:.3f} ± "
                      f"{r['recall_loss_std']:.3f} | {r['chance_acc']:.3f} |")
+    keyed = [r for r in report["results"]
+             if r.get("keys") and r["gap_x"] == s.gaps[0] and r["method"] == "ttt"]
+    if keyed:
+        lines.append("\nTTT keys, mean over seeds (mean cosine between two frames' keys; "
+                     "crosstalk: the share of a write another key reads back), init -> trained:")
+        for task in sorted({r["task"] for r in keyed}):
+            rows = [r["keys"] for r in keyed if r["task"] == task]
+            for layer in rows[0]["init"]:
+                m = {f"{when}_{name}": statistics.fmean(k[when][layer][name] for k in rows)
+                     for when in ("init", "trained") for name in ("key_cosine", "crosstalk")}
+                lines.append(f"- {task}, layer {layer}: cosine {m['init_key_cosine']:.3f} -> "
+                             f"{m['trained_key_cosine']:.3f}, crosstalk {m['init_crosstalk']:.3f}"
+                             f" -> {m['trained_crosstalk']:.3f}")
     chk = report.get("lmgen_check")
     if chk:
         lines.append(f"\nLMGen check ({chk['task']}, seed {chk['seed']}, {chk['rows']} rows): "
