@@ -224,14 +224,20 @@ FIRST_BATCH_FRAMES = 128
 
 
 @torch.no_grad()
-def collapsed_layers(lm: LMModel, codes: torch.Tensor, frames: int = FIRST_BATCH_FRAMES
-                     ) -> list[dict[str, Any]]:
-    """The trainer's first-batch check: stream row 0 of a batch of codes [B, 17, T] (at most
-    `frames` frames) and return the main-transformer TTT layers whose inner output collapsed
-    (`diagnose`'s report for each). Leaves the model in the training mode it was in."""
+def first_batch_report(lm: LMModel, codes: torch.Tensor, frames: int = FIRST_BATCH_FRAMES
+                       ) -> dict[str, Any]:
+    """The trainer's first-batch check: `diagnose` over row 0 of a batch of codes [B, 17, T]
+    (at most `frames` frames). Leaves the model in the training mode it was in."""
     was_training = lm.training
     try:
-        report = diagnose(lm, codes[:1, :, :frames])
+        return diagnose(lm, codes[:1, :, :frames])
     finally:
         lm.train(was_training)
-    return [lay for lay in report["layers"] if lay["collapsed"]]
+
+
+@torch.no_grad()
+def collapsed_layers(lm: LMModel, codes: torch.Tensor, frames: int = FIRST_BATCH_FRAMES
+                     ) -> list[dict[str, Any]]:
+    """The main-transformer TTT layers whose inner output collapsed on `first_batch_report`
+    (`diagnose`'s report for each)."""
+    return [lay for lay in first_batch_report(lm, codes, frames)["layers"] if lay["collapsed"]]

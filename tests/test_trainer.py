@@ -483,10 +483,12 @@ def test_first_batch_check_names_a_collapsed_layer(env, tmp_path, caplog):
         t._data()
         return t
 
-    caplog.set_level(logging.WARNING, logger="moshi_ttt.train.trainer")
+    caplog.set_level(logging.INFO, logger="moshi_ttt.train.trainer")
     ok = trainer(_cfg(), tmp_path / "ok")
     ok._check_first_batch()
     assert ok.first_batch_collapsed == [] and "collapsed" not in caplog.text
+    for layer in _cfg().ttt.layers:  # and it reports how well each layer's keys tell frames apart
+        assert f"TTT layer {layer}, first batch (" in caplog.text and "crosstalk" in caplog.text
     cfg = _cfg()
     cfg.ttt = cfg.ttt.model_copy(update={"inner_init": "reference", "position_scale": "mean",
                                          "base_lr": 0.1, "forget": "none", "qk_conv": 0})

@@ -680,14 +680,21 @@ class Trainer:
         """Stream the first training batch's first row through the model (no update, the data
         position untouched) and warn, naming the layer, when a TTT layer's inner output no
         longer depends on its input (see `moshi-ttt diagnose-ttt`)."""
-        from ..diagnostics import COLLAPSE_RATIO, collapsed_layers
+        from ..diagnostics import COLLAPSE_RATIO, first_batch_report
 
         if not any(a.component == "transformer" for a in ttt_blocks(self.lm)):
             return
         segs = self.train_data.next_global_batch(copy.deepcopy(self.pos), 1)
         codes = self.train_data.batch(segs).to(self.device)
         with self.autocast:
-            bad = collapsed_layers(self.lm, codes)
+            report = first_batch_report(self.lm, codes)
+        bad = [lay for lay in report["layers"] if lay["collapsed"]]
+        for lay in report["layers"]:
+            if "keys" in lay:
+                logger.info("TTT layer %d, first batch (%d frames): keys' mean cosine %.3f, "
+                            "crosstalk %.3f (the share of a write another key reads back)",
+                            lay["layer"], lay["keys"]["frames"], lay["keys"]["key_cosine"],
+                            lay["keys"]["crosstalk"])
         for lay in bad:
             logger.warning(
                 "TTT layer %d: its inner output collapsed on the first batch (input dependence "
