@@ -362,6 +362,20 @@ def test_stability_refuses_a_model_without_ttt(tiny_cfg):
 
 # -- training across steps (carry) --------------------------------------------------------------
 
+def test_set_overrides_merge_by_section_and_an_empty_section_empties_it(tiny_cfg):
+    """`--set task.lead=8` changes one key of its section; `--set ablations={}` (a run without
+    ablations) drops the config's ablations instead of merging nothing into them."""
+    shipped = MemoryEvalSettings.from_config(tiny_cfg)
+    assert shipped.ablations and shipped.task.lead == 64
+    s = MemoryEvalSettings.from_config(tiny_cfg, sets=["task.lead=8", "ablations={}",
+                                                       "methods=[ttt]"])
+    assert s.task.lead == 8 and s.task.content_len == shipped.task.content_len
+    assert s.ablations == {} and s.methods == ["ttt"]
+    one = MemoryEvalSettings.from_config(tiny_cfg, sets=["ablations={rope: {rope: true}}"])
+    assert set(one.ablations) == set(shipped.ablations)  # a non-empty section merges
+    assert one.ablations["rope"] == {"rope": True}
+
+
 def test_restart_chance_ramps_from_one_to_the_setting(tiny_cfg):
     s = _quick(tiny_cfg, steps=100, carry_restart=0.2, carry_ramp=0.5)
     assert mem.restart_chance(s, 0) == 1.0

@@ -178,10 +178,12 @@ def parse_set(item: str) -> dict[str, Any]:
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """`b`'s values over `a`'s, section by section; an empty section in `b` empties it
+    (`--set ablations={}`: no ablations)."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
-            else copy.deepcopy(v)
+        merge = isinstance(v, dict) and v and isinstance(out.get(k), dict)
+        out[k] = _deep_merge(out[k], v) if merge else copy.deepcopy(v)
     return out
 
 
