@@ -93,8 +93,8 @@ def key_selectivity(xk: torch.Tensor, w0: FastWeights) -> dict[str, float]:
         raise ValueError(f"key selectivity needs at least 2 frames, got {T}")
     k = xk.float()
     off = ~torch.eye(T, dtype=torch.bool, device=k.device)
-    cos = torch.nn.functional.normalize(k, dim=-1)
-    cos = cos @ cos.transpose(-1, -2)  # [H, T, T]
+    unit = torch.nn.functional.normalize(k, dim=-1)
+    cos = unit @ unit.transpose(-1, -2)  # [H, T, T]
     h = gelu_tanh(k @ w0.w1.float() + w0.b1.float())  # [H, T, F]
     gram = h @ h.transpose(-1, -2)
     diag = gram.diagonal(dim1=-2, dim2=-1).mean(-1)  # [H]
@@ -129,8 +129,8 @@ def key_report(lm: LMModel, codes: torch.Tensor) -> dict[int, dict[str, float]]:
             h.remove()
     out = {}
     for a in blocks:
-        xk = block_keys(a.block, inputs[a.layer])
-        rows = [key_selectivity(xk[b], a.block.inner.fast_weights()) for b in range(xk.shape[0])]
+        xk, w0 = block_keys(a.block, inputs[a.layer]), a.block.inner.fast_weights()
+        rows = [key_selectivity(xk[b], w0) for b in range(xk.shape[0])]
         out[a.layer] = {name: statistics.fmean(r[name] for r in rows)
                         for name in ("key_cosine", "crosstalk")}
     return out
@@ -233,11 +233,3 @@ def first_batch_report(lm: LMModel, codes: torch.Tensor, frames: int = FIRST_BAT
         return diagnose(lm, codes[:1, :, :frames])
     finally:
         lm.train(was_training)
-
-
-@torch.no_grad()
-def collapsed_layers(lm: LMModel, codes: torch.Tensor, frames: int = FIRST_BATCH_FRAMES
-                     ) -> list[dict[str, Any]]:
-    """The main-transformer TTT layers whose inner output collapsed on `first_batch_report`
-    (`diagnose`'s report for each)."""
-    return [lay for lay in first_batch_report(lm, codes, frames)["layers"] if lay["collapsed"]]
