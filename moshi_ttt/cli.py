@@ -530,26 +530,27 @@ def serve(
     from .tls import TLSError, TLSFiles
 
     try:
-        tls = TLSFiles.from_flags(ssl_certfile, ssl_keyfile)
-    except TLSError as e:
-        fail(str(e))
-    try:
         settings = ServeSettings.load(
             settings_file, checkpoint=checkpoint, host=host, port=port,
             max_sessions=max_sessions, device=device, dtype=dtype, api_key=api_key, seed=seed,
-            use_sampling=False if greedy else None, random_config=random_config)
+            use_sampling=False if greedy else None, random_config=random_config,
+            ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     except SettingsError as e:
         fail(reason(e))
+    try:
+        tls = TLSFiles.from_settings(settings.ssl_certfile, settings.ssl_keyfile)
+    except TLSError as e:
+        fail(str(e))
     if ray:
         if tls is not None:
             fail("--ray serves plain http/ws through Ray's proxy: put TLS in front of it "
-                 "(a load balancer or ingress), not --ssl-certfile")
+                 "(a load balancer or ingress), not --ssl-certfile or ssl_certfile")
         try:
             from server.ray_serve import serve_ray
         except ImportError as e:
             fail(f"--ray needs Ray Serve ({e}): pip install 'moshi-ttt[ray]'")
     try:
-        code = serve_ray(settings, replicas, ray_address) if ray else run_server(settings, tls)
+        code = serve_ray(settings, replicas, ray_address) if ray else run_server(settings)
     except BaseModelError as e:  # the header check of a base dir that lacks a file
         fail(f"refusing to start: {e}")
     raise typer.Exit(code)

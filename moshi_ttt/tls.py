@@ -34,13 +34,17 @@ class TLSFiles:
     keyfile: Path
 
     @classmethod
-    def from_flags(cls, certfile: Path | None, keyfile: Path | None) -> TLSFiles | None:
-        """None for plain http; both files for TLS; one alone is an error."""
+    def from_settings(cls, certfile: Path | None, keyfile: Path | None) -> TLSFiles | None:
+        """None for plain http; both files for TLS; one alone is an error. (The server's
+        `ssl_certfile` / `ssl_keyfile`, from flags, MOSHI_TTT_SSL_* or the settings YAML.)"""
         if certfile is None and keyfile is None:
             return None
         if certfile is None or keyfile is None:
-            raise TLSError("give both --ssl-certfile and --ssl-keyfile (a certificate and its "
-                           "private key), or neither; `moshi-ttt tls-cert DIR` makes a pair")
+            given, missing = (("certificate", "--ssl-keyfile (ssl_keyfile)") if keyfile is None
+                              else ("private key", "--ssl-certfile (ssl_certfile)"))
+            raise TLSError(f"a TLS {given} was given without {missing}: give both a "
+                           f"certificate and its private key, or neither; `moshi-ttt tls-cert "
+                           f"DIR` makes a pair")
         return cls(Path(certfile), Path(keyfile))
 
     def check(self) -> None:

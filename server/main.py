@@ -276,24 +276,24 @@ def invalid_errors() -> tuple[type[Exception], ...]:
     return (DimensionMismatch, CheckpointError, ConfigError, FileNotFoundError, ValueError)
 
 
-def serve(settings: ServeSettings, tls: TLSFiles | None = None) -> int:
+def serve(settings: ServeSettings) -> int:
     """Run the server in this process; returns the exit status (see the module's docstring).
-    With `tls`, it speaks https and wss (uvicorn's TLS)."""
+    With `ssl_certfile` and `ssl_keyfile` set, it speaks https and wss (uvicorn's TLS)."""
     term = _Termination()
     try:
-        return _serve(settings, term, invalid_errors(), tls)
+        return _serve(settings, term, invalid_errors())
     finally:
         term.restore()
 
 
-def _serve(settings: ServeSettings, term: _Termination, invalid: tuple[type, ...],
-           tls: TLSFiles | None = None) -> int:
-    if tls is not None:
-        try:
+def _serve(settings: ServeSettings, term: _Termination, invalid: tuple[type, ...]) -> int:
+    try:
+        tls = TLSFiles.from_settings(settings.ssl_certfile, settings.ssl_keyfile)
+        if tls is not None:
             tls.check()
-        except TLSError as e:
-            logger.error("refusing to start: %s", e)
-            return EXIT_INVALID
+    except TLSError as e:
+        logger.error("refusing to start: %s", e)
+        return EXIT_INVALID
     try:
         with term.interruptible():
             settings = resolve_checkpoint(settings)  # hf://: download first, then as local

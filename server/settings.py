@@ -86,6 +86,12 @@ class ServeSettings(BaseSettings):
                                 "?api_key= for browsers); None: open")
     allowed_origins: list[str] = Field(
         default_factory=list, description="browser Origins allowed to connect; empty: any")
+    # TLS (uvicorn's own): both or neither; `moshi-ttt tls-cert DIR` makes a pair
+    ssl_certfile: Path | None = Field(
+        None, description="serve https/wss with this PEM certificate (chain); a browser on "
+        "another machine gets the microphone only over https")
+    ssl_keyfile: Path | None = Field(None, description="the certificate's PEM private key "
+                                     "(unencrypted)")
     cpu_threads: int | None = Field(
         1, ge=1, description="torch threads when serving on CPU (None: torch's default). One "
         "frame's ops are small: extra threads mostly spin, and under load cost 10x")

@@ -55,13 +55,18 @@ def _https(url: str, cafile: Path) -> tuple[int, bytes]:
 
 @pytest.fixture(scope="module")
 def server(certs, tmp_path_factory):
-    """`moshi-ttt serve` over TLS (random tiny weights), as a user starts it."""
+    """`moshi-ttt serve` over TLS (random tiny weights), as a deployment starts it: the
+    certificate named in the settings YAML, the key in the environment (the flags reach the
+    same settings: the refusal tests below pass them)."""
     port = free_port()
-    log = tmp_path_factory.mktemp("tls-server") / "serve.log"
+    tmp = tmp_path_factory.mktemp("tls-server")
+    log = tmp / "serve.log"
+    (tmp / "serve.yaml").write_text(f"ssl_certfile: {certs / 'cert.pem'}\n")
     cmd = [sys.executable, "-m", "moshi_ttt.cli", "serve", "--random-config", TINY, "--port",
-           str(port), "--max-sessions", "2", "--device", "cpu", "--ssl-certfile",
-           str(certs / "cert.pem"), "--ssl-keyfile", str(certs / "key.pem")]
-    env = {**os.environ, "NO_TORCH_COMPILE": "1", "PYTHONUNBUFFERED": "1"}
+           str(port), "--max-sessions", "2", "--device", "cpu", "--settings",
+           str(tmp / "serve.yaml")]
+    env = {**os.environ, "NO_TORCH_COMPILE": "1", "PYTHONUNBUFFERED": "1",
+           "MOSHI_TTT_SSL_KEYFILE": str(certs / "key.pem")}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -175,3 +180,21 @@ def test_serve_refuses_unusable_tls_files_before_anything_else(certs, tmp_path):
         errors = [line for line in r.output.splitlines() if " ERROR " in line]
         assert len(errors) == 1 and phrase in errors[0], r.output
         assert "absent.yaml" not in r.output  # refused before the config was looked at
+
+
+def test_tls_files_from_the_environment_or_settings_are_checked_alike(certs, tmp_path,
+                                                                       monkeypatch):
+    """MOSHI_TTT_SSL_* and the settings YAML are refused as the flags are: one file alone, or
+    a key that is not the certificate's, exit 2 with one line before the model is looked at."""
+    other = make_self_signed(tmp_path / "other")
+    monkeypatch.setenv("MOSHI_TTT_SSL_CERTFILE", str(certs / "cert.pem"))
+    absent = str(tmp_path / "absent.yaml")
+    r = CliRunner().invoke(app, ["serve", "--random-config", absent], catch_exceptions=False)
+    assert r.exit_code == 2 and "was given without --ssl-keyfile (ssl_keyfile)" in r.output, \
+        r.output
+    settings = tmp_path / "serve.yaml"
+    settings.write_text(f"ssl_keyfile: {other.keyfile}\n")
+    r = CliRunner().invoke(app, ["serve", "--random-config", absent, "--settings",
+                                 str(settings)], catch_exceptions=False)
+    assert r.exit_code == 2 and "KEY_VALUES_MISMATCH" in r.output, r.output
+    assert "absent.yaml" not in r.output
