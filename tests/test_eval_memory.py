@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moshi_ttt.eval import memory as mem
 from moshi_ttt.eval.memory import MemoryEvalSettings
@@ -287,6 +288,37 @@ def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg, tmp_path
     assert ttt["trained"] != ttt["init"]  # training moved the projections
     assert "keys" not in by[("text", "lora")]
     assert "TTT keys" in table and "- text, layer 0: cosine" in table
+    # the any-order share lies between the in-order one and 1, its chance between 1/V and L/V
+    for r in a["results"]:
+        assert r["recall_acc"] <= r["recall_set_acc"] <= 1
+        v = s.task.content_vocab if r["task"] == "text" else s.speech.content_vocab
+        assert 1 / v <= r["set_chance_acc"] <= (s.task.content_len if r["task"] == "text"
+                                                else s.speech.content_len) / v
+    assert "recall_set_acc" in summ[("text", 1.0, "ttt")] and "any order" in table
+
+
+def test_recall_metrics_tell_order_from_membership():
+    """A model that names the right items in the wrong order: in-order accuracy 0, any-order 1;
+    one that names items from outside the sequence: 0 for both."""
+    V, T = 40, 6
+    codes = torch.full((2, 17, T), -1, dtype=torch.long)
+    codes[:, 0] = torch.tensor([[9, 9, 11, 12, 13, 9], [9, 9, 20, 20, 21, 9]])
+    dep = torch.zeros(2, T, dtype=torch.bool)
+    dep[:, 2:5] = True
+
+    def logits_for(pred: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(pred, V).float() * 10
+
+    rotated = codes[:, 0].clone()
+    rotated[:, 2:5] = codes[:, 0, 2:5].roll(1, dims=1)  # row 0: 13 11 12; row 1: 21 20 20
+    m = mem.recall_metrics(logits_for(rotated), codes, dep, content_vocab=32)
+    assert m["recall_set_acc"] == 1.0
+    assert m["recall_acc"] == pytest.approx(1 / 6)  # row 1's second 20 stays in place
+    assert m["set_chance_acc"] == pytest.approx((3 / 32 + 2 / 32) / 2)  # distinct items / V
+    outside = codes[:, 0].clone()
+    outside[:, 2:5] = 30
+    m = mem.recall_metrics(logits_for(outside), codes, dep)
+    assert m["recall_set_acc"] == m["recall_acc"] == 0.0 and "set_chance_acc" not in m
 
 
 def test_cli_eval_memory_quick_writes_json(tmp_path):
