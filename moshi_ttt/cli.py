@@ -688,7 +688,8 @@ def diagnose_ttt(
     config: Optional[Path] = typer.Option(None, "--config", "-c", callback=config_path,
                                           help="project YAML config (a random model of it)"),
     checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="or a run, checkpoint or base directory"),
+        None, "--checkpoint", help="or a run, checkpoint or base directory, or "
+        "hf://OWNER/REPO[@REVISION]"),
     frames: int = typer.Option(1000, help="frames to stream (12.5 per second)"),
     data: Optional[Path] = typer.Option(
         None, "--data", help="stream this dataset's speech (a make-data directory or an index "
@@ -711,6 +712,7 @@ def diagnose_ttt(
     from .dims import DimensionMismatch
     from .diagnostics import diagnose
     from .eval.diagnose import dataset_codes, format_diagnosis, random_codes
+    from .hub import resolve_checkpoint
     from .model import build_ttt_lm
 
     if (config is None) == (checkpoint is None):
@@ -719,7 +721,8 @@ def diagnose_ttt(
         fail(f"--frames must be at least 1, got {frames}")
     try:
         if checkpoint is not None:
-            loaded = load_model(checkpoint, "cpu", torch.float32, with_codec=data is not None)
+            loaded = load_model(resolve_checkpoint(checkpoint), "cpu", torch.float32,
+                                with_codec=data is not None)
             lm, where = loaded.lm, str(checkpoint)
         else:
             if data is not None:
@@ -873,7 +876,9 @@ def bench_ttt(
 
 @bench_app.command("serve")
 def bench_serve(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint to serve"),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="checkpoint to serve (a directory or hf://OWNER/REPO"
+        "[@REVISION])"),
     random_config: Optional[Path] = typer.Option(
         None, "--random-config", callback=config_path,
         help="or a config served with random weights (e.g. the 7B)"),
@@ -902,6 +907,13 @@ def bench_serve(
         fail("give exactly one of --checkpoint or --random-config")
     if mode not in ("pcm", "tokens"):
         fail(f"--mode must be pcm or tokens (the load clients send raw frames), got {mode!r}")
+    from .hub import HubError, is_hub_spec, resolve_checkpoint
+
+    if checkpoint is not None and is_hub_spec(checkpoint):
+        try:  # fetched here once: every server of the run then reads the same local snapshot
+            checkpoint = resolve_checkpoint(checkpoint)
+        except HubError as e:
+            fail(str(e))
     for path, what in ((checkpoint, "checkpoint path"), (random_config, "config file")):
         if path is not None and not path.exists():  # before a server is started for it
             fail(f"{what} not found: {path}")
@@ -928,7 +940,9 @@ def bench_serve(
 
 @bench_app.command("step")
 def bench_step(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint to time"),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="checkpoint to time (a directory or hf://OWNER/REPO"
+        "[@REVISION])"),
     random_config: Optional[Path] = typer.Option(
         None, "--random-config", callback=config_path,
         help="or a config with random weights (e.g. the 7B)"),
@@ -951,9 +965,15 @@ def bench_step(
     from server.stepbench import run as run_steps
 
     from .checkpoint import load_model, random_model
+    from .hub import HubError, resolve_checkpoint
 
     if (checkpoint is None) == (random_config is None):
         fail("give exactly one of --checkpoint or --random-config")
+    if checkpoint is not None:
+        try:
+            checkpoint = resolve_checkpoint(checkpoint)
+        except HubError as e:
+            fail(str(e))
     counts = int_list(sessions, "--sessions")
     at_least(runs, 1, "--runs")
     if capacity is not None:

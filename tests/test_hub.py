@@ -284,6 +284,23 @@ def test_inspect_reads_hf_specs(hub):
     assert info["checkpoint"]["base"]["hf_repo"] == BASE_REPO
 
 
+def test_diagnose_ttt_reads_hf_specs(hub):
+    """The same report as for the local run the cached snapshot was pushed from."""
+    args = ["--frames", "32", "--every", "16", "--json"]
+    r = invoke(["diagnose-ttt", "--checkpoint", f"hf://{TTT_REPO}", *args])
+    assert r.exit_code == 0, r.output
+    local = invoke(["diagnose-ttt", "--checkpoint", str(hub.run), *args])
+    assert local.exit_code == 0, local.output
+
+    def report(out: str) -> dict:
+        rep = json.loads(out[out.index("{"):])
+        rep.pop("source")
+        return rep
+
+    got = report(r.output)
+    assert got == report(local.output) and [lay["layer"] for lay in got["layers"]]
+
+
 def _one_error_line(out: str, phrase: str) -> str:
     assert "Traceback" not in out, out
     errors = [line for line in out.splitlines() if " ERROR " in line]
@@ -292,9 +309,10 @@ def _one_error_line(out: str, phrase: str) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("command", ["inspect", "serve"])
+@pytest.mark.parametrize("command", ["inspect", "serve", "diagnose-ttt", "bench step",
+                                     "bench serve"])
 def test_a_missing_repo_is_one_line_and_exit_2(hub, command):
-    r = invoke([command, "--checkpoint", "hf://moshi-ttt-test/not-there"])
+    r = invoke([*command.split(), "--checkpoint", "hf://moshi-ttt-test/not-there"])
     assert r.exit_code == 2, r.output
     line = _one_error_line(r.output, "cannot download checkpoint hf://moshi-ttt-test/not-there:"
                                      " it is not in the Hugging Face cache")
