@@ -105,9 +105,10 @@ class ServerThread:
         self.server: uvicorn.Server | None = None
 
     def __enter__(self) -> "ServerThread":
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level=self.log_level,
-                                lifespan="on", ws_max_size=4 * self.settings.max_message_bytes,
-                                log_config=None)
+        from server.main import uvicorn_config
+
+        config = uvicorn_config(self.app, self.settings, host="127.0.0.1", port=0,
+                                log_level=self.log_level)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

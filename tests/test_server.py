@@ -57,6 +57,18 @@ def test_handshake_then_metadata(srv):
         assert meta["max_buffered_frames"] == 50
 
 
+def test_permessage_deflate_is_declined(srv):
+    """A client offering compression (websockets' and moshi's clients do by default) gets plain
+    frames: audio does not compress, and each connection's zlib state cost native memory."""
+    from websockets.sync.client import connect
+
+    with connect(srv.url(mode="tokens")) as ws:
+        assert "permessage-deflate" in ws.request.headers.get("Sec-WebSocket-Extensions", "")
+        assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
+        assert ws.protocol.extensions == []
+        assert ws.recv(timeout=30)[:1] == bytes([Kind.HANDSHAKE])
+
+
 def test_tokens_mode_one_answer_per_frame_and_text(srv):
     n = 40
     with Peer(srv.url(mode="tokens")) as p:

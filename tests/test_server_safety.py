@@ -702,10 +702,10 @@ def test_redaction_of_every_accepted_form():
 # -- 11. native memory of Opus sessions ------------------------------------------------------------
 
 @pytest.mark.xfail(strict=False, reason=(
-    "issue 12 item 11 is open: with the codec thread and heap trimming, `python -m server.soak` "
-    "(1500 sessions x 3 frames, 2 cores) measures +6.2 KiB per Opus session and +3.2 KiB per "
-    "tokens session over the second half (was 8-12 KiB per Opus session); in process this test "
-    "sees 4.8 KiB"))
+    "issue 12 item 11 is open: with the codec thread, heap trimming and permessage-deflate "
+    "declined, `python -m server.soak` (2000 sessions x 3 frames, 2 cores) measures +1.6 KiB per "
+    "Opus session and +1.6 KiB per tokens session over the second half (was 8-12 KiB per Opus "
+    "session at first, 4.7 before deflate was declined); in process this test saw 4.8 KiB"))
 def test_opus_sessions_do_not_grow_native_memory(base):
     """Short Opus sessions, one after another: the server's resident memory stays flat (it
     grew 8-12 KB per session, linearly, from memory the allocator kept after the codec
