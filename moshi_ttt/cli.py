@@ -527,7 +527,6 @@ def serve(
     from server.settings import ServeSettings, SettingsError
 
     from .base import BaseModelError
-    from .tls import TLSError, TLSFiles
 
     try:
         settings = ServeSettings.load(
@@ -537,12 +536,8 @@ def serve(
             ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
     except SettingsError as e:
         fail(reason(e))
-    try:
-        tls = TLSFiles.from_settings(settings.ssl_certfile, settings.ssl_keyfile)
-    except TLSError as e:
-        fail(str(e))
     if ray:
-        if tls is not None:
+        if settings.ssl_certfile is not None:
             fail("--ray serves plain http/ws through Ray's proxy: put TLS in front of it "
                  "(a load balancer or ingress), not --ssl-certfile or ssl_certfile")
         try:
@@ -907,10 +902,10 @@ def bench_serve(
         fail("give exactly one of --checkpoint or --random-config")
     if mode not in ("pcm", "tokens"):
         fail(f"--mode must be pcm or tokens (the load clients send raw frames), got {mode!r}")
-    from .hub import HubError, is_hub_spec, resolve_checkpoint
+    from .hub import HubError, resolve_checkpoint
 
-    if checkpoint is not None and is_hub_spec(checkpoint):
-        try:  # fetched here once: every server of the run then reads the same local snapshot
+    if checkpoint is not None:
+        try:  # hf:// fetched here once: every server of the run reads the same snapshot
             checkpoint = resolve_checkpoint(checkpoint)
         except HubError as e:
             fail(str(e))

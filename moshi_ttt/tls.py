@@ -33,20 +33,6 @@ class TLSFiles:
     certfile: Path
     keyfile: Path
 
-    @classmethod
-    def from_settings(cls, certfile: Path | None, keyfile: Path | None) -> TLSFiles | None:
-        """None for plain http; both files for TLS; one alone is an error. (The server's
-        `ssl_certfile` / `ssl_keyfile`, from flags, MOSHI_TTT_SSL_* or the settings YAML.)"""
-        if certfile is None and keyfile is None:
-            return None
-        if certfile is None or keyfile is None:
-            given, missing = (("certificate", "--ssl-keyfile (ssl_keyfile)") if keyfile is None
-                              else ("private key", "--ssl-certfile (ssl_certfile)"))
-            raise TLSError(f"a TLS {given} was given without {missing}: give both a "
-                           f"certificate and its private key, or neither; `moshi-ttt tls-cert "
-                           f"DIR` makes a pair")
-        return cls(Path(certfile), Path(keyfile))
-
     def check(self) -> None:
         """Load the pair as uvicorn will, so that a wrong path, a key that is not the
         certificate's, or an encrypted key (OpenSSL would prompt for its passphrase) fails

@@ -303,13 +303,14 @@ def serve(settings: ServeSettings) -> int:
 
 
 def _serve(settings: ServeSettings, term: _Termination, invalid: tuple[type, ...]) -> int:
-    try:
-        tls = TLSFiles.from_settings(settings.ssl_certfile, settings.ssl_keyfile)
-        if tls is not None:
+    tls = None
+    if settings.ssl_certfile is not None and settings.ssl_keyfile is not None:  # a pair
+        tls = TLSFiles(settings.ssl_certfile, settings.ssl_keyfile)
+        try:
             tls.check()
-    except TLSError as e:
-        logger.error("refusing to start: %s", e)
-        return EXIT_INVALID
+        except TLSError as e:
+            logger.error("refusing to start: %s", e)
+            return EXIT_INVALID
     try:
         with term.interruptible():
             settings = resolve_checkpoint(settings)  # hf://: download first, then as local

@@ -104,6 +104,18 @@ class ServeSettings(BaseSettings):
                              "init-base directory) or random_config")
         return self
 
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServeSettings":
+        """TLS needs the certificate and its key, from whichever source each came."""
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            given, missing = (("certificate", "--ssl-keyfile (ssl_keyfile)")
+                              if self.ssl_keyfile is None
+                              else ("private key", "--ssl-certfile (ssl_certfile)"))
+            raise ValueError(f"a TLS {given} was given without {missing}: give both a "
+                             f"certificate and its private key, or neither; `moshi-ttt tls-cert "
+                             f"DIR` makes a pair")
+        return self
+
     @field_validator("allowed_origins", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:

@@ -756,7 +756,6 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         sel = [r for r in rows if (r["task"], r["gap_x"], r["method"]) == (task, gap, method)]
         acc = [r["recall_acc"] for r in sel]
         loss = [r["recall_loss"] for r in sel]
-        in_set = [r["recall_set_acc"] for r in sel if "recall_set_acc" in r]
         out.append({"task": task, "gap_x": gap, "gap": sel[0]["gap"], "method": method,
                     "seeds": [r["seed"] for r in sel],
                     "recall_acc": statistics.fmean(acc),
@@ -764,10 +763,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "recall_acc_min": min(acc),
                     "recall_loss": statistics.fmean(loss),
                     "recall_loss_std": statistics.pstdev(loss) if len(loss) > 1 else 0.0,
-                    "chance_acc": sel[0]["chance_acc"]})
-        if in_set and len(in_set) == len(sel):
-            out[-1]["recall_set_acc"] = statistics.fmean(in_set)
-            out[-1]["set_chance_acc"] = statistics.fmean(r["set_chance_acc"] for r in sel)
+                    "chance_acc": sel[0]["chance_acc"],
+                    "recall_set_acc": statistics.fmean(r["recall_set_acc"] for r in sel),
+                    "set_chance_acc": statistics.fmean(r["set_chance_acc"] for r in sel)})
     return out
 
 
@@ -782,8 +780,7 @@ def format_table(report: dict[str, Any]) -> str:
              "| any order (chance) |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in report["summary"]:
-        any_order = (f"{r['recall_set_acc']:.3f} ({r['set_chance_acc']:.3f})"
-                     if "recall_set_acc" in r else "-")
+        any_order = f"{r['recall_set_acc']:.3f} ({r['set_chance_acc']:.3f})"
         lines.append(f"| {r['task']} | {r['gap_x']:g}x ({r['gap']}) | {r['method']} | "
                      f"{r['recall_acc']:.3f} ± {r['recall_acc_std']:.3f} "
                      f"({r['recall_acc_min']:.3f}) | {r['recall_loss']:.3f} ± "
