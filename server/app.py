@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from moshi_ttt import protocol
+from moshi_ttt.process_memory import native_heap, rss_mb
 from moshi_ttt.protocol import FRAME_RATE, NUM_CODEBOOKS, SAMPLE_RATE, Close, Mode
 from moshi_ttt.resources import ResourceError, web_dir
 
@@ -242,10 +243,14 @@ class ModelHost:
 
 
 def memory_figures(device: torch.device) -> dict[str, float]:
-    """Resident memory of this process, and the GPU's allocated and peak memory (MiB)."""
-    from moshi_ttt.eval.stability import rss_mb
-
+    """Resident memory of this process, glibc's heap in use and free inside it (where glibc: a
+    leak grows the first, fragmentation the second), and the GPU's allocated and peak memory
+    (MiB)."""
     out = {"rss_mb": round(rss_mb(), 1)}
+    heap = native_heap()
+    if heap is not None:
+        out["heap_in_use_mb"] = round(heap.in_use_mb, 3)
+        out["heap_free_mb"] = round(heap.free_mb, 3)
     if device.type == "cuda":
         out["gpu_allocated_mb"] = round(torch.cuda.memory_allocated(device) / 2**20, 1)
         out["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

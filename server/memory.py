@@ -23,26 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
-import ctypes.util
 import logging
 import time
 from typing import Any, Callable, TypeVar
 
+from moshi_ttt.process_memory import malloc_trim
+
 T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
-
-
-def _glibc_trim():
-    """glibc's `malloc_trim`, or None where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
 
 
 class HeapTrimmer:
@@ -50,7 +39,7 @@ class HeapTrimmer:
 
     def __init__(self, min_interval_s: float = 1.0):
         self.min_interval_s = min_interval_s
-        self._trim = _glibc_trim()
+        self._trim = malloc_trim()
         self._scheduled = False
         self._last = 0.0
         self.trims = 0

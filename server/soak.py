@@ -5,7 +5,9 @@ the server's resident memory as the session count grows, and its growth per sess
 
 A leak per session (native codec state, buffers kept by a closed socket, a handle never
 released) shows as a slope: the figure is a least-squares fit of RSS against sessions over the
-second half of the run (the first half includes the allocator's warm-up). Each session: open,
+second half of the run (the first half includes the allocator's warm-up). Where the server runs
+on glibc, the same fit of the heap's bytes in use (from /health) tells the two causes of an RSS
+slope apart: a leak grows what is in use, fragmentation only what is resident. Each session: open,
 handshake, `--frames` frames of audio (or codes) sent at once, wait for their answers, close.
 """
 
@@ -36,8 +38,10 @@ class SoakResult:
     frames: int
     seconds: float
     rss_mb: list[tuple[int, float]]  # (sessions done, server RSS in MiB)
-    kb_per_session: float  # slope over the second half
+    kb_per_session: float  # RSS slope over the second half
     failed: int
+    heap_in_use_mb: list[tuple[int, float]]  # (sessions done, glibc heap in use); [] without
+    heap_kb_per_session: float | None  # its slope over the second half; None without glibc
 
 
 def _payloads(mode: str, frames: int, seed: int) -> list[bytes]:
@@ -94,18 +98,24 @@ async def _one_session(url: str, payloads: list[bytes], answers: int, timeout: f
 
 
 async def _soak(port: int, mode: str, sessions: int, frames: int, every: int,
-                timeout: float) -> tuple[list[tuple[int, float]], int]:
+                timeout: float
+                ) -> tuple[list[tuple[int, float]], list[tuple[int, float]], int]:
     url = f"ws://127.0.0.1:{port}/api/chat?mode={mode}"
     payloads = [_payloads(mode, frames, seed) for seed in range(8)]
     # Answers to wait for: opus output comes in pages (one may hold several frames), so one.
     answers = 1 if mode == "opus" else frames - 1
     rss: list[tuple[int, float]] = []
+    heap: list[tuple[int, float]] = []
     failed = 0
     for i in range(sessions + 1):
         if i % every == 0:
             await asyncio.sleep(0.2)  # the last session's row reset and socket close
-            rss.append((i, float(fetch_health(port)[1]["memory"]["rss_mb"])))
-            logger.info("%d sessions: server RSS %.1f MiB", i, rss[-1][1])
+            memory = fetch_health(port)[1]["memory"]
+            rss.append((i, float(memory["rss_mb"])))
+            if "heap_in_use_mb" in memory:
+                heap.append((i, float(memory["heap_in_use_mb"])))
+            logger.info("%d sessions: server RSS %.1f MiB, heap in use %s MiB", i, rss[-1][1],
+                        memory.get("heap_in_use_mb", "-"))
         if i == sessions:
             break
         try:
@@ -114,11 +124,11 @@ async def _soak(port: int, mode: str, sessions: int, frames: int, every: int,
             logger.warning("session %d failed: %s: %s", i, type(e).__name__, e)
             ok = False
         failed += not ok
-    return rss, failed
+    return rss, heap, failed
 
 
 def slope_kb(rss: list[tuple[int, float]]) -> float:
-    """KiB of RSS per session: least squares over the second half of the samples."""
+    """KiB per session of (sessions, MiB) samples: least squares over their second half."""
     half = rss[len(rss) // 2:]
     if len(half) < 2:
         return float("nan")
@@ -133,9 +143,10 @@ def run_soak(model_args: list[str], mode: str, sessions: int, frames: int = 3,
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="moshi-ttt-soak-"))
     t0 = time.perf_counter()
     with ServerProcess(model_args, 1, extra or [], log_dir / f"server-{mode}.log") as srv:
-        rss, failed = asyncio.run(_soak(srv.port, mode, sessions, frames, every, timeout))
+        rss, heap, failed = asyncio.run(_soak(srv.port, mode, sessions, frames, every, timeout))
     return SoakResult(mode, sessions, frames, round(time.perf_counter() - t0, 1), rss,
-                      round(slope_kb(rss), 2), failed)
+                      round(slope_kb(rss), 2), failed, heap,
+                      round(slope_kb(heap), 2) if heap else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%s", asdict(r))
     for r in results:
         first, last = r.rss_mb[0][1], r.rss_mb[-1][1]
+        heap = ("" if r.heap_kb_per_session is None else
+                f" (heap in use {r.heap_in_use_mb[0][1]:.2f} -> {r.heap_in_use_mb[-1][1]:.2f} "
+                f"MiB, {r.heap_kb_per_session:+.2f} KiB/session)")
         print(f"{r.mode:6s} {r.sessions} sessions x {r.frames} frames in {r.seconds:.0f} s: "
               f"RSS {first:.1f} -> {last:.1f} MiB, {r.kb_per_session:+.2f} KiB/session over "
-              f"the second half, {r.failed} failed")
+              f"the second half{heap}, {r.failed} failed")
     return 0
 
 

@@ -18,6 +18,7 @@ import pytest
 import sphn
 import torch
 
+from moshi_ttt.process_memory import native_heap
 from moshi_ttt.protocol import FRAME_SIZE, Close, Kind
 from server.loadtest import free_port
 from server.settings import ServeSettings
@@ -439,6 +440,10 @@ def test_health_reports_the_checkpoints_dims(srv, base):
     assert h["device"] == "cpu" and h["dtype"] == "float32"
     assert h["sessions"]["capacity"] == 2
     assert h["checkpoint"]["path"] == str(base) and h["checkpoint"]["kind"] == "base"
+    mem = h["memory"]
+    assert mem["rss_mb"] > 0
+    if native_heap() is not None:  # glibc: the heap in use is less than what is resident
+        assert 0 < mem["heap_in_use_mb"] < mem["rss_mb"] and mem["heap_free_mb"] >= 0
 
 
 def test_health_is_503_until_ready_and_chat_is_refused(base):

@@ -710,7 +710,7 @@ def test_opus_sessions_do_not_grow_native_memory(base):
     """Short Opus sessions, one after another: the server's resident memory stays flat (it
     grew 8-12 KB per session, linearly, from memory the allocator kept after the codec
     objects were freed)."""
-    from moshi_ttt.eval.stability import rss_mb
+    from moshi_ttt.process_memory import rss_mb
 
     pages = opus_pages(3)
     with ServerThread(settings(base, max_sessions=1)) as srv:

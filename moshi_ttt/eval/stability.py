@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import resource
 import statistics
 import time
 from array import array
@@ -37,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import ProjectConfig
 from ..model import build_ttt_lm, ttt_blocks
+from ..process_memory import rss_mb
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +60,6 @@ class StabilitySettings(BaseModel):
         raw = dict(cfg.eval.get("stability") or {})
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(raw)
-
-
-def rss_mb() -> float:
-    """Current resident set size in MiB (Linux /proc; elsewhere the peak from getrusage)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 COMPONENTS = ("w1", "b1", "w2", "b2")

@@ -1,0 +1,69 @@
+"""This process's memory, as the server's /health and the long-session evaluation report it:
+resident size, and glibc's own account of its heaps.
+
+RSS alone cannot tell a leak from fragmentation: a heap whose freed blocks are scattered among live
+ones keeps their pages resident although nothing holds them. glibc's `mallinfo2` splits the heap
+into bytes in use (what the program holds: a leak grows this) and bytes free inside the heap (what
+fragmentation and the allocator's caches keep). Both are None where the C library is not glibc
+(musl, macOS) or too old (mallinfo2 is glibc >= 2.33).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import resource
+from dataclasses import dataclass
+from functools import cache
+from typing import Callable
+
+
+def rss_mb() -> float:
+    """Current resident set size in MiB (Linux /proc; elsewhere the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim` (returns the heaps' free pages to the system), or None."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+@dataclass(frozen=True)
+class HeapFigures:
+    in_use_mb: float  # allocated and not freed, main heap, thread arenas and mmapped blocks
+    free_mb: float  # free blocks inside the heaps: fragmentation and the allocator's caches
+
+
+def native_heap() -> HeapFigures | None:
+    """glibc's heap figures summed over all arenas, or None without glibc >= 2.33."""
+    libc = _libc()
+    fn = getattr(libc, "mallinfo2", None) if libc is not None else None
+    if fn is None:
+        return None
+    fn.argtypes, fn.restype = [], _MallInfo2
+    m = fn()
+    return HeapFigures(in_use_mb=(m.uordblks + m.hblkhd) / 2**20, free_mb=m.fordblks / 2**20)
