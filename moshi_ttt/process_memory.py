@@ -58,12 +58,19 @@ class HeapFigures:
     free_mb: float  # free blocks inside the heaps: fragmentation and the allocator's caches
 
 
-def native_heap() -> HeapFigures | None:
-    """glibc's heap figures summed over all arenas, or None without glibc >= 2.33."""
+@cache
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
     libc = _libc()
     fn = getattr(libc, "mallinfo2", None) if libc is not None else None
+    if fn is not None:
+        fn.argtypes, fn.restype = [], _MallInfo2
+    return fn
+
+
+def native_heap() -> HeapFigures | None:
+    """glibc's heap figures summed over all arenas, or None without glibc >= 2.33."""
+    fn = _mallinfo2()
     if fn is None:
         return None
-    fn.argtypes, fn.restype = [], _MallInfo2
     m = fn()
     return HeapFigures(in_use_mb=(m.uordblks + m.hblkhd) / 2**20, free_mb=m.fordblks / 2**20)
