@@ -43,13 +43,19 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
+@cache
+def _libc_function(name: str, argtypes: tuple, restype: type) -> Callable | None:
+    """The C library's `name`, typed once (None where the library or the symbol is missing)."""
+    libc = _libc()
+    fn = getattr(libc, name, None) if libc is not None else None
+    if fn is not None:
+        fn.argtypes, fn.restype = list(argtypes), restype
+    return fn
+
+
 def malloc_trim() -> Callable[[int], int] | None:
     """glibc's `malloc_trim` (returns the heaps' free pages to the system), or None."""
-    libc = _libc()
-    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    return _libc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
 
 
 @dataclass(frozen=True)
@@ -58,18 +64,9 @@ class HeapFigures:
     free_mb: float  # free blocks inside the heaps: fragmentation and the allocator's caches
 
 
-@cache
-def _mallinfo2() -> Callable[[], _MallInfo2] | None:
-    libc = _libc()
-    fn = getattr(libc, "mallinfo2", None) if libc is not None else None
-    if fn is not None:
-        fn.argtypes, fn.restype = [], _MallInfo2
-    return fn
-
-
 def native_heap() -> HeapFigures | None:
     """glibc's heap figures summed over all arenas, or None without glibc >= 2.33."""
-    fn = _mallinfo2()
+    fn = _libc_function("mallinfo2", (), _MallInfo2)
     if fn is None:
         return None
     m = fn()
