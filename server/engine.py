@@ -111,6 +111,10 @@ class EngineConfig:
     telemetry_input_dependence: bool = True  # measure it at each read (64 probe queries)
 
 
+def _discard(item: Delivery) -> None:
+    """Where a closed handle's late outputs go."""
+
+
 @dataclass(eq=False)
 class SessionHandle:
     """A session's claim on one batch row."""
@@ -324,6 +328,10 @@ class Engine:
                 h.deliver(why)
             except Exception:  # the session's loop may be gone; nothing else to tell
                 logger.debug("could not deliver failure to slot %d", h.slot, exc_info=True)
+        # The callback is the session's bound method and the session holds the handle: a cycle
+        # that only Python's rare full collection would free, keeping each ended session's
+        # socket and buffers for thousands of sessions. A step still running delivers nowhere.
+        h.deliver = _discard
 
     def _has_work(self) -> bool:
         return bool(self._resets or self._tasks or any(h.inbox for h in self._handles.values()))

@@ -326,7 +326,7 @@ class ChatSession:
 
     async def _settle_tasks(self) -> None:
         """Cancel the tasks and wait until they have stopped (none may write after this), then
-        account for how each ended."""
+        account for how each ended and let them go."""
         for t in self._tasks:
             t.cancel()
         if self._tasks:
@@ -334,6 +334,10 @@ class ChatSession:
         for t in self._tasks:
             if not t.cancelled() and t.exception() is not None:
                 self._failed(t.exception(), t.get_name())
+        # A finished task keeps its exception (CancelledError too), whose traceback holds the
+        # task's frame and so this session: a cycle through this set, freed only by Python's
+        # rare full collection (it kept every ended session's socket for thousands of sessions).
+        self._tasks.clear()
 
     def _failed(self, e: BaseException, where: str) -> None:
         """An exception ended part of the session: the client went away, or a bug (logged with
