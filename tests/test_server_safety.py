@@ -727,8 +727,13 @@ def test_ended_sessions_are_freed_without_the_cycle_collector(srv, mode):
                 p.wait_for(lambda: p.of(Kind.AUDIO) or p.of(Kind.CODES) or p.closed, timeout=30)
                 assert not p.errors
             wait_idle(srv)
-        time.sleep(0.2)  # the handler's last lines after the close
-        left = [o for o in gc.get_objects() if type(o) is ChatSession]  # (weak proxies: no isinstance)
+        # the handler's last lines may still run after the close: a live reference goes away,
+        # a cycle does not (type(), not isinstance: dead weak proxies raise on the latter)
+        deadline = time.monotonic() + 10
+        while (left := [o for o in gc.get_objects() if type(o) is ChatSession]) \
+                and time.monotonic() < deadline:
+            del left
+            time.sleep(0.05)
     finally:
         gc.enable()
     assert not left, (f"{len(left)} ended {mode} sessions still in memory, waiting for the cycle "
