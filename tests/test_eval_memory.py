@@ -457,3 +457,81 @@ def test_a_failing_job_ends_the_run_with_its_error(tiny_cfg):
         assert run(m.sqrt, [(4.0,), (9.0,)]) == [2.0, 3.0]
         with pytest.raises(ValueError, match="math domain error"):
             run(m.sqrt, [(-1.0,)] + [(4.0,)] * 50)
+
+
+_POOL_SCRIPT = """
+import time
+from moshi_ttt.config import load_config
+from moshi_ttt.eval import memory as mem
+s = mem.MemoryEvalSettings.from_config(load_config({config!r}), quick=True, workers=2)
+with mem._workers(s) as run:
+    run(time.sleep, [(600.0,)] * 4)
+"""
+
+
+def _pool_workers(parent: int) -> list[int]:
+    """The pids of `parent`'s spawned pool workers (not multiprocessing's resource tracker)."""
+    from pathlib import Path
+
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"spawn_main" in cmd:
+            found.append(int(d.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:  # a zombie is dead: its parent only has not reaped it yet
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc, prctl")
+@pytest.mark.parametrize("how", ["sigterm", "sigkill", "ctrl-c"])
+def test_no_worker_outlives_a_stopped_run(how, tmp_path):
+    """Stopping `eval-memory --workers N` stops its workers: `kill PID`, `kill -9 PID` and a
+    terminal's Ctrl-C (SIGINT to the whole group) alike. Before, after `kill` or `kill -9`
+    each orphaned worker ran its current job to the end (minutes of CPU per job)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = _POOL_SCRIPT.format(config=str(CONFIGS / "tiny.yaml"))
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _pool_workers(proc.pid)) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the pool's workers never started"
+            time.sleep(0.2)
+        time.sleep(3)  # the workers import and start their jobs
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        assert proc.wait(timeout=30) != 0
+        deadline = time.monotonic() + 15
+        while (left := [p for p in workers if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"{len(left)} of {len(workers)} workers still running after {how}"
+    finally:
+        for p in workers + ([] if proc.poll() is not None else [proc.pid]):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)

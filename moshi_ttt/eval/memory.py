@@ -29,12 +29,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import ctypes
 import json
 import logging
 import math
 import multiprocessing
+import os
 import platform
+import signal
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -631,30 +635,65 @@ def _workers(s: MemoryEvalSettings) -> Iterator[Callable[[Callable[..., Any], li
                                                          list[Any]]]:
     """`run(fn, args_list)` -> results in order: inline (1 worker) or in a pool of spawned
     processes (spawn, not fork: a forked child of a process that ran torch's thread pools can
-    hang), logging at this process's level; every job sets `s.threads` itself."""
+    hang), logging at this process's level; every job sets `s.threads` itself.
+
+    No worker outlives the run: on a failed job or Ctrl-C the queued jobs are dropped and the
+    running ones terminated (the executor's own shutdown would let them finish, minutes each),
+    and a worker dies with this process however it ends, `kill -9` included (`_init_worker`)."""
     if s.workers <= 1:
         yield lambda fn, arglist: [fn(*a) for a in arglist]
         return
     ctx = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
-    with concurrent.futures.ProcessPoolExecutor(
-            s.workers, mp_context=ctx, initializer=_init_worker, initargs=(level,)) as pool:
-        def run(fn: Callable[..., Any], arglist: list[tuple]) -> list[Any]:
-            futures = [pool.submit(fn, *a) for a in arglist]
-            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-            failed = next((f for f in futures if f.done() and f.exception() is not None), None)
-            if failed is not None:  # the first failure ends the run: queued jobs never start
-                for f in futures:
-                    f.cancel()
-                raise failed.exception()
-            return [f.result() for f in futures]
+    pool = concurrent.futures.ProcessPoolExecutor(
+        s.workers, mp_context=ctx, initializer=_init_worker, initargs=(level, os.getpid()))
 
+    def run(fn: Callable[..., Any], arglist: list[tuple]) -> list[Any]:
+        futures = [pool.submit(fn, *a) for a in arglist]
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        failed = next((f for f in futures if f.done() and f.exception() is not None), None)
+        if failed is not None:  # the first failure ends the run: queued jobs never start
+            raise failed.exception()
+        return [f.result() for f in futures]
+
+    try:
         yield run
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
 
 
-def _init_worker(level: int) -> None:
-    """A worker logs as this process does (each job sets its own torch threads)."""
+def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Drop the queued jobs and terminate the workers now (Python 3.14 has
+    `terminate_workers()`; before it, the executor's process table)."""
+    if hasattr(pool, "terminate_workers"):
+        pool.terminate_workers()
+        return
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
+def _init_worker(level: int, parent: int) -> None:
+    """A worker logs as this process does (each job sets its own torch threads) and dies with
+    it: SIGTERM from the kernel when the parent exits, whether it was stopped with SIGTERM or
+    SIGKILL (Linux `PR_SET_PDEATHSIG`; elsewhere the pool's own cleanup only)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            logger.warning("eval-memory worker: prctl(PR_SET_PDEATHSIG) failed (errno %d): it "
+                           "may outlive a killed parent", ctypes.get_errno())
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
 
 
 def _pretrain_job(cfg: ProjectConfig, s: MemoryEvalSettings, plan: _TaskPlan
