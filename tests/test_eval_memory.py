@@ -3,6 +3,12 @@ stable long session."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -469,16 +475,19 @@ with mem._workers(s) as run:
 """
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command name (state, ppid, ...)."""
+    return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _pool_workers(parent: int) -> list[int]:
     """The pids of `parent`'s spawned pool workers (not multiprocessing's resource tracker)."""
-    from pathlib import Path
-
     found = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            ppid = int(_stat(d.name)[1])
             cmd = (d / "cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue
@@ -488,26 +497,18 @@ def _pool_workers(parent: int) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
-    from pathlib import Path
-
     try:  # a zombie is dead: its parent only has not reaped it yet
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return _stat(pid)[0] != "Z"
     except OSError:
         return False
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc, prctl")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, prctl")
 @pytest.mark.parametrize("how", ["sigterm", "sigkill", "ctrl-c"])
-def test_no_worker_outlives_a_stopped_run(how, tmp_path):
+def test_no_worker_outlives_a_stopped_run(how):
     """Stopping `eval-memory --workers N` stops its workers: `kill PID`, `kill -9 PID` and a
     terminal's Ctrl-C (SIGINT to the whole group) alike. Before, after `kill` or `kill -9`
     each orphaned worker ran its current job to the end (minutes of CPU per job)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     script = _POOL_SCRIPT.format(config=str(CONFIGS / "tiny.yaml"))
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -665,11 +665,8 @@ def _workers(s: MemoryEvalSettings) -> Iterator[Callable[[Callable[..., Any], li
 
 
 def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Drop the queued jobs and terminate the workers now (Python 3.14 has
-    `terminate_workers()`; before it, the executor's process table)."""
-    if hasattr(pool, "terminate_workers"):
-        pool.terminate_workers()
-        return
+    """Drop the queued jobs and terminate the workers now, through the executor's process
+    table (read before `shutdown` clears it; Python 3.14's `terminate_workers()` reads the same)."""
     procs = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
     for proc in procs:
