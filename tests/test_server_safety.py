@@ -743,8 +743,14 @@ def test_ended_sessions_are_freed_without_the_cycle_collector(srv, mode):
 def test_opus_sessions_do_not_grow_native_memory(base):
     """Short Opus sessions, one after another: the server's resident memory stays flat (it
     grew 8-12 KB per session, linearly, from memory the allocator kept after the codec
-    objects were freed, then about 1.5 KiB from sessions held in reference cycles)."""
-    from moshi_ttt.process_memory import rss_mb
+    objects were freed, then about 1.5 KiB from sessions held in reference cycles).
+
+    RSS moves in steps: the allocator takes or trims about 0.6-0.7 MiB at once every few hundred
+    sessions, up or down (measured over 500 sessions, 2026-12-04). Over 200 sessions one such
+    step alone reads as 3-4 KiB per session, so the growth is the median over ten windows of 20
+    sessions, which a step in one window does not move and a growth in every session does.
+    On glibc, the heap's bytes in use (what a leak grows) must stay flat as well."""
+    from moshi_ttt.process_memory import native_heap, rss_mb
 
     pages = opus_pages(3)
     with ServerThread(settings(base, max_sessions=1)) as srv:
@@ -757,7 +763,15 @@ def test_opus_sessions_do_not_grow_native_memory(base):
                     assert not p.errors
                 wait_idle(srv)
         sessions(40)
-        before = rss_mb()
-        sessions(200)
-        grown_kb = (rss_mb() - before) * 1024
-    assert grown_kb / 200 < 4, f"{grown_kb / 200:.1f} KiB per session"
+        heap_before, rss = native_heap(), [rss_mb()]
+        for _ in range(10):
+            sessions(20)
+            rss.append(rss_mb())
+        heap_after = native_heap()
+    windows_kb = sorted((b - a) * 1024 / 20 for a, b in zip(rss, rss[1:]))
+    median_kb = (windows_kb[4] + windows_kb[5]) / 2
+    assert median_kb < 4, (f"RSS grew {median_kb:.1f} KiB per session (median of 10 windows of "
+                           f"20 sessions: {[round(w, 1) for w in windows_kb]})")
+    if heap_before is not None:
+        heap_kb = (heap_after.in_use_mb - heap_before.in_use_mb) * 1024 / 200
+        assert heap_kb < 1, f"the heap's bytes in use grew {heap_kb:.2f} KiB per session"
