@@ -145,6 +145,17 @@ def test_speech_words_are_encoded_by_the_codec():
     assert (words.content[:, 0] != words.silence[0]).any(dim=-1).all()  # not silence
 
 
+def test_word_codes_fingerprint_changes_with_any_code_or_word():
+    words = _words()
+    assert words.fingerprint() == _words().fingerprint()
+    other = _words()
+    other.distractors[2, 7, 1] += 1
+    assert other.fingerprint() != words.fingerprint()
+    renamed = _words()
+    renamed.content_words[0] = "x"
+    assert renamed.fingerprint() != words.fingerprint()
+
+
 def test_gap_must_exceed_context_and_the_stacked_attention_reach(tiny_cfg):
     with pytest.raises(ValueError, match="must exceed the attention context"):
         RecallTask(context=32, gap=32).check(4, 1000)
@@ -275,6 +286,10 @@ def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg, tmp_path
         assert set(r) >= {"recall_acc", "recall_loss", "chance_acc", "task", "gap_x", "method",
                           "seed"}
     assert by[("speech", "ttt")]["chance_acc"] == 1 / s.speech.content_vocab
+    # the speech figures name the word codes they were measured on (the codec decides them)
+    words = encode_words(calibrated_base(), s.speech.content_vocab, s.speech.distractor_vocab)
+    assert a["tasks"]["speech"]["word_codes"] == words.fingerprint()
+    assert a["tasks"]["text"]["word_codes"] is None
     assert a["lmgen_check"]["max_abs_logit_diff"] <= 1e-4
     assert (tmp_path / "ttt-text.pt").is_file()
     summ = {(x["task"], x["gap_x"], x["method"]): x for x in a["summary"]}

@@ -595,6 +595,7 @@ def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | Non
                 "gaps": {str(g): t.gap for g, t in tasks.items()},
                 "lengths": {str(g): t.length(wf) for g, t in tasks.items()},
                 "content_len": shape.content_len, "word_frames": wf,
+                "word_codes": words.fingerprint() if kind == "speech" else None,
                 "chance_acc": shape.chance_acc, "chance_loss": shape.chance_loss}
             # the training task in whole TTT mini-batches (its tail holds distractors), so a
             # carried stream commits every frame it saw

@@ -32,6 +32,7 @@ precede START, even with its fast weights held at W0 through them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -123,6 +124,17 @@ class WordCodes:
     @property
     def word_frames(self) -> int:
         return int(self.content.shape[-1])
+
+    def fingerprint(self) -> str:
+        """sha256 (24 hex digits) of every code and word: the speech task's whole input. Two
+        calibrations on different machines or environments can give different codecs, hence
+        other codes and other speech figures; results carry this so they can be compared."""
+        h = hashlib.sha256()
+        for t in (self.content, self.distractors, self.silence):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.to(torch.int64).contiguous().numpy().tobytes())
+        h.update("\n".join(self.content_words + ["|"] + self.distractor_words).encode())
+        return h.hexdigest()[:24]
 
 
 def text_batch(task: RecallTask, batch: int, generator: torch.Generator, n_q: int
@@ -248,7 +260,8 @@ def encode_words(base: Path, content_vocab: int, distractor_vocab: int) -> WordC
     sil = silence[:, -1]
     padded = torch.stack([torch.cat([c, sil[:, None].repeat(1, W - c.shape[-1])], dim=-1)
                           for c in chunks])
+    words = WordCodes(padded[:content_vocab].long(), padded[content_vocab:].long(), sil.long(),
+                      content_words, distractor_words)
     logger.info("speech recall: %d content and %d distractor words encoded, %d frames per word "
-                "slot", content_vocab, distractor_vocab, W)
-    return WordCodes(padded[:content_vocab].long(), padded[content_vocab:].long(), sil.long(),
-                     content_words, distractor_words)
+                "slot (word codes %s)", content_vocab, distractor_vocab, W, words.fingerprint())
+    return words
