@@ -469,6 +469,36 @@ def test_carried_training_continues_each_row_and_leaves_no_state(tiny_cfg):
     assert all(torch.equal(x[0], batch(task, s.batch_size, g)[0]) for x in seen)
 
 
+def test_recall_weight_sets_the_recall_frames_share_of_the_loss(tiny_cfg, monkeypatch):
+    """`balanced` weighs the two groups' means by `recall_weight`: 0.5 is their plain mean, 1
+    is the `dependent` loss, 0 the other frames' alone (compared by the step's gradients, read
+    before clipping)."""
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: None)
+    s = _quick(tiny_cfg)
+    task = mem.task_at(s.task, 1.0, 4)
+    data = mem.batches("text", 16, 8, None)(task, 2, torch.Generator().manual_seed(3))
+    lm = mem.build_method("ttt", tiny_cfg, s.task.context, 0, 1)
+    params = [p for p in lm.parameters() if p.requires_grad]
+
+    def grads(train_on: str, **kw) -> list[torch.Tensor]:
+        opt = torch.optim.SGD(params, lr=0.0)
+        mem._train_step(lm, opt, params, data, train_on, 0, **kw)
+        return [p.grad.clone() for p in params]
+
+    def close(a, b):
+        return all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a, b))
+
+    dep, half, mean_default = grads("dependent"), grads("balanced", recall_weight=0.5), \
+        grads("balanced")
+    assert close(grads("balanced", recall_weight=1.0), dep)
+    assert all(torch.equal(x, y) for x, y in zip(half, mean_default))
+    other = grads("balanced", recall_weight=0.0)
+    assert close(half, [0.5 * (a + b) for a, b in zip(dep, other)])
+    assert not close(other, dep)
+    with pytest.raises(ValueError, match="recall_weight"):
+        _quick(tiny_cfg, recall_weight=1.5)
+
+
 def test_a_failing_job_ends_the_run_with_its_error(tiny_cfg):
     """In the worker pool the first failure is raised at once and queued jobs never start."""
     import math as m

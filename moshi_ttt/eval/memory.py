@@ -116,8 +116,12 @@ class MemoryEvalSettings(BaseModel):
     lora_scaling: float = 2.0
     train_on: Literal["all", "dependent", "balanced"] = Field(
         "balanced", description="training loss, the same for every method: `all` frames (plain "
-        "next-token training), only the `dependent` ones, or `balanced`: the mean of the two "
-        "groups' means (the recall frames are a few percent of a sequence of noise)")
+        "next-token training), only the `dependent` ones, or `balanced`: the two groups' means "
+        "weighted `recall_weight` and 1 - `recall_weight` (the recall frames are a few percent "
+        "of a sequence of noise)")
+    recall_weight: float = Field(0.5, ge=0, le=1, description="`balanced`: the recall frames' "
+                                 "share of the loss (0.5: the groups alike; 1: as `dependent`, "
+                                 "which leaves the other frames' predictions unguarded)")
     carry: bool = Field(False, description="TTT trains across steps as one stream per batch "
                         "row (truncated BPTT): each step's sequence starts from the fast weights "
                         "the row's previous sequence ended with, so the outer loop learns on "
@@ -345,7 +349,7 @@ def train_method(lm: LMModel, s: MemoryEvalSettings, task: RecallTask, batch: Ba
             if carry:
                 carry_fast_weights(lm, fresh)
             hist.append(_train_step(lm, opt, params, batch(task, s.batch_size, g), train_on,
-                                    step))
+                                    step, s.recall_weight))
             sched.step()
             if (step + 1) % max(tail, s.steps // 4) == 0:
                 logger.info("%s: step %d/%d: train loss %.4f (dependent %.4f, other %.4f)",
@@ -369,15 +373,15 @@ def restart_chance(s: MemoryEvalSettings, step: int) -> float:
 
 
 def _train_step(lm: LMModel, opt: torch.optim.Optimizer, params: list[torch.Tensor],
-                data: tuple[torch.Tensor, torch.Tensor], train_on: str, step: int
-                ) -> tuple[float, float, float]:
+                data: tuple[torch.Tensor, torch.Tensor], train_on: str, step: int,
+                recall_weight: float = 0.5) -> tuple[float, float, float]:
     """One optimiser step; returns the frames' mean loss, overall, dependent and other."""
     codes, dependent = data
     ce = frame_losses(lm, codes)
     if train_on == "dependent":
         loss = ce[dependent].mean()
     elif train_on == "balanced":
-        loss = 0.5 * (ce[dependent].mean() + ce[~dependent].mean())
+        loss = recall_weight * ce[dependent].mean() + (1 - recall_weight) * ce[~dependent].mean()
     else:
         loss = ce.mean()
     if not torch.isfinite(loss):
@@ -809,10 +813,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_table(report: dict[str, Any]) -> str:
     """Markdown: one row per (task, gap, method), mean ± spread over seeds."""
     s = MemoryEvalSettings.model_validate(report["settings"])
+    weight = (f" (recall frames weighted {s.recall_weight:g})"
+              if s.train_on == "balanced" and s.recall_weight != 0.5 else "")
     lines = [f"long-range recall; gaps are multiples of the stacked attention reach; "
              f"{s.eval_sequences} held-out sequences per gap, streamed frame by frame; "
              f"{s.steps} steps of batch {s.batch_size}, lr {s.lr:g}, loss on {s.train_on} "
-             f"frames; seeds {s.seeds}; TTT = the config's ttt section.", "",
+             f"frames{weight}; seeds {s.seeds}; TTT = the config's ttt section.", "",
              "| task | gap | method | recall acc (mean ± sd, min) | recall loss | chance acc "
              "| any order (chance) |",
              "|---|---:|---|---:|---:|---:|---:|"]
