@@ -480,16 +480,16 @@ def test_recall_weight_sets_the_recall_frames_share_of_the_loss(tiny_cfg, monkey
     lm = mem.build_method("ttt", tiny_cfg, s.task.context, 0, 1)
     params = [p for p in lm.parameters() if p.requires_grad]
 
-    def grads(train_on: str, **kw) -> list[torch.Tensor]:
+    def grads(train_on: str, recall_weight: float = s.recall_weight) -> list[torch.Tensor]:
         opt = torch.optim.SGD(params, lr=0.0)
-        mem._train_step(lm, opt, params, data, train_on, 0, **kw)
+        mem._train_step(lm, opt, params, data, train_on, 0, recall_weight)
         return [p.grad.clone() for p in params]
 
     def close(a, b):
         return all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a, b))
 
     dep, half, mean_default = grads("dependent"), grads("balanced", recall_weight=0.5), \
-        grads("balanced")
+        grads("balanced")  # the shipped setting
     assert close(grads("balanced", recall_weight=1.0), dep)
     assert all(torch.equal(x, y) for x, y in zip(half, mean_default))
     other = grads("balanced", recall_weight=0.0)

@@ -374,7 +374,7 @@ def restart_chance(s: MemoryEvalSettings, step: int) -> float:
 
 def _train_step(lm: LMModel, opt: torch.optim.Optimizer, params: list[torch.Tensor],
                 data: tuple[torch.Tensor, torch.Tensor], train_on: str, step: int,
-                recall_weight: float = 0.5) -> tuple[float, float, float]:
+                recall_weight: float) -> tuple[float, float, float]:
     """One optimiser step; returns the frames' mean loss, overall, dependent and other."""
     codes, dependent = data
     ce = frame_losses(lm, codes)
