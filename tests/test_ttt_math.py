@@ -5,6 +5,7 @@ import torch
 
 from moshi_ttt.ttt_mlp import (
     FastWeights, MiniBatchBuffer, Settle, augmented_column_norms, gelu_tanh, gelu_tanh_grad,
+    gelu_tanh_and_grad,
     head_layer_norm, head_layer_norm_l2_grad, inner_grads, position_scale, stream_step, ttt_scan,
 )
 from moshi_ttt.ttt_reference import naive_ttt
@@ -57,6 +58,26 @@ def test_gelu_grad_matches_autograd():
     x = torch.linspace(-6, 6, 1001, dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(gelu_tanh(x).sum(), x)
     assert torch.allclose(gelu_tanh_grad(x.detach()), g, atol=1e-12)
+
+
+def test_fused_gelu_and_grad_match_autograd_to_second_order():
+    """The fused (gelu, gelu') the inner loop uses: values equal torch's tanh gelu and its
+    derivative, and its hand-written backward (gelu', gelu'') passes gradcheck, for either
+    output alone and both together."""
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64, requires_grad=True)
+    val, d1 = gelu_tanh_and_grad(x)
+    assert torch.allclose(val, gelu_tanh(x), atol=1e-14)
+    assert torch.allclose(d1, gelu_tanh_grad(x), atol=1e-14)
+    (g2,) = torch.autograd.grad(gelu_tanh_grad(x).sum(), x)
+    (ours,) = torch.autograd.grad(gelu_tanh_and_grad(x)[1].sum(), x)
+    assert torch.allclose(ours, g2, atol=1e-12)
+    xs = torch.randn(4, 7, dtype=torch.float64, requires_grad=True) * 2
+    xs = xs.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: gelu_tanh_and_grad(t), (xs,))
+    assert torch.autograd.gradcheck(lambda t: gelu_tanh_and_grad(t)[0], (xs,))
+    assert torch.autograd.gradcheck(lambda t: gelu_tanh_and_grad(t)[1], (xs,))
+    x32 = torch.randn(3, 64)  # fp32: within rounding of torch's gelu
+    assert torch.allclose(gelu_tanh_and_grad(x32)[0], gelu_tanh(x32), atol=1e-6)
 
 
 def test_layer_norm_l2_grad_matches_autograd():
