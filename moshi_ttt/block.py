@@ -251,6 +251,11 @@ class TTTBlock(StreamingModule[TTTState]):
         # segment's state (`CarriedState`, set by `moshi_ttt.model.carry_fast_weights`); None:
         # every sequence starts at W0.
         self.carry: CarriedState | None = None
+        # Outside streaming, while on: the fast weights the last forward ended with (after its
+        # last full mini-batch, detached, [B, H, ...]), which a stream of the same frames holds
+        # at its end; evaluation scores in parallel and reads the sessions' drift from them.
+        self.keep_end_state = False
+        self.end_state: FastWeights | None = None
         kw = {"device": device, "dtype": dtype}
         self.pre_norm = create_norm_fn(norm, d_model, **kw)
         self.wq = nn.Linear(d_model, d_model, bias=True, **kw)
@@ -364,6 +369,8 @@ class TTTBlock(StreamingModule[TTTState]):
                 carry = self._active_carry()
                 if carry is not None:
                     carry.next_w = FastWeights(*(t.detach() for t in w_end.as_tuple()))
+                if self.keep_end_state:
+                    self.end_state = FastWeights(*(t.detach() for t in w_end.as_tuple()))
             else:
                 z = self._stream(xq, xk, xv, lr)
         return self._out(x, z)

@@ -182,6 +182,32 @@ def _trained_looking(lm):
 
 
 @pytest.mark.parametrize("kind", ["text", "speech"])
+def test_parallel_scoring_is_the_stream(tiny_cfg, kind):
+    """eval-memory scores with the parallel forward: its logits and the sessions' fast-weight
+    drift are those of streaming the frames one by one (as the server does), at the shipped
+    task (content after a lead, a gap beyond the attention reach) with a model whose TTT acts;
+    and `stream_check` refuses a scoring that is not."""
+    s = MemoryEvalSettings.from_config(tiny_cfg)
+    shape = s.task if kind == "text" else mem.speech_shape(s).model_copy(
+        update={"content_vocab": 4, "distractor_vocab": 3})
+    task = mem.task_at(shape, 1.0, 4)
+    codes, _ = mem.batches(kind, 16, 8, _words())(task, 3, torch.Generator().manual_seed(2))
+    lm = mem.build_method("ttt", tiny_cfg, task.context, 0, 1)
+    _trained_looking(lm)
+    logits, drift = mem.text_logits(lm, codes, rows=2)  # row chunks: 2 + 1
+    ends: list[float] = []
+    stream = mem.stream_text_logits(lm, codes, on_end=lambda m: ends.append(
+        mem.fast_weight_drift(m)))
+    assert logits.shape == stream.shape == (3, codes.shape[-1], tiny_cfg.text_card)
+    assert (logits - stream).abs().max() <= 1e-4
+    assert drift > 0.01 and drift == pytest.approx(ends[0], rel=1e-4)
+    assert all(a.block.end_state is None and not a.block.keep_end_state for a in ttt_blocks(lm))
+    assert mem.stream_check(lm, codes, logits, "t") <= 1e-4
+    with pytest.raises(RuntimeError, match="differ by 0.01.*expected <= 0.001"):
+        mem.stream_check(lm, codes, logits + 0.01, "t")
+
+
+@pytest.mark.parametrize("kind", ["text", "speech"])
 def test_without_ttt_dependent_frames_cannot_see_the_content(tiny_cfg, kind):
     """Change only the content's first occurrence: the streamed logits of the recall frames do
     not move at all for the base and LoRA (no path: the gap exceeds the reach), and do move for
@@ -282,6 +308,12 @@ def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg, tmp_path
     assert by[("text", "ttt_off")]["fast_weight_drift"] == 0  # ... and not with the lr at 0
     assert by[("text", "lora")]["steps"] == by[("text", "ttt")]["steps"] == s.steps
     assert by[("text", "frozen")]["steps"] == 0
+    # every scored model streamed its first sequences too, and agreed with the parallel scoring
+    for r in a["results"]:
+        if r["gap_x"] == s.gaps[0]:
+            assert 0 <= r["stream_check"] <= 1e-4, (r["task"], r["method"])
+        else:
+            assert "stream_check" not in r
     for r in a["results"]:
         assert set(r) >= {"recall_acc", "recall_loss", "chance_acc", "task", "gap_x", "method",
                           "seed"}
@@ -316,6 +348,23 @@ def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg, tmp_path
         assert 1 / v <= r["set_chance_acc"] <= (s.task.content_len if r["task"] == "text"
                                                 else s.speech.content_len) / v
     assert "recall_set_acc" in summ[("text", 1.0, "ttt")] and "any order" in table
+
+
+def test_jobs_start_longest_first_and_report_in_task_order(tiny_cfg):
+    """The workers start the TTT trainings first (speech's, the longest, before text's) and the
+    frozen scorings last, so no worker finishes a TTT model alone; the report keeps task order
+    (the quick run above checks that the numbers do not depend on the workers)."""
+    plans = {k: mem._TaskPlan(k, None, {}, None, None, 1) for k in ("text", "speech")}
+    jobs = [mem._Job(plans[k], seed, m, {}) for k in ("text", "speech") for seed in (0, 1)
+            for m in ("ttt", "ttt:no_decay", "lora", "frozen")]
+    order = mem.longest_first(jobs)
+    assert sorted(order) == list(range(len(jobs)))
+    started = [(jobs[i].plan.kind, jobs[i].method.split(":")[0]) for i in order]
+    assert started[:4] == [("speech", "ttt")] * 4
+    assert started[4:8] == [("text", "ttt")] * 4
+    assert {m for _, m in started[8:12]} == {"lora"}
+    assert {m for _, m in started[12:]} == {"frozen"}
+    assert [jobs[i].seed for i in order[:4]] == [0, 0, 1, 1]  # ties keep their order
 
 
 def test_recall_metrics_tell_order_from_membership():
@@ -488,13 +537,15 @@ def test_recall_weight_sets_the_recall_frames_share_of_the_loss(tiny_cfg, monkey
     def close(a, b):
         return all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a, b))
 
-    dep, half, mean_default = grads("dependent"), grads("balanced", recall_weight=0.5), \
-        grads("balanced")  # the shipped setting
+    dep, half, shipped = grads("dependent"), grads("balanced", recall_weight=0.5), \
+        grads("balanced")  # the config's setting
     assert close(grads("balanced", recall_weight=1.0), dep)
-    assert all(torch.equal(x, y) for x, y in zip(half, mean_default))
     other = grads("balanced", recall_weight=0.0)
     assert close(half, [0.5 * (a + b) for a, b in zip(dep, other)])
-    assert not close(other, dep)
+    w = tiny_cfg.eval["memory"]["recall_weight"]
+    assert s.recall_weight == w == 0.8
+    assert close(shipped, [w * a + (1 - w) * b for a, b in zip(dep, other)])
+    assert not close(other, dep) and not close(shipped, half)
     with pytest.raises(ValueError, match="recall_weight"):
         _quick(tiny_cfg, recall_weight=1.5)
 

@@ -18,9 +18,11 @@ gets:
 Every sequence puts its content after a lead of distractors (`recall.py`): content arrives
 mid-session, as it does in a conversation, and a model cannot find it by its position in the
 session. Methods train at the first gap of `gaps` (multiples of the stacked attention reach) and
-are scored at every gap, on held-out sequences, frame by frame through moshi's streaming state
-(KV ring buffer of `context` frames, per-row TTT state) as the server runs the model; one LMGen
-run per report checks that LMGen's teacher-forced text logits are those of that stream.
+are scored at every gap, on held-out sequences, by the parallel forward (attention limited to
+`context` frames, TTT's dual form), which computes what a served session computes: every scored
+model also streams its first sequences frame by frame through moshi's streaming state (KV ring
+buffer, per-row TTT state), as the server runs it, and must agree to rounding (`stream_check`);
+one LMGen run per report checks that LMGen's teacher-forced text logits are those of the stream.
 Ablations retrain TTT with one design choice reverted (e.g. the reference init) on
 `ablation_seeds`.
 """
@@ -57,6 +59,7 @@ from ..lora import apply_lora, is_lora_param
 from ..model import (
     attach_ttt, build_base_lm, carry_fast_weights, delayed_inputs, is_ttt_param, ttt_blocks,
 )
+from ..ttt_mlp import FastWeights
 from ..train.trainer import _lr_lambda
 from .recall import RecallTask, WordCodes, encode_words, speech_batch, text_batch
 
@@ -119,7 +122,7 @@ class MemoryEvalSettings(BaseModel):
         "next-token training), only the `dependent` ones, or `balanced`: the two groups' means "
         "weighted `recall_weight` and 1 - `recall_weight` (the recall frames are a few percent "
         "of a sequence of noise)")
-    recall_weight: float = Field(0.5, ge=0, le=1, description="`balanced`: the recall frames' "
+    recall_weight: float = Field(0.8, ge=0, le=1, description="`balanced`: the recall frames' "
                                  "share of the loss (0.5: the groups alike; 1: as `dependent`, "
                                  "which leaves the other frames' predictions unguarded)")
     carry: bool = Field(False, description="TTT trains across steps as one stream per batch "
@@ -415,17 +418,53 @@ def stream_text_logits(lm: LMModel, codes: torch.Tensor,
     return torch.stack(out, dim=1)
 
 
+@torch.no_grad()
+def text_logits(lm: LMModel, codes: torch.Tensor, rows: int = 16
+                ) -> tuple[torch.Tensor, float]:
+    """Teacher-forced text logits [B, T, V] from the parallel forward (TTT's dual form over
+    each row's whole sequence, `rows` rows at a time), and the sessions' fast-weight drift at
+    the end (`fast_weight_drift`'s measure; 0 without TTT).
+
+    The same numbers as streaming the frames one by one (`stream_text_logits`, as the server
+    runs them) up to fp32 rounding: the dual form and the streaming step are exact (the TTT
+    math tests), and `_run_job` checks it again on every scored model. Why not stream: on one
+    CPU thread, 64 sequences of 578 frames take 3.4 s in parallel and 31.7 s streamed, and
+    streaming was a third of the whole default run."""
+    lm.eval()
+    blocks = [a.block for a in ttt_blocks(lm)]
+    out: list[torch.Tensor] = []
+    drift = 0.0
+    try:
+        for blk in blocks:
+            blk.keep_end_state = True
+        for lo in range(0, codes.shape[0], rows):
+            _, logits = lm.forward_text(delayed_inputs(lm, codes[lo:lo + rows])[:, :, :-1])
+            out.append(logits[:, 0].float())
+            for blk in blocks:
+                if blk.end_state is not None:  # None: a depformer block forward_text skips
+                    drift = max(drift, _relative_drift(blk.end_state, blk.inner.fast_weights()))
+    finally:
+        for blk in blocks:
+            blk.keep_end_state, blk.end_state = False, None
+    return torch.cat(out), drift
+
+
 def fast_weight_drift(lm: LMModel) -> float:
     """Inside a stream: max over TTT layers and rows of ||W - W0|| / ||W0|| (W1 and W2)."""
     drift = 0.0
     for a in ttt_blocks(lm):
         st = a.block._streaming_state
-        if st is None:
-            continue
-        w0 = st.w0()
-        for cur, init in ((st.w.w1, w0.w1), (st.w.w2, w0.w2)):
-            rel = (cur - init).flatten(1).norm(dim=1) / init.flatten().norm()
-            drift = max(drift, float(rel.max()))
+        if st is not None:
+            drift = max(drift, _relative_drift(st.w, st.w0()))
+    return drift
+
+
+def _relative_drift(w: FastWeights, w0: FastWeights) -> float:
+    """max over rows of ||W - W0|| / ||W0||, for W1 and W2; `w` per row, `w0` unbatched."""
+    drift = 0.0
+    for cur, init in ((w.w1, w0.w1), (w.w2, w0.w2)):
+        rel = (cur - init).flatten(1).norm(dim=1) / init.flatten().norm()
+        drift = max(drift, float(rel.max()))
     return drift
 
 
@@ -620,10 +659,14 @@ def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | Non
                     jobs += [_Job(plan, seed, f"ttt:{name}", over)
                              for name, over in s.ablations.items()]
             jobs += [_Job(plan, seed, m, {}) for m in s.methods if m != "ttt"]
+    order = longest_first(jobs)
     with _workers(s) as run:
         bases = dict(zip((p.kind for p in plans),
                          run(_pretrain_job, [(cfg, s, p) for p in plans])))
-        done = run(_run_job, [(cfg, s, job, bases[job.plan.kind]) for job in jobs])
+        ran = run(_run_job, [(cfg, s, jobs[i], bases[jobs[i].plan.kind]) for i in order])
+    done: list[Any] = [None] * len(jobs)
+    for i, result in zip(order, ran):
+        done[i] = result
     rows = [r for job_rows, _ in done for r in job_rows]
     check = next((c for _, c in done if c), {})
     return {
@@ -633,6 +676,22 @@ def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | Non
         "environment": {"torch": torch.__version__, "threads": s.threads,
                         "workers": s.workers, "machine": platform.machine()},
     }
+
+
+#: A job's cost relative to a LoRA job's, measured on the 2-core CPU at the tiny config's
+#: default budget (2026-12-04): TTT training 220-230 s on text and 260-300 s on speech, LoRA
+#: 90-100 s, a frozen model scoring only.
+_JOB_COST = {("ttt", "speech"): 3.0, ("ttt", "text"): 2.4, ("lora", "speech"): 1.0,
+             ("lora", "text"): 1.0, ("frozen", "speech"): 0.1, ("frozen", "text"): 0.1}
+
+
+def longest_first(jobs: list[_Job]) -> list[int]:
+    """The order in which to start `jobs` (indices): longest first, so that no worker is left
+    training a TTT model alone at the end while the other idles (in task order the queue ends
+    with the last speech seed's TTT, LoRA and frozen jobs). Ties keep their order. Results do not depend on it:
+    every job seeds its own generators."""
+    return sorted(range(len(jobs)),
+                  key=lambda i: -_JOB_COST[(jobs[i].method.split(":")[0], jobs[i].plan.kind)])
 
 
 @contextmanager
@@ -720,15 +779,17 @@ def _run_job(cfg: ProjectConfig, s: MemoryEvalSettings, job: _Job,
     def score(name: str, lm: LMModel, extra: dict[str, Any]) -> None:
         for gap, (codes, dep) in held.items():
             t0 = time.perf_counter()
-            drift: list[float] = []
-            logits = stream_text_logits(lm, codes,
-                                        on_end=lambda m: drift.append(fast_weight_drift(m)))
+            logits, drift = text_logits(lm, codes)
+            check = {}
+            if gap == s.gaps[0]:
+                check = {"stream_check": stream_check(lm, codes, logits,
+                                                      f"{plan.kind} / seed {seed} / {name}")}
             rows.append({"task": plan.kind, "gap_x": gap, "gap": plan.tasks[gap].gap,
                          "seed": seed, "method": name,
                          **recall_metrics(logits, codes, dep, plan.shape.content_vocab),
                          "chance_acc": plan.shape.chance_acc,
                          "chance_loss": plan.shape.chance_loss, **extra,
-                         "fast_weight_drift": drift[0],
+                         "fast_weight_drift": drift, **check,
                          "eval_seconds": time.perf_counter() - t0})
         logger.info("%s / seed %d / %s: recall acc %s", plan.kind, seed, name,
                     ", ".join(f"{x['recall_acc']:.3f} (any order {x['recall_set_acc']:.3f}) "
@@ -769,6 +830,26 @@ def _run_job(cfg: ProjectConfig, s: MemoryEvalSettings, job: _Job,
         if job.save_to is not None and tc is not None:
             save_model(lm, cfg, tc, plan.shape, job.save_to)
     return rows, check
+
+
+#: Rows of the first gap's held-out sequences that every scored model also streams frame by
+#: frame (`stream_check`), and the largest text-logit difference from the parallel scoring
+#: that is rounding (measured: about 5e-6) rather than a broken equivalence.
+STREAM_CHECK_ROWS = 4
+STREAM_CHECK_TOL = 1e-3
+
+
+def stream_check(lm: LMModel, codes: torch.Tensor, logits: torch.Tensor, label: str) -> float:
+    """Stream the first `STREAM_CHECK_ROWS` sequences one frame at a time (the server's path)
+    and return the max |stream - parallel| text logit; raise when it is more than rounding,
+    because then the report would not measure what a served session does."""
+    n = min(STREAM_CHECK_ROWS, codes.shape[0])
+    diff = float((stream_text_logits(lm, codes[:n]) - logits[:n]).abs().max())
+    if not diff <= STREAM_CHECK_TOL:
+        raise RuntimeError(f"{label}: the parallel scoring and the frame-by-frame stream differ "
+                           f"by {diff:.3g} in a text logit (expected <= {STREAM_CHECK_TOL:g}): "
+                           f"the dual form and the streaming step no longer agree")
+    return diff
 
 
 def _lmgen_check(lm: LMModel, codes: torch.Tensor, dep: torch.Tensor) -> dict[str, float]:
@@ -813,10 +894,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_table(report: dict[str, Any]) -> str:
     """Markdown: one row per (task, gap, method), mean ± spread over seeds."""
     s = MemoryEvalSettings.model_validate(report["settings"])
-    weight = (f" (recall frames weighted {s.recall_weight:g})"
-              if s.train_on == "balanced" and s.recall_weight != 0.5 else "")
+    weight = f" (recall frames weighted {s.recall_weight:g})" if s.train_on == "balanced" else ""
     lines = [f"long-range recall; gaps are multiples of the stacked attention reach; "
-             f"{s.eval_sequences} held-out sequences per gap, streamed frame by frame; "
+             f"{s.eval_sequences} held-out sequences per gap, scored in parallel (each model's "
+             f"first {STREAM_CHECK_ROWS} also streamed frame by frame: the same logits); "
              f"{s.steps} steps of batch {s.batch_size}, lr {s.lr:g}, loss on {s.train_on} "
              f"frames{weight}; seeds {s.seeds}; TTT = the config's ttt section.", "",
              "| task | gap | method | recall acc (mean ± sd, min) | recall loss | chance acc "
