@@ -688,8 +688,8 @@ _JOB_COST = {("ttt", "speech"): 3.0, ("ttt", "text"): 2.4, ("lora", "speech"): 1
 def longest_first(jobs: list[_Job]) -> list[int]:
     """The order in which to start `jobs` (indices): longest first, so that no worker is left
     training a TTT model alone at the end while the other idles (in task order the queue ends
-    with the last speech seed's TTT, LoRA and frozen jobs). Ties keep their order. Results do not depend on it:
-    every job seeds its own generators."""
+    with the last speech seed's TTT, LoRA and frozen jobs). Ties keep their order. Results do
+    not depend on it: every job seeds its own generators."""
     return sorted(range(len(jobs)),
                   key=lambda i: -_JOB_COST[(jobs[i].method.split(":")[0], jobs[i].plan.kind)])
 
