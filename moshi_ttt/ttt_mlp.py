@@ -120,12 +120,11 @@ class _GeluTanhAndGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)
-        t = torch.tanh(_GELU_K * (x + 0.044715 * x.pow(3)))
+        t = _gelu_tanh_t(x)
         du = _GELU_K * (1.0 + 3.0 * 0.044715 * x * x)
-        half_1pt = 0.5 * (1.0 + t)
-        d1 = half_1pt + 0.5 * x * (1.0 - t * t) * du
+        d1 = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
         ctx.save_for_backward(x, t, d1)
-        return x * half_1pt, d1
+        return _gelu_from_t(x, t), d1
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -140,9 +139,26 @@ class _GeluTanhAndGrad(torch.autograd.Function):
         return grad
 
 
+def _gelu_tanh_t(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(_GELU_K * (x + 0.044715 * x.pow(3)))
+
+
+def _gelu_from_t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return x * (0.5 * (1.0 + t))
+
+
 def gelu_tanh_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(gelu_tanh(x), gelu_tanh_grad(x)), equal to them up to rounding, differentiable."""
     return _GeluTanhAndGrad.apply(x)
+
+
+def gelu_tanh_value(x: torch.Tensor) -> torch.Tensor:
+    """`gelu_tanh_and_grad(x)[0]` computed by the same ops, so the parallel form and the
+    streaming step read the same values in eager mode; without a gradient to track it skips
+    the derivative (the streaming step's query path, every frame)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _GeluTanhAndGrad.apply(x)[0]
+    return _gelu_from_t(x, _gelu_tanh_t(x))
 
 
 def head_layer_norm(
@@ -251,7 +267,7 @@ def minibatch_forward(
     eta = torch.where(causal, scale[:, None] * lr[..., None, :], 0.0)
     # W_i applied to q_i: q_i W1 - sum_j eta_ij (q_i . k_j) gz1_j ; b1_i = b1 - sum_j eta_ij gz1_j
     z1 = xq @ w.w1 + w.b1 - (eta * (xq @ xk.transpose(-1, -2) + 1.0)) @ gz1
-    x2q = gelu_tanh_and_grad(z1)[0]
+    x2q = gelu_tanh_value(z1)
     z2 = x2q @ w.w2 + w.b2 - (eta * (x2q @ x2.transpose(-1, -2) + 1.0)) @ gz2
     out = xq + head_layer_norm(z2, ln_w, ln_b, eps)
 
@@ -392,12 +408,12 @@ def stream_step(
     valid = (slots[None, :] <= pos[:, None])[:, None, :]  # [B,1,K]
     eta = torch.where(valid, scale[pos][:, None, None] * buf.lr, 0.0)[:, :, None, :]  # [B,H,1,K]
     z1 = xq @ w.w1 + w.b1 - (eta * (xq @ buf.xk.transpose(-1, -2) + 1.0)) @ buf.gz1
-    x2q = gelu_tanh_and_grad(z1)[0]  # as the parallel form computes it, to the bit
+    x2q = gelu_tanh_value(z1)  # the function the parallel form computes
     z2 = x2q @ w.w2 + w.b2 - (eta * (x2q @ buf.x2.transpose(-1, -2) + 1.0)) @ buf.gz2
     out = xq + head_layer_norm(z2, ln_w, ln_b, eps)
     if telemetry is not None:  # the same W_pos applied to this frame's key
         z1a = z1k - (eta * (xk @ buf.xk.transpose(-1, -2) + 1.0)) @ buf.gz1
-        x2a = gelu_tanh_and_grad(z1a)[0]
+        x2a = gelu_tanh_value(z1a)
         z2a = x2a @ w.w2 + w.b2 - (eta * (x2a @ buf.x2.transpose(-1, -2) + 1.0)) @ buf.gz2
         # [B, H, 1] each: the residual's half squared norm is the inner loss
         losses = torch.cat([residual.pow(2).sum(-1),

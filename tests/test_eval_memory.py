@@ -206,6 +206,14 @@ def test_parallel_scoring_is_the_stream(tiny_cfg, kind):
     with pytest.raises(RuntimeError, match="differ by 0.01.*expected <= 0.001"):
         mem.stream_check(lm, codes, logits + 0.01, "t")
 
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    lm.forward_text = broken  # a failing forward leaves no capture switched on
+    with pytest.raises(RuntimeError, match="boom"):
+        mem.text_logits(lm, codes)
+    assert all(a.block.end_state is None and not a.block.keep_end_state for a in ttt_blocks(lm))
+
 
 @pytest.mark.parametrize("kind", ["text", "speech"])
 def test_without_ttt_dependent_frames_cannot_see_the_content(tiny_cfg, kind):
@@ -308,6 +316,12 @@ def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg, tmp_path
     assert by[("text", "ttt_off")]["fast_weight_drift"] == 0  # ... and not with the lr at 0
     assert by[("text", "lora")]["steps"] == by[("text", "ttt")]["steps"] == s.steps
     assert by[("text", "frozen")]["steps"] == 0
+    # rows in task order (jobs ran longest first): text before speech, each seed's TTT, its
+    # inner-updates-off scoring and ablations, then LoRA, then frozen
+    assert [(r["task"], r["method"]) for r in a["results"] if r["gap_x"] == s.gaps[0]] == [
+        ("text", "ttt"), ("text", "ttt_off"), ("text", "ttt:reference_init"), ("text", "lora"),
+        ("text", "frozen"), ("speech", "ttt"), ("speech", "ttt_off"), ("speech", "lora"),
+        ("speech", "frozen")]
     # every scored model streamed its first sequences too, and agreed with the parallel scoring
     for r in a["results"]:
         if r["gap_x"] == s.gaps[0]:
@@ -365,6 +379,8 @@ def test_jobs_start_longest_first_and_report_in_task_order(tiny_cfg):
     assert {m for _, m in started[8:12]} == {"lora"}
     assert {m for _, m in started[12:]} == {"frozen"}
     assert [jobs[i].seed for i in order[:4]] == [0, 0, 1, 1]  # ties keep their order
+    # every method and task has a cost, so a run never fails on scheduling
+    assert {(m, k) for m in mem.METHODS for k in mem.TASKS} <= set(mem._JOB_COST)
 
 
 def test_recall_metrics_tell_order_from_membership():

@@ -5,7 +5,7 @@ import torch
 
 from moshi_ttt.ttt_mlp import (
     FastWeights, MiniBatchBuffer, Settle, augmented_column_norms, gelu_tanh, gelu_tanh_grad,
-    gelu_tanh_and_grad,
+    gelu_tanh_and_grad, gelu_tanh_value,
     head_layer_norm, head_layer_norm_l2_grad, inner_grads, position_scale, stream_step, ttt_scan,
 )
 from moshi_ttt.ttt_reference import naive_ttt
@@ -78,6 +78,12 @@ def test_fused_gelu_and_grad_match_autograd_to_second_order():
     assert torch.autograd.gradcheck(lambda t: gelu_tanh_and_grad(t)[1], (xs,))
     x32 = torch.randn(3, 64)  # fp32: within rounding of torch's gelu
     assert torch.allclose(gelu_tanh_and_grad(x32)[0], gelu_tanh(x32), atol=1e-6)
+    # the value alone (the query path) is the same bits, with or without a gradient to track
+    assert torch.equal(gelu_tanh_value(x32), gelu_tanh_and_grad(x32)[0])
+    xg = x32.clone().requires_grad_()
+    assert torch.equal(gelu_tanh_value(xg).detach(), gelu_tanh_value(x32))
+    (gv,) = torch.autograd.grad(gelu_tanh_value(xg).sum(), xg)
+    assert torch.allclose(gv, gelu_tanh_grad(x32), atol=1e-6)
 
 
 def test_layer_norm_l2_grad_matches_autograd():

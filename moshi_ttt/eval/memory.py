@@ -780,16 +780,16 @@ def _run_job(cfg: ProjectConfig, s: MemoryEvalSettings, job: _Job,
         for gap, (codes, dep) in held.items():
             t0 = time.perf_counter()
             logits, drift = text_logits(lm, codes)
-            check = {}
+            stream = {}
             if gap == s.gaps[0]:
-                check = {"stream_check": stream_check(lm, codes, logits,
-                                                      f"{plan.kind} / seed {seed} / {name}")}
+                stream = {"stream_check": stream_check(lm, codes, logits,
+                                                       f"{plan.kind} / seed {seed} / {name}")}
             rows.append({"task": plan.kind, "gap_x": gap, "gap": plan.tasks[gap].gap,
                          "seed": seed, "method": name,
                          **recall_metrics(logits, codes, dep, plan.shape.content_vocab),
                          "chance_acc": plan.shape.chance_acc,
                          "chance_loss": plan.shape.chance_loss, **extra,
-                         "fast_weight_drift": drift, **check,
+                         "fast_weight_drift": drift, **stream,
                          "eval_seconds": time.perf_counter() - t0})
         logger.info("%s / seed %d / %s: recall acc %s", plan.kind, seed, name,
                     ", ".join(f"{x['recall_acc']:.3f} (any order {x['recall_set_acc']:.3f}) "
@@ -853,7 +853,8 @@ def stream_check(lm: LMModel, codes: torch.Tensor, logits: torch.Tensor, label: 
 
 
 def _lmgen_check(lm: LMModel, codes: torch.Tensor, dep: torch.Tensor) -> dict[str, float]:
-    """LMGen's teacher-forced text logits against the stream the report scores (first rows)."""
+    """LMGen's teacher-forced text logits against the frame-by-frame stream (first rows),
+    which `stream_check` ties to the parallel logits the report scores."""
     codes = codes[:4]
     a = lmgen_text_logits(lm, codes)
     b = stream_text_logits(lm, codes)
