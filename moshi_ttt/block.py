@@ -367,10 +367,12 @@ class TTTBlock(StreamingModule[TTTState]):
                     scale=self._scale(xq.device),
                 )
                 carry = self._active_carry()
-                if carry is not None:
-                    carry.next_w = FastWeights(*(t.detach() for t in w_end.as_tuple()))
-                if self.keep_end_state:
-                    self.end_state = FastWeights(*(t.detach() for t in w_end.as_tuple()))
+                if carry is not None or self.keep_end_state:
+                    ended = FastWeights(*(t.detach() for t in w_end.as_tuple()))
+                    if carry is not None:
+                        carry.next_w = ended
+                    if self.keep_end_state:
+                        self.end_state = ended
             else:
                 z = self._stream(xq, xk, xv, lr)
         return self._out(x, z)

@@ -36,6 +36,7 @@ from moshi.utils.compile import torch_compile_lazy
 from torch.utils.checkpoint import checkpoint
 
 _GELU_K = math.sqrt(2.0 / math.pi)
+_GELU_C = 0.044715
 
 
 @dataclass
@@ -101,10 +102,26 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
-    """d/dx of the tanh-approximated gelu (closed form, so no autograd inside the inner loop)."""
-    inner = _GELU_K * (x + 0.044715 * x.pow(3))
-    t = torch.tanh(inner)
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_K * (1.0 + 3.0 * 0.044715 * x * x)
+    """d/dx of the tanh-approximated gelu, in closed form (the inner loop takes it from
+    `gelu_tanh_and_grad`, which shares the formula)."""
+    return _gelu_grad_from_t(x, _gelu_tanh_t(x))
+
+
+# gelu_tanh(x) = x/2 (1 + t), t = tanh(u), u = k (x + c x^3): the pieces every form shares
+def _gelu_tanh_t(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(_GELU_K * (x + _GELU_C * x.pow(3)))
+
+
+def _gelu_du(x: torch.Tensor) -> torch.Tensor:
+    return _GELU_K * (1.0 + 3.0 * _GELU_C * x * x)
+
+
+def _gelu_from_t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return x * (0.5 * (1.0 + t))
+
+
+def _gelu_grad_from_t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _gelu_du(x)
 
 
 class _GeluTanhAndGrad(torch.autograd.Function):
@@ -121,8 +138,7 @@ class _GeluTanhAndGrad(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)
         t = _gelu_tanh_t(x)
-        du = _GELU_K * (1.0 + 3.0 * 0.044715 * x * x)
-        d1 = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+        d1 = _gelu_grad_from_t(x, t)
         ctx.save_for_backward(x, t, d1)
         return _gelu_from_t(x, t), d1
 
@@ -133,18 +149,10 @@ class _GeluTanhAndGrad(torch.autograd.Function):
         grad = None if g_val is None else g_val * d1
         if g_d1 is not None:
             # gelu'' = (1 - t^2) (u' + x/2 (u'' - 2 t u'^2)), u = k (x + c x^3)
-            du = _GELU_K * (1.0 + 3.0 * 0.044715 * x * x)
-            d2 = (1.0 - t * t) * (du + 0.5 * x * (6.0 * _GELU_K * 0.044715 * x - 2.0 * t * du * du))
+            du = _gelu_du(x)
+            d2 = (1.0 - t * t) * (du + 0.5 * x * (6.0 * _GELU_K * _GELU_C * x - 2.0 * t * du * du))
             grad = g_d1 * d2 if grad is None else grad + g_d1 * d2
         return grad
-
-
-def _gelu_tanh_t(x: torch.Tensor) -> torch.Tensor:
-    return torch.tanh(_GELU_K * (x + 0.044715 * x.pow(3)))
-
-
-def _gelu_from_t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return x * (0.5 * (1.0 + t))
 
 
 def gelu_tanh_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
