@@ -90,11 +90,16 @@ def settle(w: FastWeights, rule: Settle | None) -> FastWeights:
         w = FastWeights(*(init + keep * (cur - init)
                           for cur, init in zip(w.as_tuple(), rule.w0.as_tuple())))
     if rule.norms is not None:
-        t1, t2 = rule.norms
-        n1, n2 = augmented_column_norms(w)
-        g1, g2 = t1 / n1.clamp_min(1e-12), t2 / n2.clamp_min(1e-12)
-        w = FastWeights(w.w1 * g1, w.b1 * g1, w.w2 * g2, w.b2 * g2)
+        w = renormalized(w, rule.norms)
     return w
+
+
+def renormalized(w: FastWeights, norms: tuple[torch.Tensor, torch.Tensor]) -> FastWeights:
+    """`w` with each output unit's incoming weights and bias rescaled to `norms` (`Settle`)."""
+    t1, t2 = norms
+    n1, n2 = augmented_column_norms(w)
+    g1, g2 = t1 / n1.clamp_min(1e-12), t2 / n2.clamp_min(1e-12)
+    return FastWeights(w.w1 * g1, w.b1 * g1, w.w2 * g2, w.b2 * g2)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -102,80 +107,78 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
-    """d/dx of the tanh-approximated gelu, in closed form (the inner loop takes it from
-    `gelu_tanh_and_grad`, which shares the formula)."""
-    return _gelu_grad_from_t(x, _gelu_tanh_t(x))
+    """d/dx of the tanh-approximated gelu, in closed form (the forms below share the pieces)."""
+    return _gelu_grad_from_s(x, *_gelu_s(x))
 
 
-# gelu_tanh(x) = x/2 (1 + t), t = tanh(u), u = k (x + c x^3): the pieces every form shares
-def _gelu_tanh_t(x: torch.Tensor) -> torch.Tensor:
-    return torch.tanh(_GELU_K * (x + _GELU_C * x.pow(3)))
+# gelu_tanh(x) = x/2 (1 + tanh(u)) = x s, s = sigmoid(a), a = 2u = 2k (x + c x^3). Why sigmoids:
+# on a CPU thread torch's float tanh costs ~6x its sigmoid (175 against 27 us for a
+# [16, 1, 16, 256] tile, measured), and with sm = sigmoid(-a) = 1 - s the derivatives need no
+# 1 - s or 1 - tanh^2, which cancel in fp32 (gelu'' from s and sm: 2.4e-7 off float64 over
+# [-8, 8], against 3.7e-6 from tanh).
+def _gelu_a(x: torch.Tensor) -> torch.Tensor:
+    return (2.0 * _GELU_K) * (x + _GELU_C * x.pow(3))
+
+
+def _gelu_s(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, sm) = (sigmoid(a), sigmoid(-a))."""
+    a = _gelu_a(x)
+    return torch.sigmoid(a), torch.sigmoid(-a)
 
 
 def _gelu_du(x: torch.Tensor) -> torch.Tensor:
     return _GELU_K * (1.0 + 3.0 * _GELU_C * x * x)
 
 
-def _gelu_from_t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return x * (0.5 * (1.0 + t))
+def _gelu_from_s(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return x * s
 
 
-def _gelu_grad_from_t(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _gelu_du(x)
+def _gelu_grad_from_s(x: torch.Tensor, s: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
+    # gelu' = s + 2 x s (1 - s) u'
+    return s + (2.0 * x) * (s * sm) * _gelu_du(x)
 
 
-class _GeluTanhAndGrad(torch.autograd.Function):
-    """(gelu(x), gelu'(x)) from one tanh, with a backward that is a multiply-add.
+def _gelu_grad2_from_s(x: torch.Tensor, s: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
+    # gelu'' = 2 s (1 - s) (2 u' + x (u'' + 2 (1 - 2 s) u'^2)), u'' = 6 k c x
+    du = _gelu_du(x)
+    return (2.0 * s * sm) * (
+        2.0 * du + x * ((6.0 * _GELU_K * _GELU_C) * x + 2.0 * (sm - s) * du * du))
 
-    Why: the inner gradient needs gelu'(z1) of the keys' pre-activations, and the outer
-    backward then differentiates through it. Built from autograd ops, that is ~12 recorded
-    elementwise ops plus aten's tanh-gelu backward, which on a CPU thread costs more than the
-    forward's matmul it follows (1.3 ms for a [16, 1, 16, 256] tile, measured); here the
-    backward reads gelu' and gelu'' off the saved tanh. First order only (the outer loop needs
-    no more)."""
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx.set_materialize_grads(False)
-        t = _gelu_tanh_t(x)
-        d1 = _gelu_grad_from_t(x, t)
-        ctx.save_for_backward(x, t, d1)
-        return _gelu_from_t(x, t), d1
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g_val: torch.Tensor | None, g_d1: torch.Tensor | None):
-        x, t, d1 = ctx.saved_tensors
-        grad = None if g_val is None else g_val * d1
-        if g_d1 is not None:
-            # gelu'' = (1 - t^2) (u' + x/2 (u'' - 2 t u'^2)), u = k (x + c x^3)
-            du = _gelu_du(x)
-            d2 = (1.0 - t * t) * (du + 0.5 * x * (6.0 * _GELU_K * _GELU_C * x - 2.0 * t * du * du))
-            grad = g_d1 * d2 if grad is None else grad + g_d1 * d2
-        return grad
+def gelu_tanh_grad2(x: torch.Tensor) -> torch.Tensor:
+    """d2/dx2 of the tanh-approximated gelu, in closed form (the dual form's backward)."""
+    return _gelu_grad2_from_s(x, *_gelu_s(x))
 
 
 def gelu_tanh_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gelu_tanh(x), gelu_tanh_grad(x)), equal to them up to rounding, differentiable."""
-    return _GeluTanhAndGrad.apply(x)
+    """(gelu_tanh(x), gelu_tanh_grad(x)), equal to them up to rounding (the streaming step's
+    inner gradient; the training form has its own backward, `_DualForm`)."""
+    s, sm = _gelu_s(x)
+    return _gelu_from_s(x, s), _gelu_grad_from_s(x, s, sm)
 
 
 def gelu_tanh_value(x: torch.Tensor) -> torch.Tensor:
-    """`gelu_tanh_and_grad(x)[0]` computed by the same ops, so the parallel form and the
-    streaming step read the same values in eager mode; without a gradient to track it skips
-    the derivative (the streaming step's query path, every frame)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _GeluTanhAndGrad.apply(x)[0]
-    return _gelu_from_t(x, _gelu_tanh_t(x))
+    """`gelu_tanh_and_grad(x)[0]` alone, by the same ops (one sigmoid): the parallel form and
+    the streaming step read the same values."""
+    return _gelu_from_s(x, torch.sigmoid(_gelu_a(x)))
+
+
+def _normalized(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z - mean) * rstd and rstd over the last dim: the LayerNorm's pieces every form shares.
+    Two passes, written out: `Tensor.var` costs 117 us for a [16, 1, 16, 64] tile on a CPU
+    thread (this, 16 us), and aten's layer-norm kernel lost precision here (2-3x the dual
+    form's error against a float64 oracle, measured)."""
+    zc = z - z.mean(dim=-1, keepdim=True)
+    rstd = torch.rsqrt((zc * zc).mean(dim=-1, keepdim=True) + eps)
+    return zc * rstd, rstd
 
 
 def head_layer_norm(
     z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
     """Per-head LayerNorm over the last dim; weight/bias [H, HD] broadcast over [B,H,T,HD]."""
-    mu = z.mean(dim=-1, keepdim=True)
-    var = z.var(dim=-1, keepdim=True, unbiased=False)
-    zhat = (z - mu) * torch.rsqrt(var + eps)
+    zhat, _ = _normalized(z, eps)
     return zhat * weight[:, None, :] + bias[:, None, :]
 
 
@@ -185,11 +188,16 @@ def head_layer_norm_l2_grad(
 ):
     """Gradient wrt z of 1/2 ||LN(z) - target||^2 (LayerNorm backward fused with the L2 loss);
     with `with_residual`, also LN(z) - target (whose half squared norm is the loss)."""
+    grad, residual, _, _, _ = _l2_grad_parts(z, target, weight, bias, eps)
+    return (grad, residual) if with_residual else grad
+
+
+def _l2_grad_parts(z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor, eps: float):
+    """`head_layer_norm_l2_grad` with its pieces: (grad, residual, zhat, rstd, g_hat), g_hat =
+    residual * weight (the loss's gradient wrt LN(z)'s normalised value)."""
     d = z.shape[-1]
-    mu = z.mean(dim=-1, keepdim=True)
-    var = z.var(dim=-1, keepdim=True, unbiased=False)
-    rstd = torch.rsqrt(var + eps)
-    zhat = (z - mu) * rstd
+    zhat, rstd = _normalized(z, eps)
     w = weight[:, None, :]
     residual = zhat * w + bias[:, None, :] - target
     g_hat = residual * w
@@ -198,7 +206,7 @@ def head_layer_norm_l2_grad(
         - g_hat.sum(dim=-1, keepdim=True)
         - zhat * (g_hat * zhat).sum(dim=-1, keepdim=True)
     ) * (rstd / d)
-    return (grad, residual) if with_residual else grad
+    return grad, residual, zhat, rstd, g_hat
 
 
 def inner_grads(
@@ -249,7 +257,211 @@ def position_scale(k: int, offset: torch.Tensor | None = None, device=None,
     return s
 
 
-@torch_compile_lazy  # ~240 small ops per mini-batch: fused, the scan stops being launch-bound
+def _t(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-1, -2)
+
+
+def _plus_outer(base: torch.Tensor, x: torch.Tensor, g: torch.Tensor,
+                alpha: float = 1.0, owned: bool = False) -> torch.Tensor:
+    """base + alpha * x^T g over the last two dims ([.., k, m], [.., k, n] -> [.., m, n]) as one
+    GEMM with beta = 1. `owned`: base is a fresh contiguous tensor of the caller's, updated in
+    place (no copy of a state-sized tensor)."""
+    lead, mn = base.shape[:-2], base.shape[-2:]
+    x_t, g3 = _t(x).reshape(-1, *_t(x).shape[-2:]), g.reshape(-1, *g.shape[-2:])
+    if owned and base.is_contiguous():
+        base.view(-1, *mn).baddbmm_(x_t, g3, alpha=alpha)
+        return base
+    return torch.baddbmm(base.reshape(-1, *mn), x_t, g3, alpha=alpha).view(*lead, *mn)
+
+
+def _head_sum(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, ...] -> [H]: a per-head total."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1).sum(-1)
+
+
+class _DualForm(torch.autograd.Function):
+    """One mini-batch of the dual form, the committed state decayed toward W0 by `keep` when
+    given (`minibatch_forward` has the math), with a hand-written backward.
+
+    Why: built from autograd ops, a mini-batch records ~100 elementwise ops, differentiates the
+    inner LayerNorm-L2 gradient op by op and makes several passes over the state-sized fast
+    weights per update and per gradient (a training step of the tiny model on one CPU thread
+    spent ~60 % of its time in the TTT scan, more of it in elementwise work than in matmuls).
+    Here the backward is written out once: the same matmuls (those that share an output merged
+    into one), every state-sized result made in one pass (`_plus_outer`, `torch.lerp`).
+    First order only (the outer loop needs no more); float64 gradcheck in the tests.
+    """
+
+    @staticmethod
+    def forward(ctx, w1, b1, w2, b2, xq, xk, xv, lr, scale, ln_w, ln_b, eps,
+                w01, w0b1, w02, w0b2, keep):
+        ctx.set_materialize_grads(False)
+        k = xq.shape[-2]
+        gam, bet = ln_w[:, None, :], ln_b[:, None, :]
+        # the keys' inner gradients at W (as `inner_grads`)
+        z1 = xk @ w1 + b1
+        sk, smk = _gelu_s(z1)
+        x2, gp1 = _gelu_from_s(z1, sk), _gelu_grad_from_s(z1, sk, smk)
+        z2 = x2 @ w2 + b2
+        gz2, res, xh, r, g = _l2_grad_parts(z2, xv - xk, ln_w, ln_b, eps)
+        hh = gz2 @ _t(w2)
+        gz1 = hh * gp1
+        # eta[i, j] = s_i * lr_j for j <= i, else 0; query i reads W_i
+        causal = torch.ones(k, k, dtype=torch.bool, device=xq.device).tril()
+        eta = torch.where(causal, scale[:, None] * lr[..., None, :], 0.0)
+        a1p = xq @ _t(xk) + 1.0
+        a1 = eta * a1p
+        zq1 = xq @ w1 + b1 - a1 @ gz1
+        sq, smq = _gelu_s(zq1)
+        xq2 = _gelu_from_s(zq1, sq)
+        a2p = xq2 @ _t(x2) + 1.0
+        a2 = eta * a2p
+        zq2 = xq2 @ w2 + b2 - a2 @ gz2
+        xhq, rq = _normalized(zq2, eps)
+        out = xq + (xhq * gam + bet)
+        # the committed state: W - s_{k-1} sum_j lr_j grad_j, then W0 + keep (that - W0)
+        c = eta[..., -1, :, None]  # [B,H,k,1]
+        if keep is None:
+            base = (w1, b1, w2, b2)
+        else:
+            kp = keep.view(-1, 1, 1)
+            c = c * kp
+            base = tuple(torch.lerp(i, w, kp) for i, w in zip((w01, w0b1, w02, w0b2),
+                                                              (w1, b1, w2, b2)))
+        w1n = _plus_outer(base[0], xk * c, gz1, alpha=-1.0, owned=keep is not None)
+        b1n = base[1] - (c * gz1).sum(dim=-2, keepdim=True)
+        w2n = _plus_outer(base[2], x2 * c, gz2, alpha=-1.0, owned=keep is not None)
+        b2n = base[3] - (c * gz2).sum(dim=-2, keepdim=True)
+        ctx.save_for_backward(w1, b1, w2, b2, xq, xk, z1, sk, smk, x2, gp1, xh, r, g, res, gz2, hh,
+                              gz1, eta, a1p, a1, zq1, sq, smq, xq2, a2p, a2, xhq, rq, ln_w, lr, scale,
+                              w01, w0b1, w02, w0b2, keep)
+        return out, w1n, b1n, w2n, b2n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_w1n, d_b1n, d_w2n, d_b2n):
+        (w1, b1, w2, b2, xq, xk, z1, sk, smk, x2, gp1, xh, r, g, res, gz2, hh, gz1, eta, a1p, a1,
+         zq1, sq, smq, xq2, a2p, a2, xhq, rq, ln_w, lr, scale,
+         w01, w0b1, w02, w0b2, keep) = ctx.saved_tensors
+        gam = ln_w[:, None, :]
+        d = xh.shape[-1]
+        if d_out is None:
+            d_out = torch.zeros_like(xq)
+        kp = None if keep is None else keep.view(-1, 1, 1)
+        c = eta[..., -1, :, None]
+        ck = c if kp is None else c * kp
+        # 1. the committed state W' = lerp(W0, W, keep) - keep (x * c)^T gz: its gradient reaches
+        #    W (times keep), W0 (times 1 - keep), keep, and gz, x and c through the update
+        d_next = (d_w1n, d_b1n, d_w2n, d_b2n)
+        d_start: list[torch.Tensor | None] = [None] * 4
+        d_w0: list[torch.Tensor | None] = [None] * 4
+        dkeep = None
+        for i, dn in enumerate(d_next):
+            if dn is None:
+                continue
+            d_start[i] = dn if kp is None else dn * kp
+            if kp is not None:
+                w_i, w0_i = (w1, b1, w2, b2)[i], (w01, w0b1, w02, w0b2)[i]
+                if ctx.needs_input_grad[12 + i]:
+                    d_w0[i] = dn.sum_to_size(w0_i.shape) * (1.0 - kp)
+                part = _head_sum(torch.linalg.vecdot((w_i - w0_i).flatten(2), dn.flatten(2)))
+                dkeep = part if dkeep is None else dkeep + part
+        dgz = [None, None]
+        dxs = [None, None]  # d xk, d x2 through the update
+        pg = None  # p_j . gz_j summed over both layers, [B,H,k]
+        for layer, (dw, db, x, gz) in enumerate(((d_w1n, d_b1n, xk, gz1),
+                                                 (d_w2n, d_b2n, x2, gz2))):
+            if dw is None and db is None:
+                continue
+            p = x @ dw if dw is not None else None  # -d L / d(c gz) / keep
+            p = db if p is None else (p if db is None else p + db)
+            part = (p * gz).sum(dim=-1)
+            pg = part if pg is None else pg + part
+            dgz[layer] = -ck * p
+            if dw is not None:
+                dxs[layer] = -ck * (gz @ _t(dw))
+        dc = None
+        if pg is not None:
+            dc = -pg if kp is None else -pg * keep.view(-1, 1)
+            if kp is not None:
+                dkeep = dkeep - _head_sum(pg * c[..., 0])
+        dgz1, dgz2 = dgz
+        dxk, dx2 = dxs
+        # 2. out = xq + LN(zq2)
+        dlnb = d_out.sum(dim=(0, 2))
+        dlnw = (d_out * xhq).sum(dim=(0, 2))
+        gy = d_out * gam
+        dzq2 = (gy - gy.mean(-1, keepdim=True) - xhq * (gy * xhq).mean(-1, keepdim=True)) * rq
+        # zq2 = xq2 W2 + b2 - a2 gz2, a2 = eta * (xq2 x2^T + 1)
+        dxq2 = dzq2 @ _t(w2)
+        da2 = -(dzq2 @ _t(gz2))
+        dgz2 = _acc(dgz2, -(_t(a2) @ dzq2))
+        deta = da2 * a2p
+        ds2 = da2 * eta
+        dxq2 = dxq2 + ds2 @ x2
+        dx2 = _acc(dx2, _t(ds2) @ xq2)
+        # xq2 = gelu(zq1), zq1 = xq W1 + b1 - a1 gz1, a1 = eta * (xq xk^T + 1)
+        dzq1 = dxq2 * _gelu_grad_from_s(zq1, sq, smq)
+        dxq = d_out + dzq1 @ _t(w1)
+        da1 = -(dzq1 @ _t(gz1))
+        dgz1 = _acc(dgz1, -(_t(a1) @ dzq1))
+        deta = deta + da1 * a1p
+        ds1 = da1 * eta
+        dxq = dxq + ds1 @ xk
+        dxk = _acc(dxk, _t(ds1) @ xq)
+        # eta = tril(s_i lr_j); c is its last row
+        if dc is not None:
+            deta[..., -1, :] += dc
+        k = eta.shape[-1]
+        causal = torch.ones(k, k, dtype=torch.bool, device=eta.device).tril()
+        deta = torch.where(causal, deta, 0.0)
+        dlr = (deta * scale[:, None]).sum(dim=-2)
+        dscale = (deta * lr[..., None, :]).sum(dim=(0, 1, 3)) if ctx.needs_input_grad[8] else None
+        # gz1 = hh * gelu'(z1), hh = gz2 W2^T
+        dhh = dgz1 * gp1
+        dgp1 = dgz1 * hh
+        dgz2 = dgz2 + dhh @ w2
+        # gz2 = d/dz2 of 1/2 ||LN(z2) - (xv - xk)||^2 = r (g - mean g - xh mean(g xh)),
+        # g = gam res, res = gam xh + bet - (xv - xk), xh = (z2 - mean) r
+        ur = dgz2 * r
+        urx = (ur * xh).mean(-1, keepdim=True)
+        dg = ur - ur.mean(-1, keepdim=True) - xh * urx
+        dxh = -(g * xh).mean(-1, keepdim=True) * ur - urx * g
+        dr = (dgz2 * gz2).sum(-1, keepdim=True) / r
+        dres = dg * gam
+        dlnw = dlnw + (dg * res + dres * xh).sum(dim=(0, 2))
+        dlnb = dlnb + dres.sum(dim=(0, 2))
+        dxh = dxh + dres * gam
+        dz2 = (dxh - dxh.mean(-1, keepdim=True) - xh * (dxh * xh).mean(-1, keepdim=True)) * r \
+            - dr * (r * r / d) * xh
+        # z2 = x2 W2 + b2, x2 = gelu(z1), z1 = xk W1 + b1
+        dx2 = _acc(dx2, dz2 @ _t(w2))
+        dz1 = dx2 * gp1 + dgp1 * _gelu_grad2_from_s(z1, sk, smk)
+        dxk = dxk + dz1 @ _t(w1) + dres  # the target is xv - xk
+        # the start state: every matmul that read W1 (queries, keys) or W2 (queries, keys,
+        # the inner gradient's W2^T) in one product each
+        cat = torch.cat
+        owned = kp is not None  # d_start = keep * d_next, a fresh tensor
+        dw1 = _outer(d_start[0], cat([xq, xk], dim=-2), cat([dzq1, dz1], dim=-2), owned)
+        dw2 = _outer(d_start[2], cat([xq2, dhh, x2], dim=-2), cat([dzq2, gz2, dz2], dim=-2),
+                     owned)
+        db1 = _acc(d_start[1], (dzq1.sum(dim=-2, keepdim=True) + dz1.sum(dim=-2, keepdim=True)))
+        db2 = _acc(d_start[3], (dzq2.sum(dim=-2, keepdim=True) + dz2.sum(dim=-2, keepdim=True)))
+        return (dw1, db1, dw2, db2, dxq, dxk, -dres, dlr, dscale, dlnw, dlnb, None,
+                *d_w0, dkeep)
+
+
+def _acc(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else a + b
+
+
+def _outer(base: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor,
+           owned: bool = False) -> torch.Tensor:
+    """x^T g, plus `base` when there is one (in the same GEMM; see `_plus_outer`)."""
+    return _t(x) @ g if base is None else _plus_outer(base, x, g, owned=owned)
+
+
+@torch_compile_lazy  # ~100 small ops per mini-batch: fused, the scan stops being launch-bound
 def minibatch_forward(
     w: FastWeights,
     xq: torch.Tensor,
@@ -267,26 +479,20 @@ def minibatch_forward(
     xq/xk/xv [B,H,k,HD], lr [B,H,k] (per-frame inner lr), scale [k] (s_i). Returns the outputs
     z [B,H,k,HD] and the state after the mini-batch, W - s_{k-1} sum_j lr_j grad_j, settled by
     `rule` (the committed state when k == K). Causal: row i of every mask is zero beyond column i.
-    """
-    k = xq.shape[-2]
-    x2, gz1, gz2 = inner_grads(w, xk, xv, ln_w, ln_b, eps)
-    causal = torch.ones(k, k, dtype=torch.bool, device=xq.device).tril()
-    # eta[i, j] = s_i * lr_j for j <= i, else 0
-    eta = torch.where(causal, scale[:, None] * lr[..., None, :], 0.0)
-    # W_i applied to q_i: q_i W1 - sum_j eta_ij (q_i . k_j) gz1_j ; b1_i = b1 - sum_j eta_ij gz1_j
-    z1 = xq @ w.w1 + w.b1 - (eta * (xq @ xk.transpose(-1, -2) + 1.0)) @ gz1
-    x2q = gelu_tanh_value(z1)
-    z2 = x2q @ w.w2 + w.b2 - (eta * (x2q @ x2.transpose(-1, -2) + 1.0)) @ gz2
-    out = xq + head_layer_norm(z2, ln_w, ln_b, eps)
 
-    last = eta[..., -1, :, None]  # [B,H,k,1] = s_{k-1} * lr_j
-    nxt = FastWeights(
-        w1=w.w1 - (xk * last).transpose(-1, -2) @ gz1,
-        b1=w.b1 - (last * gz1).sum(dim=-2, keepdim=True),
-        w2=w.w2 - (x2 * last).transpose(-1, -2) @ gz2,
-        b2=w.b2 - (last * gz2).sum(dim=-2, keepdim=True),
-    )
-    return out, settle(nxt, rule)
+    With every gradient taken at W (the mini-batch start), frame i reads
+    W_i = W - s_i sum_{j<=i} lr_j grad_j, so for eta_ij = s_i lr_j (j <= i, else 0):
+        q_i W1_i + b1_i = q_i W1 + b1 - sum_j eta_ij (q_i . k_j + 1) gz1_j,
+    and likewise for W2 with the queries' and keys' hidden activations. `_DualForm` has the
+    arithmetic and its backward.
+    """
+    keep = rule.keep if rule is not None else None
+    w0 = rule.w0.as_tuple() if keep is not None else (None,) * 4
+    out, *nxt = _DualForm.apply(*w.as_tuple(), xq, xk, xv, lr, scale, ln_w, ln_b, eps, *w0, keep)
+    nxt = FastWeights(*nxt)
+    if rule is not None and rule.norms is not None:
+        nxt = renormalized(nxt, rule.norms)
+    return out, nxt
 
 
 def ttt_scan(
