@@ -847,6 +847,7 @@ def bench_ttt(
     frames: int = typer.Option(256, help="frames for the parallel vs naive comparison"),
     dims: str = typer.Option("1024,4096", help="d_model values for the streaming-step comparison"),
     steps: int = typer.Option(20, help="timed streaming steps per layer"),
+    rows: int = typer.Option(1, help="sessions (batch rows) in the streaming-step comparison"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
     dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on GPU)"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
@@ -861,10 +862,12 @@ def bench_ttt(
     d_models = int_list(dims, "--dims", multiple_of=128)  # heads = d_model / 128
     at_least(frames, 1, "--frames")
     at_least(steps, 1, "--steps")
+    at_least(rows, 1, "--rows")
     check_device(device)
     if dtype not in ("auto", "float32", "bfloat16"):
         fail(f"--dtype {dtype!r}: expected auto, float32 or bfloat16")
-    res = run_bench(frames=frames, dims=d_models, steps=steps, device=device, dtype=dtype)
+    res = run_bench(frames=frames, dims=d_models, steps=steps, device=device, dtype=dtype,
+                    rows=rows)
     if json_out:
         json_out.write_text(json.dumps(res, indent=2))
 

@@ -263,15 +263,15 @@ def _t(x: torch.Tensor) -> torch.Tensor:
 
 def _plus_outer(base: torch.Tensor, x: torch.Tensor, g: torch.Tensor,
                 alpha: float = 1.0, owned: bool = False) -> torch.Tensor:
-    """base + alpha * x^T g over the last two dims ([.., k, m], [.., k, n] -> [.., m, n]) as one
-    GEMM with beta = 1. `owned`: base is a fresh contiguous tensor of the caller's, updated in
-    place (no copy of a state-sized tensor)."""
-    lead, mn = base.shape[:-2], base.shape[-2:]
-    x_t, g3 = _t(x).reshape(-1, *_t(x).shape[-2:]), g.reshape(-1, *g.shape[-2:])
-    if owned and base.is_contiguous():
-        base.view(-1, *mn).baddbmm_(x_t, g3, alpha=alpha)
-        return base
-    return torch.baddbmm(base.reshape(-1, *mn), x_t, g3, alpha=alpha).view(*lead, *mn)
+    """base + alpha * x^T g over the last two dims ([.., k, m], [.., k, n] -> [.., m, n]).
+    `owned`: base is a contiguous tensor the caller may overwrite, updated in place by one GEMM
+    with beta = 1 (no state-sized temporary)."""
+    if not (owned and base.is_contiguous()):  # e.g. W0 broadcast over the rows: one add
+        return torch.add(base, _t(x) @ g, alpha=alpha)
+    mn = base.shape[-2:]
+    base.view(-1, *mn).baddbmm_(_t(x).reshape(-1, *_t(x).shape[-2:]), g.reshape(-1, *g.shape[-2:]),
+                                alpha=alpha)
+    return base
 
 
 def _head_sum(x: torch.Tensor) -> torch.Tensor:
@@ -294,7 +294,7 @@ class _DualForm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w1, b1, w2, b2, xq, xk, xv, lr, scale, ln_w, ln_b, eps,
-                w01, w0b1, w02, w0b2, keep):
+                w01, w0b1, w02, w0b2, keep, with_state):
         ctx.set_materialize_grads(False)
         k = xq.shape[-2]
         gam, bet = ln_w[:, None, :], ln_b[:, None, :]
@@ -319,6 +319,11 @@ class _DualForm(torch.autograd.Function):
         zq2 = xq2 @ w2 + b2 - a2 @ gz2
         xhq, rq = _normalized(zq2, eps)
         out = xq + (xhq * gam + bet)
+        ctx.save_for_backward(w1, b1, w2, b2, xq, xk, z1, sk, smk, x2, gp1, xh, r, g, res, gz2,
+                              hh, gz1, eta, a1p, a1, zq1, sq, smq, xq2, a2p, a2, xhq, rq, ln_w, lr,
+                              scale, w01, w0b1, w02, w0b2, keep)
+        if not with_state:  # a partial last mini-batch: its state is never read
+            return out
         # the committed state: W - s_{k-1} sum_j lr_j grad_j, then W0 + keep (that - W0)
         c = eta[..., -1, :, None]  # [B,H,k,1]
         if keep is None:
@@ -332,14 +337,11 @@ class _DualForm(torch.autograd.Function):
         b1n = base[1] - (c * gz1).sum(dim=-2, keepdim=True)
         w2n = _plus_outer(base[2], x2 * c, gz2, alpha=-1.0, owned=keep is not None)
         b2n = base[3] - (c * gz2).sum(dim=-2, keepdim=True)
-        ctx.save_for_backward(w1, b1, w2, b2, xq, xk, z1, sk, smk, x2, gp1, xh, r, g, res, gz2, hh,
-                              gz1, eta, a1p, a1, zq1, sq, smq, xq2, a2p, a2, xhq, rq, ln_w, lr, scale,
-                              w01, w0b1, w02, w0b2, keep)
         return out, w1n, b1n, w2n, b2n
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out, d_w1n, d_b1n, d_w2n, d_b2n):
+    def backward(ctx, d_out, d_w1n=None, d_b1n=None, d_w2n=None, d_b2n=None):
         (w1, b1, w2, b2, xq, xk, z1, sk, smk, x2, gp1, xh, r, g, res, gz2, hh, gz1, eta, a1p, a1,
          zq1, sq, smq, xq2, a2p, a2, xhq, rq, ln_w, lr, scale,
          w01, w0b1, w02, w0b2, keep) = ctx.saved_tensors
@@ -448,7 +450,7 @@ class _DualForm(torch.autograd.Function):
         db1 = _acc(d_start[1], (dzq1.sum(dim=-2, keepdim=True) + dz1.sum(dim=-2, keepdim=True)))
         db2 = _acc(d_start[3], (dzq2.sum(dim=-2, keepdim=True) + dz2.sum(dim=-2, keepdim=True)))
         return (dw1, db1, dw2, db2, dxq, dxk, -dres, dlr, dscale, dlnw, dlnb, None,
-                *d_w0, dkeep)
+                *d_w0, dkeep, None)
 
 
 def _acc(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -473,12 +475,15 @@ def minibatch_forward(
     ln_b: torch.Tensor,
     eps: float,
     rule: Settle | None = None,
-) -> tuple[torch.Tensor, FastWeights]:
+    with_state: bool = True,
+) -> tuple[torch.Tensor, FastWeights | None]:
     """Dual form over one mini-batch of k <= K frames.
 
     xq/xk/xv [B,H,k,HD], lr [B,H,k] (per-frame inner lr), scale [k] (s_i). Returns the outputs
     z [B,H,k,HD] and the state after the mini-batch, W - s_{k-1} sum_j lr_j grad_j, settled by
-    `rule` (the committed state when k == K). Causal: row i of every mask is zero beyond column i.
+    `rule` (the committed state when k == K); None for the state with `with_state` False (a
+    partial last mini-batch, whose state nobody reads, skips computing it). Causal: row i of
+    every mask is zero beyond column i.
 
     With every gradient taken at W (the mini-batch start), frame i reads
     W_i = W - s_i sum_{j<=i} lr_j grad_j, so for eta_ij = s_i lr_j (j <= i, else 0):
@@ -488,7 +493,11 @@ def minibatch_forward(
     """
     keep = rule.keep if rule is not None else None
     w0 = rule.w0.as_tuple() if keep is not None else (None,) * 4
-    out, *nxt = _DualForm.apply(*w.as_tuple(), xq, xk, xv, lr, scale, ln_w, ln_b, eps, *w0, keep)
+    res = _DualForm.apply(*w.as_tuple(), xq, xk, xv, lr, scale, ln_w, ln_b, eps, *w0, keep,
+                          with_state)
+    if not with_state:
+        return res, None
+    out, *nxt = res
     nxt = FastWeights(*nxt)
     if rule is not None and rule.norms is not None:
         nxt = renormalized(nxt, rule.norms)
@@ -558,7 +567,7 @@ def ttt_scan(
         sl = slice(n_full * K, T)
         z, _ = minibatch_forward(
             state, xq[..., sl, :], xk[..., sl, :], xv[..., sl, :], lr[..., sl], scale[:rem],
-            ln_w, ln_b, eps,
+            ln_w, ln_b, eps, with_state=False,
         )
         outs.append(z)
     return torch.cat(outs, dim=-2), state
@@ -636,16 +645,15 @@ def stream_step(
         telemetry[:, :2].add_(torch.where(active[:, None], losses, 0.0))
         telemetry[:, 2].add_(active.to(telemetry.dtype))
 
-    # 3. commit at the last position: a masked update (every other row keeps its state), not a
-    #    branch. Settling (decay, weight norm) is part of the commit.
+    # 3. commit at the last position: a masked update in place, not a branch (no host sync; one
+    #    CUDA graph). A row that does not commit gets c = 0 and, with a decay, keep factor 1:
+    #    W.lerp_(W0, 0) is W bit for bit and the update adds exact zeros, so its state is
+    #    untouched, while each state-sized tensor is read and written about twice per frame (a
+    #    settled copy of every row selected by `where` took ~8 passes). The same ops, in the same
+    #    order, as the dual form's commit. Weight norm keeps the copy.
     commit = (pos == K - 1) & active
-    if rule is None or not rule.active:
-        c = (commit.to(torch.float32)[:, None, None] * scale[K - 1] * buf.lr)[..., None]
-        w.w1.sub_((buf.xk * c).transpose(-1, -2) @ buf.gz1)
-        w.b1.sub_((c * buf.gz1).sum(dim=-2, keepdim=True))
-        w.w2.sub_((buf.x2 * c).transpose(-1, -2) @ buf.gz2)
-        w.b2.sub_((c * buf.gz2).sum(dim=-2, keepdim=True))
-    else:
+    c = (commit.to(torch.float32)[:, None, None] * scale[K - 1] * buf.lr)[..., None]
+    if rule is not None and rule.norms is not None:
         c = (scale[K - 1] * buf.lr)[..., None]  # [B,H,K,1]
         nxt = settle(FastWeights(
             w1=w.w1 - (buf.xk * c).transpose(-1, -2) @ buf.gz1,
@@ -656,5 +664,19 @@ def stream_step(
         m4 = commit.view(-1, 1, 1, 1)
         for cur, new in zip(w.as_tuple(), nxt.as_tuple()):
             cur.copy_(torch.where(m4, new, cur))
+    else:
+        if rule is not None and rule.keep is not None:
+            assert rule.w0 is not None
+            # keep on committing rows, 1 elsewhere: W <- W0 + keep (W - W0)
+            f = torch.where(commit[:, None], rule.keep.float()[None, :], 1.0)[..., None, None]
+            c = c * f
+            for cur, init in zip(w.as_tuple(), rule.w0.as_tuple()):
+                cur.lerp_(init.to(cur.dtype), 1.0 - f)
+        for cur, x, gz in ((w.w1, buf.xk, buf.gz1), (w.w2, buf.x2, buf.gz2)):
+            new = _plus_outer(cur, x * c, gz, alpha=-1.0, owned=True)
+            if new is not cur:  # a state that is not contiguous (never in the engine)
+                cur.copy_(new)
+        w.b1.sub_((c * buf.gz1).sum(dim=-2, keepdim=True))
+        w.b2.sub_((c * buf.gz2).sum(dim=-2, keepdim=True))
     pos.copy_(torch.where(active, (pos + 1) % K, pos))
     return out[:, :, 0]

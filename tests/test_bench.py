@@ -76,3 +76,20 @@ def test_bench_step_capacity_times_sessions_on_spare_rows_against_an_exact_engin
     assert three["rows_stepped"] == 4 and three["sessions"] == 3
     with pytest.raises(ValueError, match="do not fit"):
         run_capacity_bench(loaded, capacity=2, sessions=3)
+
+
+def test_bench_ttt_layer_step_streams_the_ttt_block(monkeypatch):
+    """`bench ttt`'s streaming-step table times the TTT block's streaming step, alone and inside
+    the hybrid layer; before the fix the hybrid's block ran its parallel form on each frame
+    (the converted layer kept moshi's cached list of streaming children), and now the bench
+    refuses to time that."""
+    import torch
+
+    import moshi_ttt.bench_ttt as bench
+
+    res = bench.bench_layer_step(256, 2, torch.device("cpu"), torch.float32, batch=2)
+    assert res["batch"] == 2
+    assert res["ttt_block_step_ms"] > 0 and res["hybrid_step_ms"] > 0
+    monkeypatch.setattr(bench, "forget_streaming_children", lambda model: None)
+    with pytest.raises(RuntimeError, match="not streaming"):
+        bench.bench_layer_step(256, 2, torch.device("cpu"), torch.float32, batch=2)

@@ -259,6 +259,34 @@ def test_stream_inactive_rows_do_not_advance(forget):
 
 
 @pytest.mark.parametrize("forget", FORGET)
+def test_stream_commit_leaves_other_rows_bit_for_bit(forget):
+    """The commit is a masked update in place: at the frame where row 0 commits, row 1 (active,
+    mid mini-batch) and row 1 again while inactive keep their fast weights bit for bit, and
+    row 0's committed state is the dual form's."""
+    w, xq, xk, xv, lr, ln_w, ln_b = _inputs(2 * K)
+    rule = _rule(forget, *_w0_keep())
+    state = FastWeights(*(t.clone() for t in w.as_tuple()))
+    z = lambda *s: torch.zeros(B, H, *s)  # noqa: E731
+    buf = MiniBatchBuffer(z(K, HD), z(K, FH), z(K, FH), z(K, HD), z(K))
+    pos = torch.zeros(B, dtype=torch.long)
+    scale = position_scale(K)
+    for t in range(K):
+        # row 1 sits out frame 0, so it is one frame behind when row 0 commits (then inactive)
+        a = torch.tensor([True, 0 < t < K - 1])
+        before = [x[1].clone() for x in state.as_tuple()]
+        stream_step(state, buf, pos, a, xq[..., t, :], xk[..., t, :], xv[..., t, :], lr[..., t],
+                    scale, ln_w, ln_b, EPS, rule)
+        for x, y in zip(state.as_tuple(), before):
+            assert torch.equal(x[1], y), f"row 1 changed at frame {t}"
+    assert pos.tolist() == [0, K - 2]
+    _, ref = ttt_scan(w, xq[..., :K, :], xk[..., :K, :], xv[..., :K, :], lr[..., :K], K, ln_w,
+                      ln_b, EPS, rule=rule, scale=scale)
+    for x, y, x0 in zip(state.as_tuple(), ref.as_tuple(), w.as_tuple()):
+        assert (x[0] - y[0]).abs().max() < 1e-5
+        assert (x[0] - x0[0]).abs().max() > 1e-3  # the commit did change row 0
+
+
+@pytest.mark.parametrize("forget", FORGET)
 def test_training_gradients_match_oracle_and_checkpointing(forget):
     """Gradients wrt the start state, the norm, the lr, the keys and (settled) the learned W0
     and the decay: the dual form, its checkpointed scan and the autograd oracle agree."""
