@@ -317,3 +317,39 @@ def test_training_gradients_match_oracle_and_checkpointing(forget):
         assert torch.allclose(gd, gc, atol=1e-6)
         assert (gd - gr).abs().max() <= 1e-5 + 1e-4 * gr.abs().max()
         assert gd.abs().max() > 0
+
+
+def test_dual_form_and_stream_step_trace_whole_under_torch_compile():
+    """On GPU both hot functions are compiled (moshi's lazy torch.compile): dynamo must take the
+    dual form's autograd Function (forward and hand-written backward) and the in-place
+    streaming commit as one graph each, and compute what eager computes. Checked on CPU with
+    the aot_eager backend (no C++ toolchain needed)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    w, xq, xk, xv, lr, ln_w, ln_b = _inputs(K)
+    w0, keep = _w0_keep()
+    leaves = [t.clone().requires_grad_(True) for t in
+              (*w.as_tuple(), xq, xk, xv, lr, ln_w, ln_b, *w0.as_tuple(), keep)]
+
+    def train(fn):
+        init = FastWeights(*leaves[10:14])
+        out, nxt = fn(FastWeights(*leaves[:4]), *leaves[4:8], position_scale(K), leaves[8],
+                      leaves[9], EPS, _rule("decay", init, leaves[14]))
+        loss = out.square().sum() + sum(t.square().sum() for t in nxt.as_tuple())
+        return (out, *torch.autograd.grad(loss, leaves))
+
+    def stream(fn):
+        state = FastWeights(*(t.clone() for t in w.as_tuple()))
+        z = lambda *s: torch.zeros(B, H, *s)  # noqa: E731
+        buf = MiniBatchBuffer(z(K, HD), z(K, FH), z(K, FH), z(K, HD), z(K))
+        pos = torch.tensor([0, 2])  # rows out of phase: they commit on different frames
+        outs = [fn(state, buf, pos, torch.ones(B, dtype=torch.bool), xq[..., t, :],
+                   xk[..., t, :], xv[..., t, :], lr[..., t], position_scale(K), ln_w, ln_b, EPS,
+                   _rule("decay", w0, keep)) for t in range(K)]
+        return (*outs, *state.as_tuple())
+
+    for run, fn in ((train, minibatch_forward), (stream, stream_step)):
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        for a, b in zip(run(fn), run(compiled)):
+            assert torch.allclose(a, b, atol=1e-6)
