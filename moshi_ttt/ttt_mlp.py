@@ -375,7 +375,8 @@ class _DualForm(torch.autograd.Function):
                                                  (d_w2n, d_b2n, x2, gz2))):
             if dw is None and db is None:
                 continue
-            p = x @ dw if dw is not None else None  # -d L / d(c gz) / keep
+            # p_j = x_j dW' + db': the loss's gradient wrt c_j gz_j is -keep p_j
+            p = x @ dw if dw is not None else None
             p = db if p is None else (p if db is None else p + db)
             part = (p * gz).sum(dim=-1)
             pg = part if pg is None else pg + part
@@ -649,10 +650,9 @@ def stream_step(
     #    CUDA graph). A row that does not commit gets c = 0 and, with a decay, keep factor 1:
     #    W.lerp_(W0, 0) is W bit for bit and the update adds exact zeros, so its state is
     #    untouched, while each state-sized tensor is read and written about twice per frame (a
-    #    settled copy of every row selected by `where` took ~8 passes). The same ops, in the same
-    #    order, as the dual form's commit. Weight norm keeps the copy.
+    #    settled copy of every row selected by `where` took ~8 passes), with the arithmetic of
+    #    the dual form's commit. Weight norm keeps the copy.
     commit = (pos == K - 1) & active
-    c = (commit.to(torch.float32)[:, None, None] * scale[K - 1] * buf.lr)[..., None]
     if rule is not None and rule.norms is not None:
         c = (scale[K - 1] * buf.lr)[..., None]  # [B,H,K,1]
         nxt = settle(FastWeights(
@@ -665,6 +665,7 @@ def stream_step(
         for cur, new in zip(w.as_tuple(), nxt.as_tuple()):
             cur.copy_(torch.where(m4, new, cur))
     else:
+        c = (commit.to(torch.float32)[:, None, None] * scale[K - 1] * buf.lr)[..., None]
         if rule is not None and rule.keep is not None:
             assert rule.w0 is not None
             # keep on committing rows, 1 elsewhere: W <- W0 + keep (W - W0)

@@ -679,8 +679,10 @@ def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | Non
 
 
 #: A job's cost relative to a LoRA job's, measured on the 2-core CPU at the tiny config's
-#: default budget (2026-12-04): TTT training 220-230 s on text and 260-300 s on speech, LoRA
-#: 90-100 s, a frozen model scoring only.
+#: default budget (2026-12-04, before the dual form's hand-written backward): TTT training
+#: 220-230 s on text and 260-300 s on speech, LoRA 90-100 s, a frozen model scoring only. Only
+#: the order matters; with that backward (d1ca0bc) the order holds: TTT 143-161 s on text and
+#: 192-197 s on speech, LoRA 79-108 s.
 _JOB_COST = {("ttt", "speech"): 3.0, ("ttt", "text"): 2.4, ("lora", "speech"): 1.0,
              ("lora", "text"): 1.0, ("frozen", "speech"): 0.1, ("frozen", "text"): 0.1}
 
