@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -233,12 +234,38 @@ def inner_grads_and_residual(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`inner_grads`, with what the streaming telemetry also reads: (z1, x2, gz1, gz2, residual),
     z1 = xk W1 + b1 and residual = LN(f_W(xk)) - (xv - xk) (half its squared norm is the loss)."""
+    p = _key_pass(w, xk, xv, ln_w, ln_b, eps)
+    return p.z1, p.x2, p.gz1, p.gz2, p.res
+
+
+class _KeyPass(NamedTuple):
+    """The keys' inner forward and gradient at W, with the pieces the dual form's backward
+    reads: s, sm (`_gelu_s` of z1), gp1 = gelu'(z1), xh, r (z2 normalised, its rstd), g
+    (res * ln_w), hh = gz2 W2^T."""
+
+    z1: torch.Tensor
+    s: torch.Tensor
+    sm: torch.Tensor
+    x2: torch.Tensor
+    gp1: torch.Tensor
+    gz2: torch.Tensor
+    res: torch.Tensor
+    xh: torch.Tensor
+    r: torch.Tensor
+    g: torch.Tensor
+    hh: torch.Tensor
+    gz1: torch.Tensor
+
+
+def _key_pass(w: FastWeights, xk: torch.Tensor, xv: torch.Tensor, ln_w: torch.Tensor,
+              ln_b: torch.Tensor, eps: float) -> _KeyPass:
+    """One computation for the streaming step and the dual form, so both read the same bits."""
     z1 = xk @ w.w1 + w.b1
-    x2, dx2 = gelu_tanh_and_grad(z1)
-    z2 = x2 @ w.w2 + w.b2
-    gz2, residual = head_layer_norm_l2_grad(z2, xv - xk, ln_w, ln_b, eps, with_residual=True)
-    gz1 = (gz2 @ w.w2.transpose(-1, -2)) * dx2
-    return z1, x2, gz1, gz2, residual
+    s, sm = _gelu_s(z1)
+    x2, gp1 = _gelu_from_s(z1, s), _gelu_grad_from_s(z1, s, sm)
+    gz2, res, xh, r, g = _l2_grad_parts(x2 @ w.w2 + w.b2, xv - xk, ln_w, ln_b, eps)
+    hh = gz2 @ _t(w.w2)
+    return _KeyPass(z1, s, sm, x2, gp1, gz2, res, xh, r, g, hh, hh * gp1)
 
 
 def position_scale(k: int, offset: torch.Tensor | None = None, device=None,
@@ -299,13 +326,8 @@ class _DualForm(torch.autograd.Function):
         k = xq.shape[-2]
         gam, bet = ln_w[:, None, :], ln_b[:, None, :]
         # the keys' inner gradients at W (as `inner_grads`)
-        z1 = xk @ w1 + b1
-        sk, smk = _gelu_s(z1)
-        x2, gp1 = _gelu_from_s(z1, sk), _gelu_grad_from_s(z1, sk, smk)
-        z2 = x2 @ w2 + b2
-        gz2, res, xh, r, g = _l2_grad_parts(z2, xv - xk, ln_w, ln_b, eps)
-        hh = gz2 @ _t(w2)
-        gz1 = hh * gp1
+        z1, sk, smk, x2, gp1, gz2, res, xh, r, g, hh, gz1 = _key_pass(
+            FastWeights(w1, b1, w2, b2), xk, xv, ln_w, ln_b, eps)
         # eta[i, j] = s_i * lr_j for j <= i, else 0; query i reads W_i
         causal = torch.ones(k, k, dtype=torch.bool, device=xq.device).tril()
         eta = torch.where(causal, scale[:, None] * lr[..., None, :], 0.0)
@@ -333,11 +355,8 @@ class _DualForm(torch.autograd.Function):
             c = c * kp
             base = tuple(torch.lerp(i, w, kp) for i, w in zip((w01, w0b1, w02, w0b2),
                                                               (w1, b1, w2, b2)))
-        w1n = _plus_outer(base[0], xk * c, gz1, alpha=-1.0, owned=keep is not None)
-        b1n = base[1] - (c * gz1).sum(dim=-2, keepdim=True)
-        w2n = _plus_outer(base[2], x2 * c, gz2, alpha=-1.0, owned=keep is not None)
-        b2n = base[3] - (c * gz2).sum(dim=-2, keepdim=True)
-        return out, w1n, b1n, w2n, b2n
+        return (out, *_minus_update(FastWeights(*base), c, xk, x2, gz1, gz2,
+                                    owned=keep is not None).as_tuple())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -452,6 +471,18 @@ class _DualForm(torch.autograd.Function):
         db2 = _acc(d_start[3], (dzq2.sum(dim=-2, keepdim=True) + dz2.sum(dim=-2, keepdim=True)))
         return (dw1, db1, dw2, db2, dxq, dxk, -dres, dlr, dscale, dlnw, dlnb, None,
                 *d_w0, dkeep, None)
+
+
+def _minus_update(base: FastWeights, c: torch.Tensor, xk: torch.Tensor, x2: torch.Tensor,
+                  gz1: torch.Tensor, gz2: torch.Tensor, owned: bool) -> FastWeights:
+    """base - sum_j c_j (x_j^T gz_j, gz_j) per tensor: a commit's update with per-frame
+    coefficients c [B,H,k,1]; `owned` as in `_plus_outer` (W1 and W2 updated in place)."""
+    return FastWeights(
+        w1=_plus_outer(base.w1, xk * c, gz1, alpha=-1.0, owned=owned),
+        b1=base.b1 - (c * gz1).sum(dim=-2, keepdim=True),
+        w2=_plus_outer(base.w2, x2 * c, gz2, alpha=-1.0, owned=owned),
+        b2=base.b2 - (c * gz2).sum(dim=-2, keepdim=True),
+    )
 
 
 def _acc(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -655,12 +686,7 @@ def stream_step(
     commit = (pos == K - 1) & active
     if rule is not None and rule.norms is not None:
         c = (scale[K - 1] * buf.lr)[..., None]  # [B,H,K,1]
-        nxt = settle(FastWeights(
-            w1=w.w1 - (buf.xk * c).transpose(-1, -2) @ buf.gz1,
-            b1=w.b1 - (c * buf.gz1).sum(dim=-2, keepdim=True),
-            w2=w.w2 - (buf.x2 * c).transpose(-1, -2) @ buf.gz2,
-            b2=w.b2 - (c * buf.gz2).sum(dim=-2, keepdim=True),
-        ), rule)
+        nxt = settle(_minus_update(w, c, buf.xk, buf.x2, buf.gz1, buf.gz2, owned=False), rule)
         m4 = commit.view(-1, 1, 1, 1)
         for cur, new in zip(w.as_tuple(), nxt.as_tuple()):
             cur.copy_(torch.where(m4, new, cur))
@@ -673,11 +699,9 @@ def stream_step(
             c = c * f
             for cur, init in zip(w.as_tuple(), rule.w0.as_tuple()):
                 cur.lerp_(init.to(cur.dtype), 1.0 - f)
-        for cur, x, gz in ((w.w1, buf.xk, buf.gz1), (w.w2, buf.x2, buf.gz2)):
-            new = _plus_outer(cur, x * c, gz, alpha=-1.0, owned=True)
-            if new is not cur:  # a state that is not contiguous (never in the engine)
+        nxt = _minus_update(w, c, buf.xk, buf.x2, buf.gz1, buf.gz2, owned=True)
+        for cur, new in zip(w.as_tuple(), nxt.as_tuple()):
+            if new is not cur:  # the biases (and a state that is not contiguous)
                 cur.copy_(new)
-        w.b1.sub_((c * buf.gz1).sum(dim=-2, keepdim=True))
-        w.b2.sub_((c * buf.gz2).sum(dim=-2, keepdim=True))
     pos.copy_(torch.where(active, (pos + 1) % K, pos))
     return out[:, :, 0]
