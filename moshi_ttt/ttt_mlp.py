@@ -567,40 +567,37 @@ def ttt_scan(
         scale = position_scale(K, token_offset, device=xq.device)
     n_full = T // K
 
-    def run(lo: int, hi: int, w1, b1, w2, b2, *tensors: torch.Tensor):
+    def run(w1, b1, w2, b2, *tensors: torch.Tensor):
         q, k_, v, r, s = tensors
         state = FastWeights(w1, b1, w2, b2)
         outs = []
-        for m in range(hi - lo):
-            sl = slice(m * K, (m + 1) * K)
-            z, state = minibatch_forward(
-                state, q[..., sl, :], k_[..., sl, :], v[..., sl, :], r[..., sl], s, ln_w, ln_b,
-                eps, rule,
-            )
+        for qm, km, vm, rm in zip(q.split(K, dim=-2), k_.split(K, dim=-2), v.split(K, dim=-2),
+                                  r.split(K, dim=-1)):
+            z, state = minibatch_forward(state, qm, km, vm, rm, s, ln_w, ln_b, eps, rule)
             outs.append(z)
         return (torch.cat(outs, dim=-2), *state.as_tuple())
 
     use_ckpt = checkpoint_group > 0 and torch.is_grad_enabled()
-    group = checkpoint_group if use_ckpt else max(n_full, 1)
+    group = (checkpoint_group if use_ckpt else max(n_full, 1)) * K
+    # The sequence in pieces (groups of full mini-batches, then the partial one) by `split`,
+    # not slices: a split's backward is one concatenation, n slices' backward n zero-filled
+    # sequence-sized gradients summed (O(n^2) in the mini-batches).
+    rem = T - n_full * K
+    sizes = [min(group, n_full * K - lo) for lo in range(0, n_full * K, group)]
+    pieces = list(zip(*(t.split(sizes + [rem] * (rem > 0), dim=d)
+                        for t, d in ((xq, -2), (xk, -2), (xv, -2), (lr, -1)))))
     outs: list[torch.Tensor] = []
     state = w
-    for lo in range(0, n_full, group):
-        hi = min(lo + group, n_full)
-        sl = slice(lo * K, hi * K)
-        args = (xq[..., sl, :], xk[..., sl, :], xv[..., sl, :], lr[..., sl], scale)
+    for args in pieces[:len(sizes)]:
         if use_ckpt:
-            res = checkpoint(run, lo, hi, *state.as_tuple(), *args, use_reentrant=False)
+            res = checkpoint(run, *state.as_tuple(), *args, scale, use_reentrant=False)
         else:
-            res = run(lo, hi, *state.as_tuple(), *args)
+            res = run(*state.as_tuple(), *args, scale)
         outs.append(res[0])
         state = FastWeights(*res[1:])
-    rem = T - n_full * K
     if rem:
-        sl = slice(n_full * K, T)
-        z, _ = minibatch_forward(
-            state, xq[..., sl, :], xk[..., sl, :], xv[..., sl, :], lr[..., sl], scale[:rem],
-            ln_w, ln_b, eps, with_state=False,
-        )
+        z, _ = minibatch_forward(state, *pieces[-1], scale[:rem], ln_w, ln_b, eps,
+                                 with_state=False)
         outs.append(z)
     return torch.cat(outs, dim=-2), state
 
