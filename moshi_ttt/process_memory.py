@@ -72,14 +72,16 @@ def keep_freed_memory(largest_block_mb: int = 1024) -> bool:
     Why: a CPU training loop frees and allocates the same few-MB tensors every step. By default
     glibc maps blocks above its mmap threshold fresh and unmaps them when freed, and trims the
     heap's free top, so each step faults in and zeroes those pages again. On eval-memory's TTT
-    training step (2-core x86-64 CPU, one thread) that was 470k minor page faults and 1.0 s of
-    kernel time per 28 steps against 160k and 0.5 s with both thresholds raised, and the step
-    5-10% faster. The price: the process keeps its peak heap resident until it exits. For a
-    batch job's worker process, not for the server (whose RSS is reported and trimmed)."""
+    training step (2-core x86-64 CPU, one thread; a process that ran 23 steps) that was 340-390k
+    minor page faults and 0.7-1.1 s of kernel time against 160k (about what start-up costs) and
+    0.4-0.5 s with both thresholds raised, and the step 4-8% faster. The price: the process
+    keeps its peak heap resident until it exits. For a batch job's worker process, not for the
+    server (whose RSS is reported and trimmed). Blocks up to `largest_block_mb` (at most 1 GiB:
+    mallopt takes a C int) then come from the heap."""
     mallopt = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
     if mallopt is None:
         return False
-    size = min(largest_block_mb * 2**20, 2**30)  # mallopt takes a C int
+    size = min(largest_block_mb * 2**20, 2**30)
     mapped = mallopt(M_MMAP_THRESHOLD, size)  # blocks up to `size` come from the heap
     trimmed = mallopt(M_TRIM_THRESHOLD, 2 * size - 1)  # a free top below this stays
     return bool(mapped and trimmed)

@@ -748,7 +748,7 @@ def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
 
 def _init_worker(level: int, parent: int) -> None:
     """A worker logs as this process does (each job sets its own torch threads), keeps the
-    memory it frees for its next step (`keep_freed_memory`: 5-10% off a training step) and dies
+    memory it frees for its next step (`keep_freed_memory`: 4-8% off a training step) and dies
     with it: SIGTERM from the kernel when the parent exits, whether it was stopped with SIGTERM
     or SIGKILL (Linux `PR_SET_PDEATHSIG`; elsewhere the pool's own cleanup only)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
