@@ -323,14 +323,12 @@ class _DualForm(torch.autograd.Function):
     def forward(ctx, w1, b1, w2, b2, xq, xk, xv, lr, scale, ln_w, ln_b, eps,
                 w01, w0b1, w02, w0b2, keep, with_state):
         ctx.set_materialize_grads(False)
-        k = xq.shape[-2]
         gam, bet = ln_w[:, None, :], ln_b[:, None, :]
         # the keys' inner gradients at W (as `inner_grads`)
         z1, sk, smk, x2, gp1, gz2, res, xh, r, g, hh, gz1 = _key_pass(
             FastWeights(w1, b1, w2, b2), xk, xv, ln_w, ln_b, eps)
         # eta[i, j] = s_i * lr_j for j <= i, else 0; query i reads W_i
-        causal = torch.ones(k, k, dtype=torch.bool, device=xq.device).tril()
-        eta = torch.where(causal, scale[:, None] * lr[..., None, :], 0.0)
+        eta = (scale[:, None] * lr[..., None, :]).tril()
         a1p = xq @ _t(xk) + 1.0
         a1 = eta * a1p
         zq1 = xq @ w1 + b1 - a1 @ gz1
@@ -434,9 +432,7 @@ class _DualForm(torch.autograd.Function):
         # eta = tril(s_i lr_j); c is its last row
         if dc is not None:
             deta[..., -1, :] += dc
-        k = eta.shape[-1]
-        causal = torch.ones(k, k, dtype=torch.bool, device=eta.device).tril()
-        deta = torch.where(causal, deta, 0.0)
+        deta = deta.tril()
         dlr = (deta * scale[:, None]).sum(dim=-2)
         dscale = (deta * lr[..., None, :]).sum(dim=(0, 1, 3)) if ctx.needs_input_grad[8] else None
         # gz1 = hh * gelu'(z1), hh = gz2 W2^T
