@@ -65,7 +65,7 @@ def malloc_trim() -> Callable[[int], int] | None:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
-def keep_freed_memory(largest_block_mb: int = 1024) -> bool:
+def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory in the heap for the next allocation instead of handing it
     back to the kernel; False where the C library is not glibc (nothing changes there).
 
@@ -76,13 +76,12 @@ def keep_freed_memory(largest_block_mb: int = 1024) -> bool:
     minor page faults and 0.7-1.1 s of kernel time against 160k (about what start-up costs) and
     0.4-0.5 s with both thresholds raised, and the step 4-8% faster. The price: the process
     keeps its peak heap resident until it exits. For a batch job's worker process, not for the
-    server (whose RSS is reported and trimmed). Blocks up to `largest_block_mb` (at most 1 GiB:
-    mallopt takes a C int) then come from the heap."""
+    server (whose RSS is reported and trimmed)."""
     mallopt = _libc_function("mallopt", (ctypes.c_int, ctypes.c_int), ctypes.c_int)
     if mallopt is None:
         return False
-    size = min(largest_block_mb * 2**20, 2**30)
-    mapped = mallopt(M_MMAP_THRESHOLD, size)  # blocks up to `size` come from the heap
+    size = 2**30  # blocks up to 1 GiB come from the heap (mallopt takes a C int)
+    mapped = mallopt(M_MMAP_THRESHOLD, size)
     trimmed = mallopt(M_TRIM_THRESHOLD, 2 * size - 1)  # a free top below this stays
     return bool(mapped and trimmed)
 
