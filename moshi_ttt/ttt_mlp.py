@@ -671,30 +671,30 @@ def stream_step(
         telemetry[:, 2].add_(active.to(telemetry.dtype))
 
     # 3. commit at the last position: a masked update in place, not a branch (no host sync; one
-    #    CUDA graph). A row that does not commit gets c = 0 and, with a decay, keep factor 1:
-    #    W.lerp_(W0, 0) is W bit for bit and the update adds exact zeros, so its state is
-    #    untouched, while each state-sized tensor is read and written about twice per frame (a
-    #    settled copy of every row selected by `where` took ~8 passes), with the arithmetic of
-    #    the dual form's commit. Weight norm keeps the copy.
+    #    CUDA graph). A row that does not commit gets c = 0 and, with a decay, keep factor 1 (with
+    #    weight norm, gain 1): W.lerp_(W0, 0) and W * 1 are W bit for bit and the update adds
+    #    exact zeros, so its state is untouched, while each state-sized tensor is read and
+    #    written about twice per frame (a settled copy of every row selected by `where` took ~8
+    #    passes), with the arithmetic of the dual form's commit.
     commit = (pos == K - 1) & active
-    if rule is not None and rule.norms is not None:
-        c = (scale[K - 1] * buf.lr)[..., None]  # [B,H,K,1]
-        nxt = settle(_minus_update(w, c, buf.xk, buf.x2, buf.gz1, buf.gz2, owned=False), rule)
-        m4 = commit.view(-1, 1, 1, 1)
-        for cur, new in zip(w.as_tuple(), nxt.as_tuple()):
-            cur.copy_(torch.where(m4, new, cur))
-    else:
-        c = (commit.to(torch.float32)[:, None, None] * scale[K - 1] * buf.lr)[..., None]
-        if rule is not None and rule.keep is not None:
-            assert rule.w0 is not None
-            # keep on committing rows, 1 elsewhere: W <- W0 + keep (W - W0)
-            f = torch.where(commit[:, None], rule.keep.float()[None, :], 1.0)[..., None, None]
-            c = c * f
-            for cur, init in zip(w.as_tuple(), rule.w0.as_tuple()):
-                cur.lerp_(init.to(cur.dtype), 1.0 - f)
-        nxt = _minus_update(w, c, buf.xk, buf.x2, buf.gz1, buf.gz2, owned=True)
-        for cur, new in zip(w.as_tuple(), nxt.as_tuple()):
-            if new is not cur:  # the biases (and a state that is not contiguous)
-                cur.copy_(new)
+    c = (commit.to(torch.float32)[:, None, None] * scale[K - 1] * buf.lr)[..., None]
+    if rule is not None and rule.keep is not None:
+        assert rule.w0 is not None
+        # keep on committing rows, 1 elsewhere: W <- W0 + keep (W - W0)
+        f = torch.where(commit[:, None], rule.keep.float()[None, :], 1.0)[..., None, None]
+        c = c * f
+        for cur, init in zip(w.as_tuple(), rule.w0.as_tuple()):
+            cur.lerp_(init.to(cur.dtype), 1.0 - f)
+    nxt = _minus_update(w, c, buf.xk, buf.x2, buf.gz1, buf.gz2, owned=True)
+    for cur, new in zip(w.as_tuple(), nxt.as_tuple()):
+        if new is not cur:  # the biases (and a state that is not contiguous)
+            cur.copy_(new)
+    if rule is not None and rule.norms is not None:  # `renormalized`, gain 1 where no commit
+        n1, n2 = augmented_column_norms(w)
+        m3 = commit.view(-1, 1, 1, 1)
+        g1 = torch.where(m3, rule.norms[0] / n1.clamp_min(1e-12), 1.0)
+        g2 = torch.where(m3, rule.norms[1] / n2.clamp_min(1e-12), 1.0)
+        for t, g in ((w.w1, g1), (w.b1, g1), (w.w2, g2), (w.b2, g2)):
+            t.mul_(g)
     pos.copy_(torch.where(active, (pos + 1) % K, pos))
     return out[:, :, 0]
