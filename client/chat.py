@@ -314,6 +314,9 @@ class _Session:
             except ValueError:
                 logger.warning("unreadable metadata from the server: %r", payload[:200])
                 return
+            if not isinstance(meta, dict):
+                logger.warning("metadata from the server is not a JSON object: %r", payload[:200])
+                return
             if is_telemetry(meta):
                 self.result.telemetry.append(meta)
                 if self.on_telemetry is not None:

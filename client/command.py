@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import signal
 import sys
 from dataclasses import dataclass
@@ -99,14 +100,15 @@ def _prepare(cmd: ChatCommand) -> tuple[ChatOptions, list[np.ndarray] | None]:
         mode = None
     if mode not in (Mode.OPUS, Mode.PCM):
         raise _Usage(f"--mode {cmd.mode!r}: this client speaks 'opus' or 'pcm'")
-    if cmd.speed <= 0:
-        raise _Usage(f"--speed must be > 0, got {cmd.speed:g}")
-    if cmd.max_ahead <= 0:
-        raise _Usage(f"--max-ahead must be > 0 seconds, got {cmd.max_ahead:g}")
-    if cmd.tail < 0:
-        raise _Usage(f"--tail must be >= 0 seconds, got {cmd.tail:g}")
-    if cmd.duration is not None and cmd.duration <= 0:
-        raise _Usage(f"--duration must be > 0 seconds, got {cmd.duration:g}")
+    # finite first: NaN passes every comparison below (a NaN --speed made the pacing wait forever)
+    for flag, value, low in (("--speed", cmd.speed, "> 0"), ("--max-ahead", cmd.max_ahead, "> 0"),
+                             ("--tail", cmd.tail, ">= 0"), ("--duration", cmd.duration, "> 0"),
+                             ("--timeout", cmd.timeout, "> 0")):
+        if value is None:
+            continue
+        if not math.isfinite(value) or (value <= 0 if low == "> 0" else value < 0):
+            unit = "" if flag == "--speed" else " seconds"
+            raise _Usage(f"{flag} must be a finite number {low}{unit}, got {value:g}")
     if cmd.channel is not None and cmd.mic:
         raise _Usage("--channel applies to --input only (the microphone is read as mono)")
     if cmd.duration is not None and not cmd.mic:
@@ -224,12 +226,17 @@ def _exit_code(cmd: ChatCommand, result: ChatResult) -> int:
     return ExitCode.OK
 
 
-def _fmt(x: float | None) -> str:
-    return f"{x:.4g}" if x is not None else "n/a"
+def _fmt(x: Any) -> str:
+    """A figure, or n/a: telemetry fields are the server's words and may be missing or odd."""
+    return f"{x:.4g}" if _is_number(x) else "n/a"
 
 
 def _fmt_ms(x: float | None) -> str:
     return f"{x:.1f} ms" if x is not None else "n/a"
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _print_summary(cmd: ChatCommand, result: ChatResult, wrote: list[Path]) -> None:

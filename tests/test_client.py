@@ -436,3 +436,52 @@ def test_resampling_keeps_timing_and_length():
         y = resample(x, rate, 24000)
         assert len(y) == round(n * 24000 / rate)
         assert abs(int(np.argmax(y)) - round((n // 2) * 24000 / rate)) <= 1
+
+
+# -- a server that says odd things --------------------------------------------------------------
+
+def test_odd_metadata_from_the_server_is_ignored_not_fatal(in_wav):
+    """METADATA that is JSON but not an object, and telemetry whose figures are not numbers:
+    a warning and "n/a" in the summary, the session still completes (a crash here lost every
+    output after a good session)."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.server import serve
+
+    from moshi_ttt.protocol import HANDSHAKE
+
+    def handler(ws):
+        ws.send(HANDSHAKE)
+        for payload in (b"[1, 2]", b'"hello"', b"null", json.dumps(
+                {"type": "ttt_telemetry", "frame": 3, "inner_loss_before": "x",
+                 "inner_loss_after": [1], "drift": None, "input_dependence": {"a": 1}}).encode()):
+            ws.send(bytes([Kind.METADATA]) + payload)
+        try:
+            for msg in ws:  # an echo: every audio frame answered with itself
+                if msg[0] == Kind.AUDIO:
+                    ws.send(msg)
+        except ConnectionClosed:  # the client closes while an answer is on its way
+            pass
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        code, log, _ = chat("--url", f"ws://127.0.0.1:{port}/api/chat", "--input", str(in_wav),
+                            "--mode", "pcm", "--fast")
+        server.shutdown()
+    assert code == 0, log
+    assert log.count("metadata from the server is not a JSON object") == 3, log
+    flat = " ".join(log.replace("\u2502", " ").split())  # the summary table, unwrapped
+    assert "before the update n/a -> n/a, after it n/a -> n/a" in flat, log
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("flag,value", [("--speed", "nan"), ("--speed", "inf"),
+                                        ("--max-ahead", "nan"), ("--tail", "inf"),
+                                        ("--tail", "-1"), ("--timeout", "0"),
+                                        ("--timeout", "nan")])
+def test_non_finite_or_out_of_range_flags(in_wav, flag, value):
+    """Each one a usage error before connecting (a NaN --speed used to pace forever)."""
+    code, log, _ = chat("--url", "ws://127.0.0.1:1/api/chat", "--input", str(in_wav),
+                        flag, value)
+    assert code == 2, log
+    assert f"{flag} must be a finite number" in log and "Traceback" not in log, log
