@@ -109,6 +109,20 @@ def os_reason(e: OSError) -> str:
     return f"{e.filename}: {e.strerror or e}"
 
 
+def writable_file(path: Path, flag: str = "--out") -> None:
+    """Refuse, before a long run, an output file that could not be written at its end: a
+    directory, or a folder that cannot be made or written to (exit 2, one line)."""
+    if path.is_dir():
+        fail(f"{flag} {path}: is a directory, expected a file path")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"{flag} {path}: cannot make its folder ({os_reason(e)})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"{flag} {path}: its folder {parent} is not writable")
+
+
 def config_path(path: Optional[Path]) -> Optional[Path]:
     """Callback of every config option: the README's `configs/NAME.yaml` also works outside a
     checkout (a wheel install), naming the packaged config (`moshi_ttt.resources`)."""
@@ -649,6 +663,8 @@ def eval_memory(
     from .eval.memory import MemoryEvalSettings, format_table, run_memory_eval, write_results
 
     root = Path("runs/eval-memory")
+    path = out or root / ("results-quick.json" if quick else "results.json")
+    writable_file(path)
     try:
         cfg = load_config(config)
         settings = MemoryEvalSettings.from_config(
@@ -656,12 +672,15 @@ def eval_memory(
             seeds=[seed] if seed is not None else None)
         if "speech" in settings.tasks and codec is None:
             codec = _eval_codec(cfg, root)
-        report = run_memory_eval(cfg, settings, codec=codec, out_dir=root)
+        # the text TTT model (for eval-stability --recall-model) lies beside the results
+        report = run_memory_eval(cfg, settings, codec=codec, out_dir=path.parent)
     except (ConfigError, ValueError, BaseModelError, DataError, SynthesisError) as e:
         fail(reason(e))
-    path = out or root / ("results-quick.json" if quick else "results.json")
-    write_results(report, path)
     typer.echo(format_table(report))
+    try:
+        write_results(report, path)
+    except OSError as e:  # the table above is the run's result; say where it did not go
+        fail(f"the results could not be written: {os_reason(e)}")
     logger.info("results written to %s (%.0f s)", path, report["wall_seconds"])
 
 
@@ -761,26 +780,31 @@ def eval_stability(
     _cpu_defaults()
     from .config import ConfigError, load_config
     from .eval.stability import (
-        StabilitySettings, format_late_recall, format_summary, late_recall, run_stability,
-        write_report,
+        StabilitySettings, format_late_recall, format_summary, late_recall, load_recall_model,
+        run_stability, write_report,
     )
 
+    path = out or Path("runs/eval-stability") / "results.json"
+    writable_file(path)
     try:
         cfg = load_config(config)
         settings = StabilitySettings.from_config(cfg, frames=frames, batch_size=batch_size,
                                                  driver=driver, seed=seed, threads=threads)
+        recall = load_recall_model(recall_model) if recall_model is not None else None
         report = run_stability(cfg, settings)
-        if recall_model is not None:
+        if recall is not None:
             report["late_recall"] = late_recall(
-                recall_model, settings.frames, seed=settings.seed, threads=settings.threads,
+                recall, settings.frames, seed=settings.seed, threads=settings.threads,
                 reference_frame=settings.reference_frame)
     except (ConfigError, ValueError) as e:
         fail(reason(e))
-    path = out or Path("runs/eval-stability") / "results.json"
-    write_report(report, path)
     typer.echo(format_summary(report))
     if "late_recall" in report:
         typer.echo(format_late_recall(report["late_recall"]))
+    try:
+        write_report(report, path)
+    except OSError as e:
+        fail(f"the report could not be written: {os_reason(e)}")
     logger.info("report written to %s", path)
     finite = report["finite"] and report.get("late_recall", {}).get("finite", True)
     if not finite:

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from moshi_ttt.eval import memory as mem
 from moshi_ttt.eval.memory import MemoryEvalSettings
 from moshi_ttt.eval.recall import RecallTask, WordCodes, encode_words, speech_batch, text_batch
-from moshi_ttt.eval.stability import StabilitySettings, late_recall, run_stability
+from moshi_ttt.eval.stability import (
+    StabilitySettings, late_recall, load_recall_model, run_stability,
+)
 from moshi_ttt.model import ttt_blocks
 
 from conftest import CONFIGS
@@ -296,7 +298,8 @@ def test_lmgen_teacher_forcing_equals_parallel_forward(tiny_cfg):
 def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg, tmp_path):
     from fixtures import calibrated_base
 
-    s = _quick(tiny_cfg, ablations={"reference_init": {"inner_init": "reference"}})
+    s = _quick(tiny_cfg, ablations={"reference_init": {"inner_init": "reference"}},
+               save_ttt=True)  # --quick saves none; the saved model is checked below
     a = mem.run_memory_eval(tiny_cfg, s.model_copy(update={"workers": 1}),
                             codec=calibrated_base(), out_dir=tmp_path)
     b = mem.run_memory_eval(tiny_cfg, s.model_copy(update={"workers": 2}),
@@ -337,7 +340,13 @@ def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg, tmp_path
     assert a["tasks"]["speech"]["word_codes"] == words.fingerprint()
     assert a["tasks"]["text"]["word_codes"] is None
     assert a["lmgen_check"]["max_abs_logit_diff"] <= 1e-4
-    assert (tmp_path / "ttt-text.pt").is_file()
+    # the saved text model is what eval-stability's late recall loads: the same trained model
+    model = load_recall_model(tmp_path / "ttt-text.pt")
+    assert (model.seed, model.steps) == (s.seeds[0], s.steps)
+    assert (model.task.context, model.task.content_len) == (s.task.context, s.task.content_len)
+    late = late_recall(model, frames=2 * model.task.length() + 10, batch_size=4)
+    assert late["finite"] and late["model_steps"] == s.steps
+    assert 0 <= late["late"]["recall_acc"] <= 1 and late["chance_acc"] == s.task.chance_acc
     summ = {(x["task"], x["gap_x"], x["method"]): x for x in a["summary"]}
     assert summ[("text", 1.0, "ttt")]["seeds"] == s.seeds
     c = mem.run_memory_eval(tiny_cfg, s.model_copy(update={"seeds": [1], "methods": ["ttt"],
@@ -423,9 +432,41 @@ def test_cli_eval_memory_quick_writes_json(tmp_path):
     assert {r["method"] for r in report["results"]} >= {"ttt", "ttt_off", "lora", "frozen"}
     assert report["settings"]["steps"] == 2
     assert "| ttt |" in res.output
+    assert not (tmp_path / "ttt-text.pt").exists()  # --quick keeps no recall model
     bad = CliRunner().invoke(app, ["eval-memory", "--config", str(CONFIGS / "tiny.yaml"),
                                    "--quick", "--set", "nonsense"])
     assert bad.exit_code == 2
+
+
+def test_cli_eval_refusals_come_before_the_run(tmp_path):
+    """What would make a run's end fail is refused at its start, in one line (exit 2): an
+    --out that is a directory, an ablation with an invalid setting, a recall model that is not
+    one (each of these used to cost the whole run, or end it in a traceback)."""
+    import torch
+    from typer.testing import CliRunner
+
+    from moshi_ttt.cli import app
+
+    def run(*args: str):
+        r = CliRunner().invoke(app, [*args, "--config", str(CONFIGS / "tiny.yaml")])
+        assert r.exception is None or isinstance(r.exception, SystemExit), r.output
+        return r.exit_code, r.output
+
+    code, out = run("eval-memory", "--quick", "--out", str(tmp_path))
+    assert code == 2 and "is a directory, expected a file path" in out, out
+    code, out = run("eval-memory", "--quick", "--set", "ablations={bad: {mini_batch_size: 0}}")
+    assert code == 2 and "eval.memory.ablations.bad: invalid TTT setting: mini_batch_size" in out
+    code, out = run("eval-stability", "--frames", "40", "--out", str(tmp_path))
+    assert code == 2 and "is a directory" in out, out
+    garbage, other = tmp_path / "garbage.pt", tmp_path / "other.pt"
+    garbage.write_text("garbage\n")
+    torch.save({"step": 3}, other)
+    for path, says in ((garbage, "not a file torch.save wrote"),
+                       (other, "missing state, lm, ttt, task"),
+                       (tmp_path / "nope.pt", "recall model not found")):
+        code, out = run("eval-stability", "--frames", "100000", "--recall-model", str(path))
+        assert code == 2 and says in out, out
+        assert "Traceback" not in out
 
 
 # -- long-session stability (shortened) --------------------------------------------------------

@@ -171,7 +171,13 @@ class MemoryEvalSettings(BaseModel):
         for item in sets or []:
             raw = _deep_merge(raw, parse_set(item))
         raw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(raw)
+        s = cls.model_validate(raw)
+        for name, over in s.ablations.items():  # now, not when the job comes up minutes later
+            try:
+                ttt_variant(cfg, over)
+            except ValueError as e:  # the CLI's `reason` names the field from the cause
+                raise ValueError(f"eval.memory.ablations.{name}: invalid TTT setting") from e
+        return s
 
 
 def parse_set(item: str) -> dict[str, Any]:
@@ -205,6 +211,7 @@ QUICK: dict[str, Any] = {
     "speech": {"content_len": 2, "content_vocab": 4, "distractor_vocab": 4},
     "gaps": [1.0, 2.0], "seeds": [0], "ablation_seeds": [0],
     "pretrain_steps": 2, "steps": 3, "batch_size": 4, "warmup_steps": 1, "eval_sequences": 4,
+    "save_ttt": False,  # a 3-step model must not replace a real run's recall model
 }
 
 
@@ -834,7 +841,7 @@ def _run_job(cfg: ProjectConfig, s: MemoryEvalSettings, job: _Job,
             check = _lmgen_check(lm, *held[s.gaps[0]])
             check.update(task=plan.kind, seed=seed, gap_x=s.gaps[0])
         if job.save_to is not None and tc is not None:
-            save_model(lm, cfg, tc, plan.shape, job.save_to)
+            save_model(lm, cfg, tc, plan.shape, job.save_to, seed, s.steps)
     return rows, check
 
 
@@ -868,12 +875,14 @@ def _lmgen_check(lm: LMModel, codes: torch.Tensor, dep: torch.Tensor) -> dict[st
 
 
 def save_model(lm: LMModel, cfg: ProjectConfig, ttt: TTTConfig, task: RecallTask,
-               path: Path) -> None:
-    """The trained TTT recall model (its state, the LM and TTT config, the task) for
-    eval-stability's late-recall check."""
+               path: Path, seed: int, steps: int) -> None:
+    """The trained TTT recall model (its state, the LM and TTT config, the task, the seed and
+    outer steps it was trained with) for eval-stability's late-recall check."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state": lm.state_dict(), "lm": dict(cfg.lm, context=task.context),
-                "ttt": ttt.model_dump(), "task": task.model_dump()}, path)
+                "ttt": ttt.model_dump(), "task": task.model_dump(), "seed": seed,
+                "steps": steps}, path)
+    logger.info("text recall model (seed %d, %d steps) saved to %s", seed, steps, path)
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

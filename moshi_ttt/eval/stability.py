@@ -26,6 +26,7 @@ import math
 import statistics
 import time
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -253,24 +254,58 @@ def format_summary(report: dict[str, Any]) -> str:
 
 # -- late recall: a trained recall model, an hour of distractors, then content to recall ----------
 
-def load_recall_model(path: Path) -> tuple[LMModel, Any]:
-    """The TTT model eval-memory trained on the text recall task (`save_model`), and its task."""
+@dataclass
+class RecallModel:
+    """A text recall model eval-memory trained (`memory.save_model`), loaded and checked."""
+
+    path: Path
+    lm: LMModel
+    task: Any  # RecallTask
+    seed: int | None  # the eval-memory seed and outer steps it was trained with (None: older file)
+    steps: int | None
+
+
+RECALL_MODEL_KEYS = ("state", "lm", "ttt", "task")
+
+
+def load_recall_model(path: Path) -> RecallModel:
+    """The TTT model eval-memory trained on the text recall task, or a ValueError that says
+    what the file is not (checked before a long session is run, not after it)."""
     from ..config import TTTConfig
     from ..model import attach_ttt, build_base_lm
     from .recall import RecallTask
 
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         raise ValueError(f"recall model not found: {path} (run `moshi-ttt eval-memory` first: "
-                         f"it saves runs/eval-memory/ttt-text.pt)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    lm = build_base_lm(ck["lm"])
-    attach_ttt(lm, TTTConfig.model_validate(ck["ttt"]), norm=ck["lm"].get("norm"))
-    lm.load_state_dict(ck["state"], strict=True)
-    return lm.eval(), RecallTask.model_validate(ck["task"])
+                         f"it saves ttt-text.pt beside its results, runs/eval-memory/ by default)")
+    what = f"{path} is not an eval-memory recall model"
+    try:  # plain tensors and settings only: no code runs from the file
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise ValueError(f"{what}: not a file torch.save wrote with tensors and settings only "
+                         f"({type(e).__name__})") from None
+    missing = [k for k in RECALL_MODEL_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"{what}: missing {', '.join(missing)} (eval-memory writes "
+                         f"{', '.join(RECALL_MODEL_KEYS)})")
+    try:
+        lm = build_base_lm(ck["lm"])
+        attach_ttt(lm, TTTConfig.model_validate(ck["ttt"]), norm=ck["lm"].get("norm"))
+        lm.load_state_dict(ck["state"], strict=True)
+        task = RecallTask.model_validate(ck["task"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise ValueError(f"{what}: {str(e).splitlines()[0][:300]}") from None
+    model = RecallModel(path, lm.eval(), task, ck.get("seed"), ck.get("steps"))
+    logger.info("recall model %s: seed %s, %s outer steps, context %d, %d items of %d",
+                path, model.seed if model.seed is not None else "?",
+                model.steps if model.steps is not None else "?", task.context,
+                task.content_len, task.content_vocab)
+    return model
 
 
 @torch.no_grad()
-def late_recall(path: Path, frames: int, batch_size: int = 16, seed: int = 0,
+def late_recall(model: RecallModel, frames: int, batch_size: int = 16, seed: int = 0,
                 record_every: int = 250, reference_frame: int = 3750,
                 threads: int = 1) -> dict[str, Any]:
     """Sessions of `frames` frames (`batch_size` rows): the recall task's distractor text for
@@ -283,7 +318,7 @@ def late_recall(path: Path, frames: int, batch_size: int = 16, seed: int = 0,
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        lm, task = load_recall_model(path)
+        lm, task = model.lm, model.task
         g = torch.Generator().manual_seed(seed)
         inst, dep = text_batch(task, batch_size, g, lm.n_q)
         Ti = inst.shape[-1]
@@ -319,7 +354,8 @@ def late_recall(path: Path, frames: int, batch_size: int = 16, seed: int = 0,
                         "norm_at_reference": ref[0],
                         "norm_final_over_reference": norms[-1] / ref[0],
                         "finite": all(r["layers"][name]["finite"] for r in records)}
-    return {"model": str(path), "frames": frames, "batch_size": batch_size,
+    return {"model": str(model.path), "model_seed": model.seed, "model_steps": model.steps,
+            "frames": frames, "batch_size": batch_size,
             "reference_frame": reference_frame, "instance_frames": Ti,
             "chance_acc": task.chance_acc, "fresh": fresh, "late": late,
             "fast_weights": layers, "finite": all(v["finite"] for v in layers.values()),
@@ -327,7 +363,10 @@ def late_recall(path: Path, frames: int, batch_size: int = 16, seed: int = 0,
 
 
 def format_late_recall(r: dict[str, Any]) -> str:
-    lines = [f"late recall: {r['frames']} frames ({r['frames'] * 0.08 / 60:.0f} min), "
+    trained = "" if r.get("model_steps") is None else \
+        f" (seed {r['model_seed']}, {r['model_steps']} outer steps)"
+    lines = [f"late recall, model {r['model']}{trained}:",
+             f"  {r['frames']} frames ({r['frames'] * 0.08 / 60:.0f} min), "
              f"{r['batch_size']} sessions, the last {r['instance_frames']} frames a recall "
              f"instance; chance acc {r['chance_acc']:.3f}",
              f"  recall acc at the end of the session {r['late']['recall_acc']:.3f} (loss "
