@@ -15,7 +15,7 @@ from moshi_ttt.dims import (
 )
 from moshi_ttt.model import build_ttt_lm, is_ttt_param
 
-from conftest import CONFIGS
+from conftest import CONFIGS, REPO
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,12 @@ def test_7b_parameter_counts(meta_7b):
     per_layer_outer += 2 * (4096 * 4 + 4096)  # depthwise causal q and k convs, kernel 4
     assert p["ttt_total"] == p["ttt_inner"] + 16 * per_layer_outer
     assert p["total"] == p["base"] + p["ttt_total"]
+    # the README's figures are these (they once lagged two changes behind)
+    readme = " ".join((REPO / "README.md").read_text().split())
+    para = readme[readme.index("For Moshi 7B: main 4096"):][:500]
+    for key in ("ttt_inner", "ttt_total", "base"):
+        assert f"{p[key]:,}" in para, (key, para)
+    assert f"({p['ttt_inner'] // 16:,} per layer)" in para
 
 
 def test_inner_count_at_1024_8_heads_matches_the_old_logs():
