@@ -8,11 +8,15 @@
     5. chat        the Python client streams the sample wav and records the answer
 
 Each step reuses what an earlier run left complete (the dataset's manifest, the base's files, the
-run's latest checkpoint at the target step), so a second `make demo` goes straight to serving.
+run's latest checkpoint at the target step), so a second `make demo` goes straight to serving;
+`demo.json` in the workdir records which config and dataset size the base and the run were made
+for, and a demo with other ones makes them again instead of serving the old ones.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -54,6 +58,14 @@ def prepare(workdir: Path, config: Path = TINY, steps: int | None = None,
     _step(1, f"dataset in {data}")
     logger.info("%s", synthesize_dataset(data, n_dialogues=dialogues, seed=0))
 
+    workdir.mkdir(parents=True, exist_ok=True)
+    stale = _stale_parts(workdir, cfg, dialogues)
+    for part in stale:
+        path = {"base": base, "run": run}[part]
+        if path.exists():
+            logger.info("removing %s: it was made for another config or dataset", path)
+            shutil.rmtree(path)
+
     _step(2, f"random tiny base in {base}, its codec calibrated on {data / 'train.jsonl'}")
     # moshi_ttt.yaml is written last by init-base: a complete base. One without a calibration
     # record predates codec calibration; it and the run trained on it are made again.
@@ -77,6 +89,34 @@ def prepare(workdir: Path, config: Path = TINY, steps: int | None = None,
         train(cfg, settings, run, base_override=BaseModelRef(local_dir=str(base)),
               resume=True)
     return {"data": data, "base": base, "run": run, "checkpoint": latest_checkpoint(run)}
+
+
+STAMP_NAME = "demo.json"
+
+
+def _stale_parts(workdir: Path, cfg: Any, dialogues: int) -> list[str]:
+    """Which of base and run were made for another config or dataset size than this demo's
+    (all of them when the workdir has no record, i.e. it predates the record); then records
+    this demo's. The base depends on the model and codec sections and the data; the run on
+    the whole config and the data."""
+    whole = cfg.model_dump(mode="json")
+    keys = {"base": _digest({k: whole.get(k) for k in ("lm", "mimi", "codec_calibration")},
+                            dialogues),
+            "run": _digest(whole, dialogues)}
+    stamp = workdir / STAMP_NAME
+    try:
+        old = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        old = {}
+    stale = [part for part, key in keys.items() if not isinstance(old, dict)
+             or old.get(part) != key]
+    stamp.write_text(json.dumps(keys, indent=1))
+    return stale
+
+
+def _digest(obj: Any, dialogues: int) -> str:
+    raw = json.dumps({"config": obj, "dialogues": dialogues}, sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 def run_demo(workdir: Path, config: Path = TINY, steps: int | None = None,

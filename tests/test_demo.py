@@ -6,6 +6,7 @@ import json
 from typer.testing import CliRunner
 
 from moshi_ttt.cli import app
+from moshi_ttt.resources import packaged_config
 
 
 def test_demo_end_to_end_then_reused(tmp_path, monkeypatch):
@@ -32,3 +33,16 @@ def test_demo_end_to_end_then_reused(tmp_path, monkeypatch):
     assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())  # nothing rebuilt
     assert sorted(p.name for p in (work / "run" / "checkpoints").iterdir()) == \
         ["latest", "step_000002"]  # no further training
+
+    # another config: the run is made again for it (the base, whose sections did not change,
+    # is kept); before, the first config's run was served and the demo said all was well
+    variant = tmp_path / "variant.yaml"
+    variant.write_text(packaged_config("tiny.yaml").read_text().replace(
+        "gate_init: 0.1", "gate_init: 0.2"))
+    out = CliRunner().invoke(app, ["demo", "--workdir", str(work), "--steps", "2", "--mode",
+                                   "pcm", "--dialogues", "4", "--config", str(variant)],
+                             catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert weights.stat().st_mtime_ns == mtimes[weights]
+    ckpt = json.loads((work / "run" / "checkpoints" / "step_000002" / "config.json").read_text())
+    assert ckpt["project"]["ttt"]["gate_init"] == 0.2
