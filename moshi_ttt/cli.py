@@ -295,6 +295,12 @@ def init_base(
     from .dims import DimensionMismatch
 
     codec_choices = (calibrate_on is not None) + (codec_from is not None) + no_calibrate
+    if hf_repo and local:
+        fail("give one of --hf-repo REPO or --local DIR, not both")
+    if revision and not hf_repo:
+        fail("--revision applies to --hf-repo")
+    if tokenizer is not None and (hf_repo or local):
+        fail("--tokenizer is for a random base: a base from --hf-repo or --local keeps its own")
     try:
         cfg = load_config(config)
         if hf_repo or local:
@@ -323,8 +329,8 @@ def init_base(
                      "`moshi-ttt make-data DATA`), or pass --hf-repo / --local")
             init_random_base(cfg, out, tokenizer, seed=seed, calibrate_on=calibrate_on,
                              codec_from=codec_from)
-    except (ConfigError, BaseModelError, DimensionMismatch, DataError) as e:
-        fail(reason(e))
+    except (ConfigError, BaseModelError, DimensionMismatch, DataError, ValueError) as e:
+        fail(reason(e))  # ValueError: flags BaseModelRef refuses (--hf-repo with --local)
     except OSError as e:  # e.g. an output directory that cannot be written
         fail(os_reason(e))
     typer.echo(str(out))
@@ -411,6 +417,8 @@ def train(
         }
         settings = TrainSettings.from_config(cfg.train, overrides)
         base_ref = None
+        if base and hf_repo:
+            refuse("give one of --base DIR or --hf-repo REPO, not both")
         if base or hf_repo:
             base_ref = BaseModelRef(local_dir=str(base) if base else None, hf_repo=hf_repo)
         last = run_training(cfg, settings, out, base_override=base_ref, resume=resume)
@@ -733,6 +741,8 @@ def diagnose_ttt(
         fail("give exactly one of --config or --checkpoint")
     if frames < 1:
         fail(f"--frames must be at least 1, got {frames}")
+    if every is not None and every < 1:  # 0 meant the default, a negative every frame
+        fail(f"--every must be at least 1, got {every}")
     try:
         if checkpoint is not None:
             loaded = load_model(resolve_checkpoint(checkpoint), "cpu", torch.float32,

@@ -128,6 +128,18 @@ class BaseModelRef(BaseModel):
     local_dir: str | None = None
     revision: str | None = None
 
+    @model_validator(mode="after")
+    def _one_source(self) -> "BaseModelRef":
+        """Both sources given used to mean the local one, silently; a revision of a local
+        directory was dropped."""
+        if self.hf_repo and self.local_dir:
+            raise ValueError(f"the base comes from a Hugging Face repo or a local directory, not "
+                             f"both (hf_repo {self.hf_repo!r}, local_dir {self.local_dir!r})")
+        if self.revision and not self.hf_repo:
+            raise ValueError(f"a revision ({self.revision!r}) applies to a Hugging Face repo; "
+                             f"none is given")
+        return self
+
 
 class ProjectConfig(BaseModel):
     """Top-level YAML: `base`, `lm` (moshi LM kwargs) and `ttt`; later sections are optional."""

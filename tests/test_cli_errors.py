@@ -78,6 +78,12 @@ CASES_2 = {
         (["{root}/b", "-c", TINY, "--local", "{base}", "--no-calibrate"],
          "are for random bases"),
         (["{root}/b", "-c", "{nowhere}.yaml", "--no-calibrate"], "config file not found"),
+        (["{root}/b", "-c", TINY, "--hf-repo", "a/b", "--local", "{base}"],
+         "give one of --hf-repo REPO or --local DIR, not both"),
+        (["{root}/b", "-c", TINY, "--local", "{base}", "--revision", "v1"],
+         "--revision applies to --hf-repo"),
+        (["{root}/b", "-c", TINY, "--local", "{base}", "--tokenizer", "{nowhere}.model"],
+         "--tokenizer is for a random base"),
     ],
     "codec-report": [
         (["{nowhere}", "{wav}"], "base directory not found"),
@@ -97,6 +103,8 @@ CASES_2 = {
           "--steps", "0"], "max_steps: Input should be greater than or equal to 1 (got 0)"),
         (["-c", TINY, "--out", "{orphan}", "--data", "{data}/train.jsonl", "--steps", "2",
           "--resume"], "which is gone"),
+        (["-c", TINY, "--out", "{root}/r", "--base", "{base}", "--hf-repo", "a/b", "--data",
+          "{data}/train.jsonl"], "give one of --base DIR or --hf-repo REPO, not both"),
     ],
     "demo": [
         (["--workdir", "{root}/d", "-c", "{nowhere}.yaml"], "config file not found"),
@@ -154,6 +162,8 @@ CASES_2 = {
         (["--checkpoint", "{no_model}"], "lacks model.safetensors"),
         (["-c", TINY, "--data", "{data}"], "--data needs --checkpoint"),
         (["-c", TINY, "--frames", "0"], "--frames must be at least 1"),
+        (["-c", TINY, "--every", "0"], "--every must be at least 1"),
+        (["-c", TINY, "--every", "-3"], "--every must be at least 1"),
         (["--checkpoint", "{base}", "--data", "{nowhere}", "--frames", "4"], "not found"),
     ],
     "eval-stability": [
