@@ -697,9 +697,19 @@ def _eval_codec(cfg, root: Path) -> Path:
     from .base import CODEC_CALIBRATION_NAME, PROJECT_CONFIG_NAME, init_random_base
     from .data.synth import synthesize_dataset
 
+    from .config import ConfigError, load_config
+
     data, base = root / "data", root / "codec"
     if (base / PROJECT_CONFIG_NAME).is_file() and (base / CODEC_CALIBRATION_NAME).is_file():
-        return base
+        try:  # a codec made for another config's model or Mimi is made again, not reused
+            made = load_config(base / PROJECT_CONFIG_NAME)
+            same = all(getattr(made, k) == getattr(cfg, k)
+                       for k in ("lm", "mimi", "codec_calibration"))
+        except ConfigError:
+            same = False
+        if same:
+            return base
+        logger.info("%s was made for another model or codec config: making it again", base)
     logger.info("the speech task needs a calibrated codec: making one in %s (once)", base)
     synthesize_dataset(data, n_dialogues=16, seed=0)
     return init_random_base(cfg, base, data / "tokenizer.model", seed=0, calibrate_on=data)

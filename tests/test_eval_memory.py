@@ -704,3 +704,25 @@ def test_no_worker_outlives_a_stopped_run(how):
             except ProcessLookupError:
                 pass
         proc.wait(timeout=30)
+
+
+def test_eval_codec_is_made_again_for_another_config(tiny_cfg, tmp_path, monkeypatch):
+    """runs/eval-memory/codec is reused only for the config it was made for: the speech
+    figures depend on the codec, and a codec of another model or Mimi was reused silently."""
+    import moshi_ttt.base as base_mod
+    import moshi_ttt.data.synth as synth_mod
+    from moshi_ttt.base import CODEC_CALIBRATION_NAME, PROJECT_CONFIG_NAME
+    from moshi_ttt.cli import _eval_codec
+
+    made = []
+    monkeypatch.setattr(synth_mod, "synthesize_dataset", lambda *a, **k: None)
+    monkeypatch.setattr(base_mod, "init_random_base",
+                        lambda cfg, out, *a, **k: made.append(cfg) or out)
+    codec = tmp_path / "codec"
+    codec.mkdir()
+    (codec / CODEC_CALIBRATION_NAME).write_text("{}")
+    (codec / PROJECT_CONFIG_NAME).write_text(tiny_cfg.to_yaml())
+    assert _eval_codec(tiny_cfg, tmp_path) == codec and made == []  # the same config: reused
+    other = tiny_cfg.model_copy(deep=True)
+    other.mimi["seanet"]["n_filters"] = 16
+    assert _eval_codec(other, tmp_path) == codec and made == [other]  # another Mimi: made again
