@@ -298,7 +298,14 @@ def create_app(settings: ServeSettings, host: ModelHost | None = None,
 
     @app.get("/health/live")
     def live() -> JSONResponse:
-        """The process answers (a liveness probe: restart only when this stops answering)."""
+        """Whether restarting the process could help (a liveness probe): 200 while it answers
+        and its model is loading, warming up or serving; 503 with the reason once the model
+        has failed for good (the model thread died, or `max_step_failures` steps failed in a
+        row: the device is likely broken, and only a new process gets a new one)."""
+        host._check_engine()
+        if host.status == "failed":
+            return JSONResponse({"status": "failed", "model": host.status,
+                                 "reason": host.reason}, status_code=503)
         return JSONResponse({"status": "alive", "model": host.status})
 
     @app.get("/health/ready")

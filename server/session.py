@@ -11,13 +11,17 @@ Audio (or codes) sent before the handshake is accepted, as moshi's own server do
 nothing until its handshake is out, so the socket holds what arrived): moshi's clients stream
 the microphone the moment the socket opens. It is decoded at once (an Ogg stream's first pages
 carry its headers) and its most recent `early_frames` frames are kept, then queued for the model
-right after the handshake; older ones are dropped (counted in
+right after the handshake and its metadata are written (with those read while they were written,
+in the order sent); older ones are dropped (counted in
 `moshi_ttt_frames_dropped_total{reason="before_handshake"}`), so a late handshake costs latency
 only up to that bound and never closes the session.
 
 Bounds per session: PING and CONTROL messages by a token bucket (`max_control_per_s`,
-`control_burst`), idle by the time since the last audio or codes message (`idle_timeout_s`),
-input by the engine's queue (`max_buffered_frames`), and output by the frames the client has
+`control_burst`), idle by the time since the last audio or codes message that completed at least
+one input frame (`idle_timeout_s`; a few samples at a time would otherwise hold a slot without
+ever giving the model a frame), input by the engine's queue (`max_buffered_frames`, which also
+bounds the audio one message may hold: an Ogg/Opus message is decoded page by page and refused
+once it holds more), and output by the frames the client has
 not taken (`max_pending_output`): those queued here plus, on Linux, those written to the socket
 and not yet acknowledged by the client's TCP (read from the kernel: TCP_INFO's bytes acked and
 the send queue), so a client that stops reading is found after that many frames, not after
@@ -181,6 +185,48 @@ def _new_opus_codecs() -> tuple[sphn.OpusStreamReader, sphn.OpusStreamWriter]:
     return sphn.OpusStreamReader(SAMPLE_RATE), sphn.OpusStreamWriter(SAMPLE_RATE)
 
 
+_OGG_PAGE_START = b"OggS"  # how every Ogg page starts
+# sphn 0.2.1's OpusStreamReader decodes into a fixed buffer: one `append_bytes` call whose pages
+# hold more than this many samples fails with "opus_decode_float: invalid argument".
+_OPUS_SAMPLES_PER_CALL = 120_000
+
+
+class OpusMessageTooLong(ProtocolError):
+    """An Ogg/Opus message holds more audio than a session may queue."""
+
+
+def decode_opus_message(reader: sphn.OpusStreamReader, payload: bytes,
+                        max_samples: int) -> np.ndarray:
+    """The PCM of one Ogg/Opus message, fed to `reader` one Ogg page at a time: sphn decodes at
+    most `_OPUS_SAMPLES_PER_CALL` samples per call, so a message of more than about 5 s failed
+    as a whole. The reader keeps a partial page for the next call, so where the payload is cut
+    does not change the result (a b"OggS" inside a page's data only makes one more cut): the
+    PCM is that of the same stream sent in small messages, bit for bit. Decoding stops (and
+    OpusMessageTooLong is raised) once the message holds more than `max_samples`. Run it on
+    the codec thread."""
+    pieces: list[np.ndarray] = []
+    total, start = 0, 0
+    while start < len(payload):
+        end = payload.find(_OGG_PAGE_START, start + 1)
+        end = len(payload) if end < 0 else end
+        pcm = reader.append_bytes(payload[start:end])
+        start = end
+        if pcm.size:
+            pieces.append(pcm)
+            total += pcm.size
+        if total > max_samples:
+            frames = max_samples // FRAME_SIZE
+            raise OpusMessageTooLong(
+                f"Ogg/Opus message holds more than {frames} frames "
+                f"({frames * FRAME_SIZE / SAMPLE_RATE:.2f} s) of audio: at most "
+                f"max_buffered_frames ({frames}) frames per message; send the stream in "
+                f"smaller messages (Moshi's client sends each Ogg page as it is made)",
+                Close.TOO_BIG)
+    if not pieces:
+        return np.zeros(0, np.float32)
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
 @dataclass
 class _End:
     """Why a session ends: sent as an ERROR message (if any) and the close code."""
@@ -226,7 +272,7 @@ class ChatSession:
         self.opus_out: sphn.OpusStreamWriter | None = None
         self.handshake_sent = False
         self.started = time.monotonic()
-        self.last_input = self.started  # last AUDIO or CODES message
+        self.last_input = self.started  # last AUDIO or CODES message that made a frame
         self.ended: _End | None = None
         self._tasks: set[asyncio.Task] = set()
         self._control = TokenBucket(limits.max_control_per_s, limits.control_burst)
@@ -360,8 +406,11 @@ class ChatSession:
             "telemetry_every": self.engine.cfg.telemetry_every if self.telemetry else 0,
             **self.info})
         await self.ws.send_bytes(HANDSHAKE)
-        self.handshake_sent = True
         await self.ws.send_bytes(meta)
+        # No await from here to the last push: a message read while the two sends above waited
+        # (a slow socket) went to `_early` after the older frames, and one read from now on
+        # goes to the engine after all of them.
+        self.handshake_sent = True
         early, self._early = list(self._early), collections.deque()
         try:
             for frame in early:
@@ -380,7 +429,8 @@ class ChatSession:
 
     async def _watch_idle(self) -> None:
         """Close a session that sends no audio or codes for `idle_timeout_s` (PING and
-        CONTROL do not count: they would hold a slot forever)."""
+        CONTROL do not count, nor input short of a whole frame: they would hold a slot
+        forever)."""
         timeout = self.limits.idle_timeout_s
         while self.ended is None:
             left = self.last_input + timeout - time.monotonic()
@@ -388,7 +438,8 @@ class ChatSession:
                 self.metrics.errors.labels("idle").inc()
                 self.abort(_End(Close.POLICY, "idle",
                                 f"no audio for {timeout:g} s: a session streams audio (silence "
-                                f"too) every 80 ms; PING and CONTROL messages do not count"))
+                                f"too) every 80 ms; PING and CONTROL messages, and audio "
+                                f"short of a whole {FRAME_SIZE}-sample frame, do not count"))
                 return
             await asyncio.sleep(left)
 
@@ -425,7 +476,7 @@ class ChatSession:
             return
         kind, payload = protocol.unpack(data)
         frames = await self._frames(kind, payload)
-        if payload:
+        if frames:  # input that gives the model nothing (a few samples) does not keep a slot
             self.last_input = time.monotonic()
         if not self.handshake_sent:
             for frame in frames:
@@ -445,9 +496,16 @@ class ChatSession:
                                     "(CODES) with 8 int32 codes per frame")
             if self.mode is Mode.OPUS:
                 try:
-                    pcm = await OPUS.run(self.opus_in.append_bytes, payload)
+                    pcm = await OPUS.run(decode_opus_message, self.opus_in, payload,
+                                         self.max_buffered_frames * FRAME_SIZE)
+                except OpusMessageTooLong:
+                    raise
                 except Exception as e:
-                    raise ProtocolError(f"malformed Ogg/Opus audio: {e}", Close.INVALID) from None
+                    hint = (f" (or one Ogg page holds more than {_OPUS_SAMPLES_PER_CALL} "
+                            f"samples, {_OPUS_SAMPLES_PER_CALL / SAMPLE_RATE:g} s, more than "
+                            f"the decoder takes at once)" if "invalid argument" in str(e) else "")
+                    raise ProtocolError(f"malformed Ogg/Opus audio: {e}{hint}",
+                                        Close.INVALID) from None
                 if pcm.size and not np.isfinite(pcm).all():
                     raise ProtocolError("decoded audio contains NaN or inf", Close.INVALID)
             else:

@@ -53,7 +53,8 @@ class ServeSettings(BaseSettings):
         "active sessions' frames before stepping (0: step at once)")
     max_buffered_frames: int = Field(
         50, ge=1, description="input frames a session may have queued (50 = 4 s); beyond it "
-        "the client is sending faster than the model runs and is told and closed")
+        "the client is sending faster than the model runs and is told and closed. Also the "
+        "most audio one Ogg/Opus message may hold (beyond: closed 1009)")
     max_pending_output: int = Field(
         100, ge=1, description="output frames a client may leave untaken (a stalled reader): "
         "those queued in the server plus those written to the socket and not yet acknowledged "
@@ -62,7 +63,7 @@ class ServeSettings(BaseSettings):
     idle_timeout_s: float = Field(
         30.0, gt=0, description="close a session that sends no audio (or codes) for this "
         "long (it holds a slot; a live client streams audio, silence included, every 80 ms); "
-        "PING and CONTROL messages do not count")
+        "PING and CONTROL messages do not count, nor audio that completes no 1920-sample frame")
     max_control_per_s: float = Field(
         10.0, gt=0, description="PING and CONTROL messages a session may send per second, "
         "sustained; beyond it (and the burst) the session is told and closed (1008)")
@@ -95,7 +96,8 @@ class ServeSettings(BaseSettings):
     cpu_threads: int | None = Field(
         1, ge=1, description="torch threads when serving on CPU (None: torch's default). One "
         "frame's ops are small: extra threads mostly spin, and under load cost 10x")
-    log_level: str = "info"
+    log_level: str = Field("info", description="uvicorn's and the server's log level: "
+                           "critical, error, warning, info, debug or trace")
 
     @model_validator(mode="after")
     def _one_model(self) -> "ServeSettings":
@@ -115,6 +117,47 @@ class ServeSettings(BaseSettings):
                              f"certificate and its private key, or neither; `moshi-ttt tls-cert "
                              f"DIR` makes a pair")
         return self
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, v: str | None) -> str | None:
+        """An empty key (`MOSHI_TTT_API_KEY=`, `api_key: ""`) would serve without
+        authentication, silently; leaving the setting out is how to serve open."""
+        if v is not None and not v.strip():
+            raise ValueError("the API key is empty (or only whitespace), which would turn "
+                             "authentication off: give a non-empty key, or leave api_key unset "
+                             "(no MOSHI_TTT_API_KEY, no --api-key) to serve without one")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        """One of uvicorn's levels (it fails with a KeyError deep in its start-up otherwise),
+        lower-cased as uvicorn reads it."""
+        from uvicorn.config import LOG_LEVELS
+
+        level = v.strip().lower()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"unknown log level {v!r}: expected one of "
+                             f"{', '.join(LOG_LEVELS)}")
+        return level
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        """A device torch can parse (it raises later, with a traceback, otherwise). Whether a
+        CUDA device is there is checked when the model is placed (`server.app`), with its own
+        message."""
+        if v == "auto":
+            return v
+        import torch
+
+        try:
+            torch.device(v)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"unknown device {v!r}: expected auto, cpu, cuda or cuda:N") \
+                from None
+        return v
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

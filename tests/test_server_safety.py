@@ -780,3 +780,229 @@ def test_opus_sessions_do_not_grow_native_memory(base):
     if heap_before is not None:
         heap_kb = (heap_after.in_use_mb - heap_before.in_use_mb) * 1024 / 200
         assert heap_kb < 1, f"the heap's bytes in use grew {heap_kb:.2f} KiB per session"
+
+
+# -- 12. liveness, settings refused at start-up, idle input, large Opus messages, early frames --
+
+def random_settings(**kw) -> ServeSettings:
+    """`settings` on the tiny config with random weights: no base to build (no codec
+    calibration), for tests that need a running server but not a trained codec."""
+    from conftest import CONFIGS
+
+    for k, v in {"max_sessions": 2, "use_sampling": False, "warmup_frames": 1,
+                 "batch_wait_ms": 5, "cpu_threads": None}.items():
+        kw.setdefault(k, v)
+    return ServeSettings(random_config=CONFIGS / "tiny.yaml", **kw)
+
+
+def test_liveness_fails_once_the_engine_has_failed_for_good():
+    """`max_step_failures` failed steps in a row fail the engine for good: /health/live must
+    then say 503 with the reason, so that a liveness probe restarts the process (it answered
+    200 "alive" for ever, and /health/ready alone only takes the pod out of rotation)."""
+    with ServerThread(random_settings(max_step_failures=2)) as srv:
+        assert get_json(srv.http("/health/live")) == (200, {"status": "alive", "model": "ok"})
+
+        def sticky(*a, **kw):
+            raise RuntimeError("simulated sticky device error")
+        srv.engine._step_tensors = sticky
+        for i in range(2):
+            with Peer(srv.url(mode="tokens")) as p:
+                p.send_codes(user_codes(1, i))
+                p.wait_closed()
+        deadline = time.monotonic() + 10
+        while get_json(srv.http("/health"))[0] == 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        status, body = get_json(srv.http("/health/live"))
+    assert status == 503, body
+    assert body["status"] == "failed" and body["model"] == "failed"
+    assert "2 model steps failed in a row" in body["reason"] and "sticky" in body["reason"]
+
+
+@pytest.mark.parametrize("env,yaml_text,flags,phrase", [
+    ({"MOSHI_TTT_API_KEY": ""}, None, [], "api_key: the API key is empty"),
+    ({"MOSHI_TTT_API_KEY": "  \t"}, None, [], "api_key: the API key is empty"),
+    ({}, 'api_key: ""\n', [], "api_key: the API key is empty"),
+    ({"MOSHI_TTT_LOG_LEVEL": "verbose"}, None, [],
+     "log_level: unknown log level 'verbose': expected one of critical, error, warning, info, "
+     "debug, trace"),
+    ({}, None, ["--device", "gpu"],
+     "device: unknown device 'gpu': expected auto, cpu, cuda or cuda:N"),
+], ids=["empty-key-env", "blank-key-env", "empty-key-yaml", "log-level", "device"])
+def test_invalid_settings_are_refused_at_start_up_in_one_line(monkeypatch, tmp_path, env,
+                                                              yaml_text, flags, phrase):
+    """Settings that would silently turn authentication off (an empty API key), or crash later
+    with a traceback (a log level uvicorn does not know, a device torch cannot parse), are
+    refused before anything starts: one line, exit status 2, as every invalid setting is."""
+    from typer.testing import CliRunner
+
+    import server.main
+    from conftest import CONFIGS
+    from moshi_ttt.cli import app
+
+    def must_not_start(settings):
+        raise AssertionError(f"the server started with invalid settings: {settings!r}")
+    monkeypatch.setattr(server.main, "serve", must_not_start)
+    args = ["serve", "--random-config", str(CONFIGS / "tiny.yaml"), "--port", "0", *flags]
+    if yaml_text is not None:
+        (tmp_path / "serve.yaml").write_text(yaml_text)
+        args += ["--settings", str(tmp_path / "serve.yaml")]
+    r = CliRunner().invoke(app, args, env=env, catch_exceptions=False)
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and "errors.pydantic.dev" not in r.output, r.output
+    errors = [line for line in r.output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and phrase in errors[0], r.output
+
+
+def test_valid_log_levels_and_devices_are_taken_as_uvicorn_and_torch_read_them():
+    assert random_settings(log_level="WARNING").log_level == "warning"
+    assert random_settings(log_level="trace").log_level == "trace"
+    # availability is checked when the model is placed, with its own message (exit 2)
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        assert random_settings(device=device).device == device
+    assert random_settings(api_key="k").api_key == "k"
+    assert random_settings().api_key is None  # no key: open, as documented
+
+
+def test_sub_frame_audio_does_not_keep_a_session_alive():
+    """The idle timeout counts input that makes at least one whole frame: 4 bytes of PCM
+    every 0.2 s (one sample; a frame is 1920) used to hold a slot for ever."""
+    with ServerThread(random_settings(idle_timeout_s=1.0)) as srv:
+        with Peer(srv.url(mode="pcm")) as p:
+            for _ in range(25):  # 5 s of one-sample messages, unless closed sooner
+                if p.closed:
+                    break
+                try:
+                    p.send_pcm(np.zeros(1, np.float32))
+                except ConnectionClosed:  # closed between the check and the send
+                    break
+                time.sleep(0.2)
+            else:
+                pytest.fail("a session sending one sample every 0.2 s was not closed as idle")
+            p.wait_closed(timeout=5)
+        assert p.close_code == Close.POLICY and "no audio for 1 s" in p.errors[0], (
+            p.close_code, p.errors)
+        with Peer(srv.url(mode="pcm")) as q:  # half frames: one whole frame every 2 messages
+            for _ in range(10):
+                q.send_pcm(np.zeros(FRAME_SIZE // 2, np.float32))
+                time.sleep(0.2)
+            assert not q.closed and not q.errors, (q.close_code, q.errors)
+            q.wait_for(lambda: q.of(Kind.AUDIO) or q.closed, timeout=30)
+            assert not q.errors, q.errors
+        wait_idle(srv)
+
+
+def _record_pushes(srv: ServerThread, monkeypatch) -> list[np.ndarray]:
+    """Every input frame the sessions hand to the engine, in order."""
+    pushed: list[np.ndarray] = []
+    real = srv.engine.push
+
+    def push(h, frame):
+        real(h, frame)
+        pushed.append(np.array(frame, copy=True))
+    monkeypatch.setattr(srv.engine, "push", push)
+    return pushed
+
+
+def test_a_long_opus_message_decodes_as_the_same_stream_in_small_messages(monkeypatch):
+    """70 frames (5.6 s) of Ogg/Opus in one message were closed 1007 "opus_decode_float:
+    invalid argument" (sphn decodes at most 120000 samples per call). They are now decoded
+    page by page: the model gets exactly the frames of the same stream sent a page at a time."""
+    n = 70
+    pages = opus_pages(n, seed=4)
+    with ServerThread(random_settings(max_buffered_frames=200)) as srv:
+        pushed = _record_pushes(srv, monkeypatch)
+        runs = []
+        for messages in ([b"".join(pages)], pages):
+            pushed.clear()
+            with Peer(srv.url(mode="opus")) as p:
+                for m in messages:
+                    p.send(Kind.AUDIO, m)
+                deadline = time.monotonic() + 60
+                while len(pushed) < n and not p.closed and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert not p.closed and not p.errors, (p.close_code, p.errors)
+            runs.append(np.stack(pushed))
+            wait_idle(srv)
+    one, small = runs
+    assert one.shape == (n, FRAME_SIZE) and small.shape == (n, FRAME_SIZE)
+    assert np.array_equal(one, small)
+    assert np.abs(one).max() > 0.1  # the tone, not silence
+
+
+def test_an_opus_message_beyond_the_input_bound_is_refused_without_decoding_it_all(
+        monkeypatch):
+    """A message that holds more audio than a session may queue (max_buffered_frames) is
+    refused with a message that says the limit; decoding stops at the bound (1 MiB of Ogg
+    silence is about 6000 frames, 12 M samples)."""
+    with ServerThread(random_settings(max_buffered_frames=8)) as srv:
+        with Peer(srv.url(mode="opus")) as p:
+            p.send(Kind.AUDIO, b"".join(opus_pages(9, seed=1)))
+            p.wait_closed()
+        assert p.close_code == Close.TOO_BIG, (p.close_code, p.errors)
+        assert "more than 8 frames" in p.errors[0] and "max_buffered_frames" in p.errors[0]
+        with Peer(srv.url(mode="opus")) as q:  # at the bound: served
+            q.send(Kind.AUDIO, b"".join(opus_pages(8, seed=1)))
+            q.wait_for(lambda: len(q.of(Kind.AUDIO)) >= 1 or q.closed, timeout=30)
+            assert not q.closed and not q.errors, (q.close_code, q.errors)
+        wait_idle(srv)
+
+
+def test_frames_read_while_the_handshake_is_sent_reach_the_model_after_the_early_ones(
+        monkeypatch):
+    """Codes sent before the handshake are queued right after it. A message read while the
+    session's metadata is still being written (a slow socket) used to reach the model first,
+    ahead of the older frames: the model must get every frame in the order it was sent."""
+    from moshi_ttt.protocol import Mode
+    from server.session import ChatSession, SessionLimits, _End
+
+    def codes(v: int) -> dict:
+        return {"type": "websocket.receive",
+                "bytes": bytes([Kind.CODES]) + np.full(8, v, "<i4").tobytes()}
+
+    class SlowMetadataSocket(_FakeSocket):
+        """Writing the session's metadata waits until the test lets it go."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.meta_started = asyncio.Event()
+            self.meta_gate = asyncio.Event()
+
+        async def send_bytes(self, data: bytes) -> None:
+            self.sent.append((data[0], []))
+            if data[0] == Kind.METADATA:
+                self.meta_started.set()
+                await self.meta_gate.wait()
+
+    with ServerThread(random_settings()) as srv:
+        pushed = _record_pushes(srv, monkeypatch)
+
+        async def main() -> list[int]:
+            ws = SlowMetadataSocket()
+            sess = ChatSession(ws, srv.engine, Mode.TOKENS, srv.host.metrics, None,
+                               SessionLimits(), 2048, {})
+            ws.session = sess
+            gate = hold_model_thread(srv, 30)  # no row reset, so no handshake, until released
+            try:
+                run = asyncio.create_task(sess.run())
+                for v in (1, 2):
+                    await ws.incoming.put(codes(v))
+                while len(sess._early) < 2:
+                    await asyncio.sleep(0.01)
+            finally:
+                gate.set()
+            await asyncio.wait_for(ws.meta_started.wait(), 30)
+            await ws.incoming.put(codes(3))  # read while the metadata is being written
+            while not ws.incoming.empty():  # the reader takes it and handles it at once
+                await asyncio.sleep(0.01)
+            ws.meta_gate.set()
+            deadline = time.monotonic() + 30
+            while len(pushed) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            order = [int(f[0]) for f in pushed]
+            sess.abort(_End(Close.NORMAL, "test done"))
+            await asyncio.wait_for(run, 30)
+            assert [k for k, _ in ws.sent[:2]] == [Kind.HANDSHAKE, Kind.METADATA]
+            return order
+        order = asyncio.run(main())
+        wait_idle(srv)
+    assert order == [1, 2, 3]
