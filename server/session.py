@@ -24,8 +24,10 @@ bounds the audio one message may hold: an Ogg/Opus message is decoded page by pa
 once it holds more), and output by the frames the client has
 not taken (`max_pending_output`): those queued here plus, on Linux, those written to the socket
 and not yet acknowledged by the client's TCP (read from the kernel: TCP_INFO's bytes acked and
-the send queue), so a client that stops reading is found after that many frames, not after
-the kernel's buffers (megabytes) filled.
+the send queue), so a client that stops reading is found after that many frames plus what its
+own kernel's receive buffer holds (acknowledged, unread: ~17 pcm frames, hundreds of Opus ones,
+thousands in tokens mode, where uvicorn's unanswered keepalive pings close it first), not after
+the server's send buffers (megabytes) filled too.
 """
 
 from __future__ import annotations
