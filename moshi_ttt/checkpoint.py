@@ -179,7 +179,8 @@ def save_checkpoint(
     os.replace(pointer, root / LATEST)
     _fsync_dir(root)
     if keep > 0:
-        steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+        steps = sorted((p for p in root.glob("step_*") if p.is_dir() and _step_of(p) is not None),
+                       key=_step_of)
         for old in steps[:-keep]:
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -188,6 +189,13 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
     logger.info("checkpoint written: %s", final)
     return final
+
+
+def _step_of(path: Path) -> int | None:
+    """The step a `step_N` directory holds, or None for another name. Rotation orders by this
+    number: names sort as strings only up to step 999999 (`step_1000000` < `step_999999`)."""
+    digits = path.name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else None
 
 
 # -- finding and reading ----------------------------------------------------------------------
@@ -227,6 +235,55 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     if not (path / "config.json").is_file() or not (path / TTT_WEIGHTS).is_file():
         raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint")
     return path
+
+
+#: What a trainer state must hold for `--resume`, with the type of each.
+_TRAINER_STATE_KEYS: dict[str, type] = {"step": int, "optimizer": dict, "position": dict}
+
+
+def _earlier_hint(ckpt: Path) -> str:
+    """What to do when `ckpt` cannot be resumed from: point `latest` at an earlier checkpoint
+    (naming those present) or start a new run."""
+    root = ckpt.parent
+    step = _step_of(ckpt)
+    earlier = sorted((p for p in root.glob("step_*") if p.is_dir() and _step_of(p) is not None
+                      and (step is None or _step_of(p) < step)), key=_step_of)
+    newest = ", ".join(p.name for p in earlier[-5:])  # the likeliest choices, not hundreds
+    there = f" (present: {newest})" if earlier else " (its directory name, e.g. step_000100)"
+    return f"Point {root / LATEST} at an earlier checkpoint{there} or start a new run"
+
+
+def load_trainer_state(ckpt: str | Path, mmap: bool = True) -> dict[str, Any]:
+    """The trainer state of checkpoint `ckpt` (optimiser, data position, RNG), read and checked
+    before anything else of a resume is loaded: a missing, truncated or foreign file is a
+    CheckpointError naming it and the way out, not a traceback after minutes of loading.
+    `mmap`: the tensors stay on disk until used (ranks that do not restore them never read
+    them)."""
+    ckpt = Path(ckpt)
+    path = ckpt / TRAINER_STATE
+    if not path.is_file():
+        raise CheckpointError(
+            f"cannot resume from {ckpt}: it has no {TRAINER_STATE} (optimiser state and data "
+            f"position; a checkpoint without one can be served but not resumed). "
+            f"{_earlier_hint(ckpt)}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds for a damaged file
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot resume from {ckpt}: {path} is unreadable ({type(e).__name__}: {detail}; "
+            f"truncated or damaged?). {_earlier_hint(ckpt)}") from e
+    if not isinstance(state, dict):
+        problems = [f"it holds a {type(state).__name__}, expected a dict"]
+    else:
+        problems = [f"{k!r} missing" if k not in state else
+                    f"{k!r} is a {type(state[k]).__name__}, expected {t.__name__}"
+                    for k, t in _TRAINER_STATE_KEYS.items() if not isinstance(state.get(k), t)]
+    if problems:
+        raise CheckpointError(
+            f"cannot resume from {ckpt}: {path} is not a trainer state ({'; '.join(problems)}). "
+            f"{_earlier_hint(ckpt)}")
+    return state
 
 
 def find_checkpoint(path: str | Path) -> CheckpointRef:
@@ -372,12 +429,20 @@ def assemble_model(
     context: str = "",
     seed: int = 0,
     load_weights: bool = True,
+    keep_stored_dtype: Callable[[str], bool] | None = None,
 ) -> tuple[LMModel, ModelDims]:
     """Build moshi's LM on meta, attach TTT (and LoRA), validate every dim against the base
     weights and `ttt_weights` from their headers, then load. Without `ttt_weights` the TTT blocks
     (and LoRA adapters) get a fresh initialisation seeded by `seed`. `load_weights=False` stops
     after the checks and returns the model on the meta device: a caller that receives the
-    weights another way (FSDP's broadcast from rank 0) never reads them."""
+    weights another way (FSDP's broadcast from rank 0) never reads them.
+
+    `ttt_weights` tensors take their parameter's dtype (a bf16 model gets bf16 TTT blocks, its
+    inner set fp32), except those whose name `keep_stored_dtype` selects: they keep the dtype
+    they were saved in. Resuming training needs that for the tensors it trains: the trainer
+    keeps fp32 master weights of them, and rounding those to bf16 on load would make a resumed
+    run differ from one that never stopped. (Frozen tensors keep the rule of a fresh build, so
+    ranks that build on meta and receive them by broadcast agree on every dtype.)"""
     device = torch.device(device)
     from .lora import apply_lora_from_config, lora_param_filter, materialize_lora
 
@@ -402,8 +467,10 @@ def assemble_model(
     if ttt_weights is not None:
         ttt_state = load_file(str(ttt_weights), device=str(device))
         params = dict(lm.named_parameters())
+        keep = keep_stored_dtype or (lambda name: False)
         for k, v in ttt_state.items():  # each tensor in its parameter's dtype (inner set: fp32)
-            ttt_state[k] = v.to(params[k].dtype) if k in params else v
+            if k in params and not keep(k):
+                ttt_state[k] = v.to(params[k].dtype)
         lm.load_state_dict(ttt_state, strict=False, assign=True)
     else:
         rng = torch.random.get_rng_state()
@@ -435,12 +502,14 @@ def load_model(
     seed: int = 0,
     load_weights: bool = True,
     base_hint: str | None = None,
+    keep_stored_dtype: Callable[[str], bool] | None = None,
 ) -> LoadedModel:
     """Load a TTT model for inference or further training, validating every dim first.
     `cfg_override` replaces the project config of a *base* directory (e.g. other TTT layers);
     `load_weights=False` leaves the LM on the meta device (see `assemble_model`); `base_hint`
     is the calling command's way to name another base, for the message when the recorded one
-    is gone."""
+    is gone; `keep_stored_dtype` selects the tensors of a trained checkpoint that keep the dtype
+    they were saved in, not `dtype` (see `assemble_model`: resuming training)."""
     device = torch.device(device)
     ref = find_checkpoint(path)
     try:
@@ -455,7 +524,8 @@ def load_model(
         cfg, base, device, dtype,
         ttt_weights=ref.path / TTT_WEIGHTS if ref.kind == "ttt" else None,
         recorded_dims=ref.meta.get("dims") if ref.kind == "ttt" else None,
-        context=str(ref.path), seed=seed, load_weights=load_weights)
+        context=str(ref.path), seed=seed, load_weights=load_weights,
+        keep_stored_dtype=keep_stored_dtype)
     loaded = LoadedModel(lm, cfg, base, dims, ref)
     if with_codec:
         loaded.mimi = base.info.get_mimi(device=device)

@@ -105,6 +105,12 @@ CASES_2 = {
           "--resume"], "which is gone"),
         (["-c", TINY, "--out", "{root}/r", "--base", "{base}", "--hf-repo", "a/b", "--data",
           "{data}/train.jsonl"], "give one of --base DIR or --hf-repo REPO, not both"),
+        (["-c", TINY, "--out", "{root}/r", "--base", "{base}", "--data", "{data}/train.jsonl",
+          "--ckpt-every", "0"], "ckpt_every: Input should be greater than or equal to 1 (got 0)"),
+        (["-c", TINY, "--out", "{root}/r", "--base", "{base}", "--data", "{data}/train.jsonl",
+          "--eval-every", "0"], "eval_every: Input should be greater than or equal to 1 (got 0)"),
+        (["-c", TINY, "--out", "{root}/r", "--base", "{base}", "--data", "{data}/train.jsonl",
+          "--segment-seconds", "0"], "segment_seconds: Input should be greater than 0 (got 0.0)"),
     ],
     "demo": [
         (["--workdir", "{root}/d", "-c", "{nowhere}.yaml"], "config file not found"),
@@ -290,3 +296,50 @@ def test_demo_failure_names_the_step_and_exits_1(w, monkeypatch):
     assert r.exit_code == 1, r.output
     line = _one_error_line(r.output, "demo failed in step [1/5] dataset in")
     assert "SynthesisError: espeak-ng not found" in line
+
+
+@pytest.mark.parametrize("key,value,phrase", [
+    ("log_every", 0, "log_every: Input should be greater than or equal to 1 (got 0)"),
+    ("clip_grad", -1.0, "clip_grad: Input should be greater than 0 (got -1.0)"),
+    ("min_lr_ratio", 2.0, "min_lr_ratio: Input should be less than or equal to 1 (got 2.0)"),
+])
+def test_train_settings_that_cannot_work_are_one_line_and_exit_2(w, tmp_path, key, value, phrase):
+    """Settings with no flag, from the config's train section: refused before anything loads
+    (before: log_every 0 crashed with a ZeroDivisionError traceback after loading, clip_grad
+    <= 0 trained with zeroed or reversed gradients)."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(TINY).read_text())
+    cfg["train"][key] = value
+    bad = tmp_path / "bad-train.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    r = invoke(["train", "-c", bad, "--out", tmp_path / "r", "--base", w["base"], "--data",
+                w["data"] / "train.jsonl"])
+    assert r.exit_code == 2, r.output
+    _one_error_line(r.output, phrase)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("damage,phrase", [
+    ("truncate", "trainer_state.pt is unreadable"),
+    ("delete", "has no trainer_state.pt"),
+])
+def test_train_resume_from_a_bad_trainer_state_is_one_line_and_exit_2(w, tmp_path, damage,
+                                                                      phrase):
+    """Before: a truncated state was a raw traceback (exit 1) after the model loaded, a missing
+    one a bare 'No such file' line with no way out."""
+    run = tmp_path / "run"
+    args = ["train", "-c", TINY, "--out", run, "--base", w["base"], "--data",
+            w["data"] / "train.jsonl", "--segment-seconds", "2"]
+    r = invoke([*args, "--steps", "1"])
+    assert r.exit_code == 0, r.output
+    state = run / "checkpoints" / "step_000001" / "trainer_state.pt"
+    if damage == "truncate":
+        state.write_bytes(state.read_bytes()[:1000])
+    else:
+        state.unlink()
+    r = invoke([*args, "--steps", "2", "--resume"])
+    assert r.exit_code == 2, r.output
+    line = _one_error_line(r.output, phrase)
+    assert str(run / "checkpoints" / "step_000001") in line
+    assert "at an earlier checkpoint" in line

@@ -499,3 +499,172 @@ def test_first_batch_check_names_a_collapsed_layer(env, tmp_path, caplog):
     assert bad.first_batch_collapsed == cfg.ttt.layers
     for layer in cfg.ttt.layers:
         assert f"TTT layer {layer}: its inner output collapsed on the first batch" in caplog.text
+
+
+# -- resume is exact in bf16 too; what a resume takes from the given config and settings ----------
+
+def test_bf16_resume_continues_bit_identically(env, tmp_path):
+    """precision bf16 (what `auto` picks on a GPU): the trained tensors are fp32 master weights
+    and a resume loads them as such, so 2 steps + resume + 2 steps is bit-identical to 4 steps
+    (before, the resume rounded them to bf16: losses differed by ~1e-3, weights by ~4e-3)."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    _run(env, full, max_steps=4, precision="bf16", eval_data=None)
+    _run(env, part, max_steps=4, precision="bf16", eval_data=None, stop_after=2)
+    _run(env, part, max_steps=4, precision="bf16", eval_data=None, resume=True)
+    a, b = _losses(full), _losses(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
+    wa = load_file(str(full / "checkpoints" / "step_000004" / "ttt.safetensors"))
+    wb = load_file(str(part / "checkpoints" / "step_000004" / "ttt.safetensors"))
+    assert set(wa) == set(wb) and all(v.dtype == torch.float32 for v in wb.values())
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+    # serving keeps its own dtype rule: a bf16 model gets bf16 TTT projections
+    served = dict(load_model(part, dtype=torch.bfloat16, with_codec=False).lm.named_parameters())
+    assert served["transformer.layers.1.ttt.wq.weight"].dtype == torch.bfloat16
+
+
+def test_resume_applies_changed_betas_and_eps(env, run2, tmp_path, caplog):
+    """A changed `betas` is announced at resume, and is then what every restored group uses
+    (before: the groups kept the checkpoint's (0.9, 0.95))."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="moshi_ttt.train.trainer")
+    out = _copy(run2, tmp_path)
+    t = Trainer(_cfg(), _settings(env, max_steps=4, betas=(0.5, 0.6), eval_data=None), out,
+                base_override=BaseModelRef(local_dir=str(env["base"])), resume=True)
+    assert "train.betas: [0.9, 0.95] -> [0.5, 0.6]" in caplog.text
+    t._prepare_params()
+    t._data()
+    t._optimizer()
+    t._restore(t._resume_state)
+    assert t.opt.state  # the moments were restored ...
+    assert {g["name"]: (g["betas"], g["eps"]) for g in t.opt.param_groups} == {
+        g["name"]: ((0.5, 0.6), 1e-8) for g in t.opt.param_groups}  # ... the betas are new
+
+
+def test_resume_on_another_process_count_names_the_global_batch(env, run2, tmp_path, caplog):
+    """The checkpoint records its world size: resuming on another count warns with the old and
+    new global batch (before: silence)."""
+    import logging
+
+    out = _copy(run2, tmp_path)
+    f = latest_checkpoint(out) / "trainer_state.pt"
+    state = torch.load(f, weights_only=False)
+    assert state["world_size"] == 1
+    state["world_size"] = 4  # as if trained under torchrun --nproc_per_node 4
+    torch.save(state, f)
+    caplog.set_level(logging.WARNING, logger="moshi_ttt.train.trainer")
+    Trainer(_cfg(), _settings(env, max_steps=4, eval_data=None), out,
+            base_override=BaseModelRef(local_dir=str(env["base"])), resume=True)
+    assert ("resuming on 1 process(es), the checkpoint was trained on 4: the global batch "
+            "changes from 8 segments (batch_size 2 x grad_accum 1 x 4 processes) to 2 "
+            "(2 x 1 x 1); batch_size x grad_accum = 8 keeps it") in caplog.text
+    caplog.clear()  # the same global batch another way: nothing to say
+    Trainer(_cfg(), _settings(env, max_steps=4, eval_data=None, grad_accum=4), out,
+            base_override=BaseModelRef(local_dir=str(env["base"])), resume=True)
+    assert "global batch" not in caplog.text
+
+
+def test_resume_takes_compute_only_ttt_settings_from_the_config(env, run2, tmp_path):
+    """ttt.checkpoint_group may change on resume (it changes how, not what, training computes):
+    the given config's value is used, not the checkpoint's (before: 4, the checkpoint's)."""
+    from moshi_ttt.model import ttt_blocks
+
+    out = _copy(run2, tmp_path)
+    cfg = _cfg()
+    assert cfg.ttt.checkpoint_group != 1
+    cfg.ttt.checkpoint_group = 1
+    t = Trainer(cfg, _settings(env, max_steps=3, eval_data=None), out,
+                base_override=BaseModelRef(local_dir=str(env["base"])), resume=True)
+    assert t.cfg.ttt.checkpoint_group == 1
+    t.run()
+    assert [a.block.checkpoint_group for a in ttt_blocks(t.lm)] == [1, 1]
+    saved = json.loads((latest_checkpoint(out) / "config.json").read_text())
+    assert saved["step"] == 3 and saved["project"]["ttt"]["checkpoint_group"] == 1
+
+
+# -- a resume's trainer state: read first, refused clearly -------------------------------------------
+
+@pytest.mark.parametrize("damage,match", [
+    ("truncate", r"trainer_state\.pt is unreadable .*truncated or damaged"),
+    ("delete", r"has no trainer_state\.pt"),
+    ("foreign", r"trainer_state\.pt is not a trainer state \('optimizer' missing"),
+])
+def test_resume_refuses_a_bad_trainer_state_before_loading_the_model(env, run2, tmp_path,
+                                                                      monkeypatch, damage, match):
+    """Checked before the model loads (before: a raw traceback after loading it, or a bare
+    'No such file' line), as a CheckpointError that names the file and the way out."""
+    import moshi_ttt.train.trainer as trainer_mod
+
+    out = _copy(run2, tmp_path)
+    f = latest_checkpoint(out) / "trainer_state.pt"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "delete":
+        f.unlink()
+    else:
+        torch.save({"step": 2}, f)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the trainer state was checked")
+    monkeypatch.setattr(trainer_mod, "load_model", no_model)
+    with pytest.raises(CheckpointError, match=match) as e:
+        _run(env, out, max_steps=3, eval_data=None, resume=True)
+    msg = str(e.value)
+    assert str(latest_checkpoint(out)) in msg
+    assert (f"Point {out / 'checkpoints' / 'latest'} at an earlier checkpoint (present: "
+            f"step_000001) or start a new run") in msg
+
+
+# -- settings that cannot work are refused up front --------------------------------------------------
+
+@pytest.mark.parametrize("field,value,problem", [
+    ("ckpt_every", 0, "greater than or equal to 1"),
+    ("eval_every", 0, "greater than or equal to 1"),
+    ("log_every", 0, "greater than or equal to 1"),
+    ("clip_grad", 0.0, "greater than 0"),
+    ("clip_grad", -1.0, "greater than 0"),
+    ("segment_seconds", 0.0, "greater than 0"),
+    ("segment_seconds", -3.0, "greater than 0"),
+    ("min_segment_seconds", -1.0, "greater than or equal to 0"),
+    ("min_lr_ratio", -0.1, "greater than or equal to 0"),
+    ("min_lr_ratio", 1.5, "less than or equal to 1"),
+    ("lr", -1e-3, "greater than or equal to 0"),
+    ("weight_decay", -0.1, "greater than or equal to 0"),
+    ("warmup_steps", -1, "greater than or equal to 0"),
+    ("keep_checkpoints", -1, "greater than or equal to 0"),
+    ("eval_batches", -1, "greater than or equal to 0"),
+    ("stop_after", 0, "greater than or equal to 1"),
+    ("betas", (0.9, 1.0), "less than 1"),
+    ("lora", {"rank": 0}, "greater than or equal to 1"),
+    ("loss", {"text": -1.0}, "greater than or equal to 0"),
+    ("loss", {"codebooks": [1.0] * 7 + [-1.0]}, "greater than or equal to 0"),
+    ("loss", {"text": 0.0, "audio": 0.0}, "the loss would be 0 and train nothing"),
+])
+def test_settings_that_cannot_train_are_refused(field, value, problem):
+    """Before: a zero interval crashed with ZeroDivisionError after the model loaded;
+    clip_grad <= 0 zeroed or reversed every gradient and segment_seconds <= 0 made 1-frame
+    segments, both silently."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=problem) as e:
+        TrainSettings(**{field: value})
+    assert e.value.errors()[0]["loc"][0] == field
+    TrainSettings(**{"ckpt_every": 1, "clip_grad": 1e-3, "min_lr_ratio": 1.0, "warmup_steps": 0,
+                     "keep_checkpoints": 0, "eval_batches": 0, "loss": {"text": 0.0}})
+
+
+# -- rotation -----------------------------------------------------------------------------------------
+
+def test_rotation_orders_checkpoints_by_step_past_a_million(run2, tmp_path):
+    """step_1000000 sorts before step_999999 as a string: rotation must compare the numbers
+    (before: from step 1,000,000 on, the newest checkpoints were deleted)."""
+    out = _copy(run2, tmp_path)
+    m = load_model(out, with_codec=False)
+    tensors = {"transformer.layers.1.ttt.inner.w1": torch.zeros(2, 2)}
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        save_checkpoint(out, step, tensors, m.cfg, m.base, m.dims, keep=2)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest", "step_1000000", "step_1000001"]
+    assert latest_checkpoint(out).name == "step_1000001"

@@ -12,21 +12,38 @@ accumulation and data parallelism give exactly the loss of one big batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from moshi.models.lm import LMOutput
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class LossWeights(BaseModel):
+    """Non-negative weights (a negative one would train the model away from its targets), and
+    not all off: a loss of constant 0 trains nothing."""
+
     model_config = ConfigDict(extra="forbid")
 
-    text: float = 1.0  # weight of the text loss in the total
-    audio: float = 1.0  # weight of the audio loss in the total
-    text_padding: float = 0.5  # relative weight of padding / end-of-padding text targets
-    first_codebook: float = 100.0  # relative weight of the semantic codebook (moshi-finetune)
-    codebooks: list[float] | None = None  # explicit per-codebook weights (overrides the above)
+    text: float = Field(1.0, ge=0)  # weight of the text loss in the total
+    audio: float = Field(1.0, ge=0)  # weight of the audio loss in the total
+    # relative weight of padding / end-of-padding text targets
+    text_padding: float = Field(0.5, ge=0)
+    # relative weight of the semantic codebook (moshi-finetune)
+    first_codebook: float = Field(100.0, ge=0)
+    # explicit per-codebook weights (overrides the above)
+    codebooks: list[Annotated[float, Field(ge=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _something_is_trained(self) -> "LossWeights":
+        if self.text == 0 and self.audio == 0:
+            raise ValueError("text and audio are both 0: the loss would be 0 and train nothing; "
+                             "expected at least one of them > 0")
+        if self.codebooks is not None and self.audio > 0 and not any(self.codebooks):
+            raise ValueError("codebooks are all 0 while audio > 0: expected at least one > 0 "
+                             "(or audio: 0)")
+        return self
 
 
 @dataclass

@@ -37,8 +37,8 @@ from tqdm import tqdm
 from ..base import BaseModelError, resolve_base
 from ..block import FastWeightInit
 from ..checkpoint import (
-    TRAINER_STATE, CheckpointError, assemble_model, find_checkpoint, json_safe,
-    latest_checkpoint, load_model, nonfinite_tensors, save_checkpoint,
+    CheckpointError, assemble_model, find_checkpoint, json_safe, latest_checkpoint, load_model,
+    load_trainer_state, nonfinite_tensors, save_checkpoint,
 )
 from ..config import BaseModelRef, ConfigError, ProjectConfig
 from ..data.encode import StreamEncoder
@@ -58,8 +58,11 @@ TEXT_PADDING_IDS = (3, 0)
 #: What `train` offers when a checkpoint's recorded base is gone.
 BASE_HINT = "pass the base to `moshi-ttt train` with --base DIR or --hf-repo REPO"
 
-#: TTT settings that change how training computes, not what the model is: free to change on resume.
+#: TTT settings that change how training computes, not what the model is: free to change on
+#: resume, and taken from the given config (the rest of the model config comes from the checkpoint).
 _COMPUTE_ONLY_TTT = {"checkpoint_group"}
+#: AdamW's epsilon (not a setting); re-applied with the betas after a resume restores the groups.
+ADAM_EPS = 1e-8
 #: Training settings that decide which tensors exist or are trained: fixed for a run.
 _STRUCTURAL_SETTINGS = ("lora", "full_finetune", "train_ttt")
 
@@ -216,10 +219,19 @@ class Trainer:
         if resume and latest is not None:
             self._resume_meta = find_checkpoint(latest).meta
             self._check_resume_config(latest)
+            # Before the model: a missing or damaged state fails in seconds, not after loading.
+            # mmap: ranks other than 0 never touch the optimiser state they do not restore.
+            self._resume_state = load_trainer_state(latest, mmap=True)
+            self._check_resume_world()
+            # The trained tensors at the dtype they were saved in (fp32 master weights): a bf16
+            # model would otherwise round them, and the resumed run would drift from a straight one.
             loaded = load_model(latest, self.device, self.model_dtype, with_codec=True,
                                 base_override=base_override, load_weights=load_weights,
-                                base_hint=BASE_HINT)
+                                base_hint=BASE_HINT, keep_stored_dtype=self._trainable_name)
+            given = self.cfg
             self.cfg = loaded.cfg
+            for key in _COMPUTE_ONLY_TTT:  # how this run computes: the given config's
+                setattr(self.cfg.ttt, key, getattr(given.ttt, key))
             self.lm, self.base, self.dims = loaded.lm, loaded.base, loaded.dims
             self.mimi, self.tokenizer = loaded.mimi, loaded.tokenizer
             if load_weights:
@@ -232,9 +244,6 @@ class Trainer:
                         f"or inf ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). Point "
                         f"{latest.parent / 'latest'} at an earlier checkpoint (its directory "
                         f"name, e.g. step_000100) or start a new run")
-            # mmap: ranks other than 0 never touch the optimiser state they do not restore
-            self._resume_state = torch.load(latest / TRAINER_STATE, map_location="cpu",
-                                            weights_only=False, mmap=True)
             self.start_step = int(self._resume_state["step"])
             logger.info("resuming %s from %s (step %d)", self.out, latest, self.start_step)
         else:
@@ -282,6 +291,30 @@ class Trainer:
             logger.warning("resuming with changed training settings (checkpoint -> now): %s",
                            "; ".join(changed))
 
+    def _check_resume_world(self) -> None:
+        """Warn when the number of processes differs from the checkpoint's: the global batch
+        (batch_size x grad_accum x processes) changes with it, and with it the data order and
+        the effective learning rate."""
+        state = self._resume_state or {}
+        then_world = state.get("world_size")
+        if not isinstance(then_world, int) or then_world == self.world:
+            return
+        then = state.get("settings") or {}
+        b0 = then.get("batch_size", self.s.batch_size)
+        a0 = then.get("grad_accum", self.s.grad_accum)
+        b1, a1 = self.s.batch_size, self.s.grad_accum
+        old, new = b0 * a0 * then_world, b1 * a1 * self.world
+        if old == new:
+            return
+        keep = (f"batch_size x grad_accum = {old // self.world} keeps it"
+                if old % self.world == 0 else f"no batch_size x grad_accum keeps {old} on "
+                f"{self.world} process(es)")
+        logger.warning(
+            "resuming on %d process(es), the checkpoint was trained on %d: the global batch "
+            "changes from %d segments (batch_size %d x grad_accum %d x %d processes) to %d "
+            "(%d x %d x %d); %s", self.world, then_world, old, b0, a0, then_world, new, b1, a1,
+            self.world, keep)
+
     def _trainable_name(self, name: str) -> bool:
         if is_ttt_param(name):
             return self.s.train_ttt
@@ -325,7 +358,7 @@ class Trainer:
              "weight_decay": self._group_decay(k), "name": k}
             for k, ps in sorted(groups.items())
         ]
-        self.opt = torch.optim.AdamW(param_groups, betas=self.s.betas, eps=1e-8)
+        self.opt = torch.optim.AdamW(param_groups, betas=self.s.betas, eps=ADAM_EPS)
 
     def _group_decay(self, group: str) -> float:
         return 0.0 if group.endswith("_nodecay") else self.s.weight_decay
@@ -660,8 +693,12 @@ class Trainer:
         set_optimizer_state_dict(self.lm, self.opt, optim_state_dict=osd,
                                  options=StateDictOptions(full_state_dict=True,
                                                           broadcast_from_rank0=self.distributed))
-        for g in self.opt.param_groups:  # this run's settings and grouping, not the saved ones
+        # this run's settings and grouping, not the saved ones: a changed setting is announced
+        # at start ("resuming with changed training settings") and must then be what is applied
+        for g in self.opt.param_groups:
             g["weight_decay"] = self._group_decay(g["name"])
+            g["betas"] = tuple(self.s.betas)
+            g["eps"] = ADAM_EPS
         self.pos = LoaderPosition(**state["position"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.nonfinite_streak = int(state.get("nonfinite_streak", 0))
