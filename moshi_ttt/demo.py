@@ -96,9 +96,10 @@ STAMP_NAME = "demo.json"
 
 def _stale_parts(workdir: Path, cfg: Any, dialogues: int) -> list[str]:
     """Which of base and run were made for another config or dataset size than this demo's
-    (all of them when the workdir has no record, i.e. it predates the record); then records
-    this demo's. The base depends on the model and codec sections and the data; the run on
-    the whole config and the data."""
+    (none when the workdir has no record yet: a base made beforehand with `init-base`, or a
+    workdir that predates the record, is trusted as before); then records this demo's. The
+    base depends on the model and codec sections and the data; the run on the whole config
+    and the data."""
     whole = cfg.model_dump(mode="json")
     keys = {"base": _digest({k: whole.get(k) for k in ("lm", "mimi", "codec_calibration")},
                             dialogues),
@@ -106,7 +107,9 @@ def _stale_parts(workdir: Path, cfg: Any, dialogues: int) -> list[str]:
     stamp = workdir / STAMP_NAME
     try:
         old = json.loads(stamp.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        old = dict(keys)
+    except (OSError, ValueError):  # unreadable: nothing is known of what is there
         old = {}
     stale = [part for part, key in keys.items() if not isinstance(old, dict)
              or old.get(part) != key]
