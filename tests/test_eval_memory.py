@@ -420,6 +420,7 @@ def test_cli_eval_memory_quick_writes_json(tmp_path):
     from typer.testing import CliRunner
 
     from moshi_ttt.cli import app
+    from moshi_ttt.config import load_config
 
     from fixtures import calibrated_base
 
@@ -432,7 +433,11 @@ def test_cli_eval_memory_quick_writes_json(tmp_path):
     assert {r["method"] for r in report["results"]} >= {"ttt", "ttt_off", "lora", "frozen"}
     assert report["settings"]["steps"] == 2
     assert "| ttt |" in res.output
-    assert not (tmp_path / "ttt-text.pt").exists()  # --quick keeps no recall model
+    # --quick keeps no recall model, here (beside --out) nor anywhere (it replaced the real
+    # runs/eval-memory/ttt-text.pt on every test run)
+    assert not (tmp_path / "ttt-text.pt").exists()
+    assert MemoryEvalSettings.from_config(load_config(CONFIGS / "tiny.yaml"), quick=True)\
+        .save_ttt is False
     bad = CliRunner().invoke(app, ["eval-memory", "--config", str(CONFIGS / "tiny.yaml"),
                                    "--quick", "--set", "nonsense"])
     assert bad.exit_code == 2
