@@ -241,7 +241,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 _TRAINER_STATE_KEYS: dict[str, type] = {"step": int, "optimizer": dict, "position": dict}
 
 
-def _earlier_hint(ckpt: Path) -> str:
+def earlier_checkpoint_hint(ckpt: Path) -> str:
     """What to do when `ckpt` cannot be resumed from: point `latest` at an earlier checkpoint
     (naming those present) or start a new run."""
     root = ckpt.parent
@@ -265,14 +265,14 @@ def load_trainer_state(ckpt: str | Path, mmap: bool = True) -> dict[str, Any]:
         raise CheckpointError(
             f"cannot resume from {ckpt}: it has no {TRAINER_STATE} (optimiser state and data "
             f"position; a checkpoint without one can be served but not resumed). "
-            f"{_earlier_hint(ckpt)}")
+            f"{earlier_checkpoint_hint(ckpt)}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch.load raises many kinds for a damaged file
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"cannot resume from {ckpt}: {path} is unreadable ({type(e).__name__}: {detail}; "
-            f"truncated or damaged?). {_earlier_hint(ckpt)}") from e
+            f"truncated or damaged?). {earlier_checkpoint_hint(ckpt)}") from e
     if not isinstance(state, dict):
         problems = [f"it holds a {type(state).__name__}, expected a dict"]
     else:
@@ -282,7 +282,7 @@ def load_trainer_state(ckpt: str | Path, mmap: bool = True) -> dict[str, Any]:
     if problems:
         raise CheckpointError(
             f"cannot resume from {ckpt}: {path} is not a trainer state ({'; '.join(problems)}). "
-            f"{_earlier_hint(ckpt)}")
+            f"{earlier_checkpoint_hint(ckpt)}")
     return state
 
 

@@ -329,8 +329,8 @@ def init_base(
                      "`moshi-ttt make-data DATA`), or pass --hf-repo / --local")
             init_random_base(cfg, out, tokenizer, seed=seed, calibrate_on=calibrate_on,
                              codec_from=codec_from)
-    except (ConfigError, BaseModelError, DimensionMismatch, DataError, ValueError) as e:
-        fail(reason(e))  # ValueError: flags BaseModelRef refuses (--hf-repo with --local)
+    except (ConfigError, BaseModelError, DimensionMismatch, DataError) as e:
+        fail(reason(e))
     except OSError as e:  # e.g. an output directory that cannot be written
         fail(os_reason(e))
     typer.echo(str(out))
@@ -695,9 +695,8 @@ def eval_memory(
 def _eval_codec(cfg, root: Path) -> Path:
     """A tiny base whose codec is calibrated on make-data's speech, made once under `root`."""
     from .base import CODEC_CALIBRATION_NAME, PROJECT_CONFIG_NAME, init_random_base
-    from .data.synth import synthesize_dataset
-
     from .config import ConfigError, load_config
+    from .data.synth import synthesize_dataset
 
     data, base = root / "data", root / "codec"
     if (base / PROJECT_CONFIG_NAME).is_file() and (base / CODEC_CALIBRATION_NAME).is_file():

@@ -81,25 +81,18 @@ def augmented_column_norms(w: FastWeights) -> tuple[torch.Tensor, torch.Tensor]:
     return n1, n2
 
 
-def settle(w: FastWeights, rule: Settle | None) -> FastWeights:
-    """Apply `rule` to a just-committed state [B, H, ...] (see `Settle`)."""
-    if rule is None or not rule.active:
-        return w
-    if rule.keep is not None:
-        assert rule.w0 is not None
-        keep = rule.keep.float().view(-1, 1, 1)  # [H, 1, 1], broadcasts over [B, H, ., .]
-        w = FastWeights(*(init + keep * (cur - init)
-                          for cur, init in zip(w.as_tuple(), rule.w0.as_tuple())))
-    if rule.norms is not None:
-        w = renormalized(w, rule.norms)
-    return w
+def renorm_gains(w: FastWeights, norms: tuple[torch.Tensor, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output unit, the factor that rescales its incoming weights and bias to `norms`
+    (`Settle`): [.., 1, F] for [W1; b1], [.., 1, HD] for [W2; b2]."""
+    t1, t2 = norms
+    n1, n2 = augmented_column_norms(w)
+    return t1 / n1.clamp_min(1e-12), t2 / n2.clamp_min(1e-12)
 
 
 def renormalized(w: FastWeights, norms: tuple[torch.Tensor, torch.Tensor]) -> FastWeights:
     """`w` with each output unit's incoming weights and bias rescaled to `norms` (`Settle`)."""
-    t1, t2 = norms
-    n1, n2 = augmented_column_norms(w)
-    g1, g2 = t1 / n1.clamp_min(1e-12), t2 / n2.clamp_min(1e-12)
+    g1, g2 = renorm_gains(w, norms)
     return FastWeights(w.w1 * g1, w.b1 * g1, w.w2 * g2, w.b2 * g2)
 
 
@@ -689,11 +682,9 @@ def stream_step(
     for cur, new in zip(w.as_tuple(), nxt.as_tuple()):
         if new is not cur:  # the biases (and a state that is not contiguous)
             cur.copy_(new)
-    if rule is not None and rule.norms is not None:  # `renormalized`, gain 1 where no commit
-        n1, n2 = augmented_column_norms(w)
+    if rule is not None and rule.norms is not None:  # `renormalized` in place, gain 1 elsewhere
         m3 = commit.view(-1, 1, 1, 1)
-        g1 = torch.where(m3, rule.norms[0] / n1.clamp_min(1e-12), 1.0)
-        g2 = torch.where(m3, rule.norms[1] / n2.clamp_min(1e-12), 1.0)
+        g1, g2 = (torch.where(m3, g, 1.0) for g in renorm_gains(w, rule.norms))
         for t, g in ((w.w1, g1), (w.b1, g1), (w.w2, g2), (w.b2, g2)):
             t.mul_(g)
     pos.copy_(torch.where(active, (pos + 1) % K, pos))

@@ -37,8 +37,8 @@ from tqdm import tqdm
 from ..base import BaseModelError, resolve_base
 from ..block import FastWeightInit
 from ..checkpoint import (
-    CheckpointError, assemble_model, find_checkpoint, json_safe, latest_checkpoint, load_model,
-    load_trainer_state, nonfinite_tensors, save_checkpoint,
+    CheckpointError, assemble_model, earlier_checkpoint_hint, find_checkpoint, json_safe,
+    latest_checkpoint, load_model, load_trainer_state, nonfinite_tensors, save_checkpoint,
 )
 from ..config import BaseModelRef, ConfigError, ProjectConfig
 from ..data.encode import StreamEncoder
@@ -241,9 +241,8 @@ class Trainer:
                 if bad:
                     raise TrainingError(
                         f"refusing to resume from {latest}: {len(bad)} of its tensors hold NaN "
-                        f"or inf ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). Point "
-                        f"{latest.parent / 'latest'} at an earlier checkpoint (its directory "
-                        f"name, e.g. step_000100) or start a new run")
+                        f"or inf ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). "
+                        f"{earlier_checkpoint_hint(latest)}")
             self.start_step = int(self._resume_state["step"])
             logger.info("resuming %s from %s (step %d)", self.out, latest, self.start_step)
         else:
