@@ -25,17 +25,27 @@ from moshi_ttt.protocol import Kind
 from conftest import REPO
 
 
+#: Server settings of the tests: 2 slots, greedy (outputs are a function of the inputs), one
+#: warm-up frame, a short batching wait, torch's own threads.
+TEST_SERVER = {"max_sessions": 2, "use_sampling": False, "warmup_frames": 1, "batch_wait_ms": 5,
+               "cpu_threads": None}
+
+
 def settings(base, **kw):
-    """Server settings for tests on `base`: 2 slots, greedy (outputs are a function of the
-    inputs), one warm-up frame, a short batching wait."""
+    """Server settings for tests on `base` (`TEST_SERVER`, then `kw`)."""
     from server.settings import ServeSettings
 
-    kw.setdefault("max_sessions", 2)
-    kw.setdefault("use_sampling", False)
-    kw.setdefault("warmup_frames", 1)
-    kw.setdefault("batch_wait_ms", 5)
-    kw.setdefault("cpu_threads", None)
-    return ServeSettings(checkpoint=base, **kw)
+    return ServeSettings(checkpoint=base, **{**TEST_SERVER, **kw})
+
+
+def random_settings(**kw):
+    """The same on the tiny config with random weights: no base to build (no codec
+    calibration), for tests that need a running server but not a trained codec."""
+    from server.settings import ServeSettings
+
+    from conftest import CONFIGS
+
+    return ServeSettings(random_config=CONFIGS / "tiny.yaml", **{**TEST_SERVER, **kw})
 
 
 def get_json(url: str) -> tuple[int, dict]:

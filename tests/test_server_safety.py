@@ -27,7 +27,8 @@ from server.settings import ServeSettings
 
 from fixtures import make_tiny_base
 from serving import (
-    REPO, Peer, ServerThread, get_json, serve_cmd, serve_env, settings, user_codes, wait_idle,
+    REPO, Peer, ServerThread, get_json, random_settings, serve_cmd, serve_env, settings,
+    user_codes, wait_idle,
 )
 
 
@@ -783,17 +784,6 @@ def test_opus_sessions_do_not_grow_native_memory(base):
 
 
 # -- 12. liveness, settings refused at start-up, idle input, large Opus messages, early frames --
-
-def random_settings(**kw) -> ServeSettings:
-    """`settings` on the tiny config with random weights: no base to build (no codec
-    calibration), for tests that need a running server but not a trained codec."""
-    from conftest import CONFIGS
-
-    for k, v in {"max_sessions": 2, "use_sampling": False, "warmup_frames": 1,
-                 "batch_wait_ms": 5, "cpu_threads": None}.items():
-        kw.setdefault(k, v)
-    return ServeSettings(random_config=CONFIGS / "tiny.yaml", **kw)
-
 
 def test_liveness_fails_once_the_engine_has_failed_for_good():
     """`max_step_failures` failed steps in a row fail the engine for good: /health/live must
