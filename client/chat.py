@@ -233,6 +233,9 @@ def tls_context(url: str, ca_file: Path | None = None,
     except ssl.SSLError as e:
         raise ChatUsageError(f"--ca-file {ca_file}: not a PEM certificate file "
                              f"({e.reason or e})") from None
+    except OSError as e:  # OpenSSL's bare OSError, e.g. a file this user may not read
+        raise ChatUsageError(f"--ca-file {ca_file}: cannot read it ({e.strerror or e})") \
+            from None
 
 
 def _describe_close(code: int | None, reason: str) -> str:
@@ -450,6 +453,10 @@ async def _aiter(frames: Iterable[np.ndarray] | AsyncIterable[np.ndarray]):
             yield f
 
 
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
+_NAME_MISMATCH = (62, 64)
+
+
 async def _open(url: str, opts: ChatOptions) -> ClientConnection:
     """Connect; every way this fails becomes one ChatConnectionError line."""
     host = urllib.parse.urlsplit(url)
@@ -463,6 +470,12 @@ async def _open(url: str, opts: ChatOptions) -> ClientConnection:
         raise ChatConnectionError(f"could not connect to {where}: connection refused (is the "
                                   f"server running, on that port?)") from None
     except ssl.SSLCertVerificationError as e:
+        if e.verify_code in _NAME_MISMATCH:  # a trusted CA, but not this name: --ca-file won't do
+            raise ChatConnectionError(
+                f"could not connect to {where}: its TLS certificate does not name "
+                f"{host.hostname!r} ({e.verify_message}); connect with a host name or address "
+                f"it names, or make one that names this one (`moshi-ttt tls-cert DIR --host "
+                f"{host.hostname}`), or pass --insecure") from None
         raise ChatConnectionError(
             f"could not connect to {where}: its TLS certificate is not trusted "
             f"({e.verify_message}); pass --ca-file with the certificate of the CA that signed "

@@ -5,7 +5,8 @@ moshi's own clients work unchanged in the default `opus` mode):
 
     kind  name       direction        payload
     0     HANDSHAKE  server -> client version byte, model byte (both 0), sent once the session's
-                                      slot is ready; nothing may be sent before it
+                                      slot is ready; input sent before it is kept (its last
+                                      max_buffered_frames / 2 frames) and answered after it
     1     AUDIO      both             opus mode: Ogg/Opus pages, 24 kHz mono;
                                       pcm mode: float32 little-endian samples, 24 kHz mono
     2     TEXT       server -> client UTF-8 text piece of Moshi's text stream
@@ -71,7 +72,7 @@ class Close(enum.IntEnum):
     GOING_AWAY = 1001  # server shutting down
     UNSUPPORTED = 1003  # text frame, unknown kind, wrong kind for the mode
     INVALID = 1007  # malformed payload (bad Opus, NaN audio, bad codes)
-    POLICY = 1008  # auth or origin refused; audio before handshake
+    POLICY = 1008  # refused: auth, origin, mode, input buffer full, slow reader, idle
     TOO_BIG = 1009  # message over the size limit
     INTERNAL = 1011  # the session failed on the server (e.g. its TTT state diverged)
     TRY_AGAIN = 1013  # all slots taken

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import ssl
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -37,9 +38,15 @@ class TLSFiles:
         """Load the pair as uvicorn will, so that a wrong path, a key that is not the
         certificate's, or an encrypted key (OpenSSL would prompt for its passphrase) fails
         now, in one line, before the port is bound."""
+        contents: dict[str, bytes] = {}
         for flag, path in (("--ssl-certfile", self.certfile), ("--ssl-keyfile", self.keyfile)):
             if not path.is_file():
                 raise TLSError(f"{flag} {path}: no such file")
+            try:  # OpenSSL would raise a bare OSError (a traceback) for an unreadable file
+                contents[flag] = path.read_bytes()
+            except OSError as e:
+                raise TLSError(f"{flag} {path}: cannot read it ({e.strerror or e}); the "
+                               f"server's user needs read access") from None
 
         def no_passphrase() -> str:
             raise TLSError(f"--ssl-keyfile {self.keyfile} is encrypted: give an unencrypted "
@@ -49,12 +56,33 @@ class TLSFiles:
         try:
             ctx.load_cert_chain(self.certfile, self.keyfile, password=no_passphrase)
         except ssl.SSLError as e:
-            raise TLSError(f"cannot use certificate {self.certfile} with key {self.keyfile}: "
+            raise TLSError(_not_pem(contents["--ssl-certfile"], contents["--ssl-keyfile"],
+                                    self.certfile, self.keyfile)
+                           or f"cannot use certificate {self.certfile} with key {self.keyfile}: "
                            f"{e.reason or e} (expected a PEM certificate and the PEM private "
                            f"key it was made for)") from None
+        except OSError as e:  # read a moment ago; gone or changed since
+            raise TLSError(f"cannot read certificate {self.certfile} or key {self.keyfile}: "
+                           f"{e.strerror or e}") from None
 
     def uvicorn_options(self) -> dict[str, str]:
         return {"ssl_certfile": str(self.certfile), "ssl_keyfile": str(self.keyfile)}
+
+
+_PEM_KEY = re.compile(rb"-----BEGIN (?:[A-Z0-9 ]+ )?PRIVATE KEY-----")
+
+
+def _not_pem(cert: bytes, key: bytes, certfile: Path, keyfile: Path) -> str | None:
+    """Which file OpenSSL could not parse, where it is plain (OpenSSL says only "PEM lib"):
+    a certificate file without a certificate (e.g. the key given twice, or DER), a key file
+    without a key (e.g. the two swapped). None when both look right."""
+    if b"-----BEGIN CERTIFICATE-----" not in cert:
+        return (f"--ssl-certfile {certfile} holds no PEM certificate (expected a "
+                f"'-----BEGIN CERTIFICATE-----' block, e.g. the cert.pem of `moshi-ttt tls-cert`)")
+    if not _PEM_KEY.search(key):
+        return (f"--ssl-keyfile {keyfile} holds no PEM private key (expected a "
+                f"'-----BEGIN PRIVATE KEY-----' block, e.g. the key.pem of `moshi-ttt tls-cert`)")
+    return None
 
 
 def _general_name(host: str):

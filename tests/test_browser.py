@@ -355,3 +355,173 @@ def test_talk_in_opus_mode(page, srv, heard):
     talk(page, srv, heard, "opus")
     disconnect(page, srv)
     assert metric(srv, "moshi_ttt_errors_total") == errors_before
+
+
+# -- the page against a scripted server (no model): what a real server rarely does ---------------
+
+class ScriptedServer:
+    """The browser client's files, a minimal /health and a `WS /api/chat` that runs
+    `self.script(ws)` (set by each test); `open` counts the sockets open now. Starts in a
+    second, where the real server's fixture calibrates a codec first."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        from starlette.applications import Starlette
+        from starlette.responses import FileResponse, JSONResponse
+        from starlette.routing import Mount, Route, WebSocketRoute
+        from starlette.staticfiles import StaticFiles
+
+        web = REPO / "client" / "web"
+        self.open = 0
+        self.opened = 0
+        self.script = None
+
+        async def index(request):
+            return FileResponse(web / "index.html")
+
+        async def health(request):
+            return JSONResponse({"status": "ok", "device": "cpu", "dtype": "float32",
+                                 "sessions": {"active": self.open, "capacity": 2}})
+
+        async def chat(ws):
+            await ws.accept()
+            self.open += 1
+            self.opened += 1
+            try:
+                await self.script(ws, self.opened)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the page went away mid-script
+                pass
+            finally:
+                self.open -= 1
+
+        self.app = Starlette(routes=[Route("/", index), Route("/health", health),
+                                     WebSocketRoute("/api/chat", chat),
+                                     Mount("/static", StaticFiles(directory=web))])
+
+    def __enter__(self) -> "ScriptedServer":
+        import threading
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "did not start"
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def http(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+async def until_client_leaves(ws) -> None:
+    while (await ws.receive())["type"] != "websocket.disconnect":
+        pass
+
+
+def session_hello(n: int) -> list[bytes]:
+    from moshi_ttt import protocol
+
+    return [protocol.HANDSHAKE, protocol.metadata(
+        {"type": "session", "session": f"s{n}", "slot": 0, "mode": "pcm",
+         "telemetry_every": 0})]
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    with ScriptedServer() as s:
+        yield s
+
+
+@pytest.fixture
+def scripted_page(browser, scripted):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 720})
+    pg = ctx.new_page()
+    problems: list[str] = []
+    warnings: list[str] = []
+    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    pg.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+          if m.type == "error" else warnings.append(m.text) if m.type == "warning" else None)
+    pg.goto(scripted.http("/"))
+    pg.warnings = warnings
+    yield pg
+    ctx.close()
+    assert not problems, problems
+
+
+def test_disconnect_clicked_twice_then_connect_keeps_the_new_session(scripted, scripted_page):
+    """A second click on Disconnect while the socket closes ends the session on the page at
+    once, so Connect can start the next one; the first socket's close event, which comes
+    later, used to end the new session on the page (button back to Connect, `session` null)
+    while its microphone and server slot stayed open: a click then opened a second one."""
+    from playwright.sync_api import expect
+
+    async def talk(ws, n):
+        for msg in session_hello(n):
+            await ws.send_bytes(msg)
+        await until_client_leaves(ws)
+
+    scripted.script = talk
+    page = scripted_page
+    page.click("#connect")
+    expect(page.locator("#status")).to_have_attribute("data-state", "live", timeout=30_000)
+    expect(page.locator("#session-info")).to_contain_text("session s")
+    first = scripted.opened
+    # Disconnect, Disconnect again (the socket is still closing), Connect: in one task, so
+    # the first socket's close event comes after all three
+    page.evaluate("() => { const b = document.querySelector('#connect'); "
+                  "b.click(); b.click(); b.click(); }")
+    expect(page.locator("#session-info")).to_contain_text(f"session s{first + 1}",
+                                                          timeout=30_000)
+    expect(page.locator("#status")).to_have_attribute("data-state", "live")
+    page.wait_for_timeout(500)  # the first socket's close event has come by now
+    expect(page.locator("#status")).to_have_attribute("data-state", "live")
+    expect(page.locator("#connect")).to_have_text("Disconnect")
+    assert scripted.open == 1
+    page.click("#connect")  # ends the new session, does not open another
+    expect(page.locator("#status-text")).to_contain_text("Closed (1000", timeout=30_000)
+    expect(page.locator("#connect")).to_have_text("Connect")
+    deadline = time.monotonic() + 10
+    while scripted.open and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scripted.open == 0 and scripted.opened == first + 1
+
+
+def test_unreadable_metadata_is_ignored_not_fatal(scripted, scripted_page):
+    """METADATA that is not a JSON object (null, a list, not JSON) is skipped with a console
+    warning; the conversation goes on (a null used to end it with a TypeError)."""
+    from playwright.sync_api import expect
+
+    from moshi_ttt.protocol import Kind, text
+
+    async def odd(ws, n):
+        await ws.send_bytes(session_hello(n)[0])
+        for payload in (b"null", b"[1, 2]", b"{not json"):
+            await ws.send_bytes(bytes([Kind.METADATA]) + payload)
+        await ws.send_bytes(session_hello(n)[1])
+        await ws.send_bytes(text("hello"))
+        await until_client_leaves(ws)
+
+    scripted.script = odd
+    page = scripted_page
+    page.click("#connect")
+    expect(page.locator("#transcript")).to_have_text("hello", timeout=30_000)
+    expect(page.locator("#session-info")).to_contain_text(f"session s{scripted.opened}")
+    s = stats(page)
+    assert s["state"] == "live" and s["errors"] == [], s
+    expect(page.locator("#error")).to_be_hidden()
+    assert sum("ignored METADATA that is not a JSON object" in w for w in page.warnings) == 3, \
+        page.warnings
+    page.click("#connect")
+    expect(page.locator("#status-text")).to_contain_text("Closed (1000", timeout=30_000)

@@ -198,3 +198,85 @@ def test_tls_files_from_the_environment_or_settings_are_checked_alike(certs, tmp
                                  str(settings)], catch_exceptions=False)
     assert r.exit_code == 2 and "KEY_VALUES_MISMATCH" in r.output, r.output
     assert "absent.yaml" not in r.output
+
+
+def test_unreadable_tls_files_are_one_clear_line(certs):
+    """A certificate, key or CA file this user may not read: a TLSError / usage error naming
+    the flag, the file and the reason (OpenSSL's bare PermissionError was a traceback from
+    `serve` and from `chat`). Run as another user when root, whom permissions do not stop."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        d.chmod(0o755)  # the files, not their directory, are what may not be read
+        for name in ("ca.pem", "cert.pem", "key.pem"):
+            shutil.copy(certs / name, d / name)
+            (d / name).chmod(0)
+        code = ("import os\nfrom pathlib import Path\n"
+                "from moshi_ttt.tls import TLSError, TLSFiles\n"
+                "from client.chat import ChatUsageError, tls_context\n"
+                "if os.geteuid() == 0:\n    os.setgid(65534)\n    os.setuid(65534)\n"
+                f"d = Path({str(d)!r})\n"
+                "for fn in (lambda: TLSFiles(d / 'cert.pem', d / 'key.pem').check(),\n"
+                "           lambda: tls_context('wss://h', d / 'ca.pem')):\n"
+                "    try:\n        fn()\n    except (TLSError, ChatUsageError) as e:\n"
+                "        print(type(e).__name__, e)\n")
+        r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines == [
+        f"TLSError --ssl-certfile {d / 'cert.pem'}: cannot read it (Permission denied); the "
+        f"server's user needs read access",
+        f"ChatUsageError --ca-file {d / 'ca.pem'}: cannot read it (Permission denied)"], lines
+
+
+def test_swapped_or_non_pem_tls_files_say_which_one(certs, tmp_path):
+    """OpenSSL says only "PEM lib" when it cannot parse either file: the message names the
+    one that holds no certificate or no key."""
+    from moshi_ttt.tls import TLSError, TLSFiles
+
+    with pytest.raises(TLSError) as e:  # the two swapped
+        TLSFiles(certs / "key.pem", certs / "cert.pem").check()
+    assert str(e.value).startswith(f"--ssl-certfile {certs / 'key.pem'} holds no PEM "
+                                   f"certificate"), e.value
+    with pytest.raises(TLSError) as e:  # the CA's certificate given as the key
+        TLSFiles(certs / "cert.pem", certs / "ca.pem").check()
+    assert str(e.value).startswith(f"--ssl-keyfile {certs / 'ca.pem'} holds no PEM private "
+                                   f"key"), e.value
+    TLSFiles(certs / "cert.pem", certs / "key.pem").check()  # the pair itself is fine
+
+
+def test_a_certificate_for_other_names_says_so_not_pass_ca_file(tmp_path, wav, caplog,
+                                                                 monkeypatch):
+    """The right --ca-file, but a certificate made for other host names: the error says the
+    certificate does not name the host (and how to make one that does); it used to say to
+    pass --ca-file, which was given."""
+    from websockets.sync.server import serve
+
+    from moshi_ttt import tls
+    from moshi_ttt.protocol import HANDSHAKE
+
+    monkeypatch.setattr(tls, "LOCAL_HOSTS", ())  # a certificate for elsewhere.test alone
+    files = tls.make_self_signed(tmp_path / "other-name", ["elsewhere.test"])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(files.certfile, files.keyfile)
+
+    def handler(ws):
+        ws.send(HANDSHAKE)
+        for _ in ws:
+            pass
+
+    with serve(handler, "127.0.0.1", 0, ssl=ctx) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.socket.getsockname()[1]
+        with caplog.at_level(logging.ERROR):
+            code = run_command(ChatCommand(url=f"wss://127.0.0.1:{port}", input=wav,
+                                           mode="pcm", ca_file=tmp_path / "other-name" / "ca.pem",
+                                           timeout=10))
+        server.shutdown()
+    assert code == 3
+    assert "its TLS certificate does not name '127.0.0.1'" in caplog.text, caplog.text
+    assert "moshi-ttt tls-cert DIR --host 127.0.0.1" in caplog.text, caplog.text
+    assert "pass --ca-file" not in caplog.text, caplog.text

@@ -102,7 +102,7 @@ class Session {
 
   onMicFrame(frame, peak) {
     showLevel($('mic-level'), peak);
-    // Nothing may be sent before the server's handshake (it would close with 1008).
+    // Nothing is sent before the server's handshake: it would keep only the last 2 s of it.
     if (stats.state !== 'live' || this.ws.readyState !== WebSocket.OPEN) return;
     if (this.sender) {
       this.sender.encode(frame);
@@ -143,9 +143,16 @@ class Session {
           setState('live', 'Connected: speak');
           refreshHealth();
           break;
-        case KIND.METADATA:
-          onMetadata(JSON.parse(new TextDecoder().decode(payload)));
+        case KIND.METADATA: { // unreadable metadata is ignored: it must not end the talk
+          const text = new TextDecoder().decode(payload);
+          let meta = null;
+          try {
+            meta = JSON.parse(text);
+          } catch { /* not JSON: ignored below */ }
+          if (meta !== null && typeof meta === 'object' && !Array.isArray(meta)) onMetadata(meta);
+          else console.warn(`ignored METADATA that is not a JSON object: ${text.slice(0, 200)}`);
           break;
+        }
         case KIND.AUDIO:
           if (this.receiver) this.receiver.push(payload);
           else this.play(float32FromLE(payload), MODEL_RATE);
@@ -173,6 +180,9 @@ class Session {
   onClose(code, reason) {
     this.ended = true;
     this.cleanup();
+    // A session the user already left (Disconnect clicked again while it was closing): the
+    // page, the button and `session` may be a newer session's by now; leave them to it.
+    if (session !== this) return;
     stats.closeCode = code;
     stats.closeReason = reason;
     const what = CLOSE_CODES[code] || 'closed';
