@@ -100,7 +100,7 @@ def check_kwargs_against_weights(lm_kwargs: dict[str, Any], weights: Path,
         if key == "depformer_num_layers" and claimed is None:
             claimed = lm_kwargs.get("num_layers")
         if claimed is not None and claimed != found:
-            problems.append(Mismatch(f"{tensor} ({key})", f"{claimed} ({source})",
+            problems.append(Mismatch(f"{tensor} ({key})", f"{claimed!r} ({source})",
                                      f"{found} in {weights.name}", "value"))
     if problems:
         raise DimensionMismatch(problems, f"LM config from {source} vs weights {weights}")
@@ -138,24 +138,36 @@ def _resolve_local(root: Path) -> ResolvedBase:
              "tokenizer_name": loaders.TEXT_TOKENIZER_NAME}
     raw = None
     if cfg_path.is_file():
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise BaseModelError(f"{cfg_path} is not valid JSON: {e}") from e
+        raw = _read_json_object(cfg_path, "the base's config")
+        for k in names:
+            if k in raw and not (isinstance(raw[k], str) and raw[k]):
+                raise BaseModelError(f"{cfg_path}: {k} is {raw[k]!r}; expected the name of a "
+                                     f"file in {root}")
         names.update({k: raw[k] for k in names if k in raw})
     files = {k: root / v for k, v in names.items()}
+    mimi_cfg = raw.get("mimi_config_name") if raw is not None else None
+    if mimi_cfg is not None:
+        if not (isinstance(mimi_cfg, str) and mimi_cfg):
+            raise BaseModelError(f"{cfg_path}: mimi_config_name is {mimi_cfg!r}; expected the "
+                                 f"name of a file in {root}")
+        files["mimi_config_name"] = root / mimi_cfg
     missing = [f"{p.name} ({k})" for k, p in files.items() if not p.is_file()]
     if missing:
         raise BaseModelError(f"base directory {root} lacks {', '.join(missing)}; expected the "
                              f"layout of a Moshi Hugging Face repo (what `moshi-ttt init-base` "
                              f"writes)")
     if raw is not None:
-        mimi_cfg = raw.get("mimi_config_name")
-        info = loaders.CheckpointInfo.from_hf_repo(
-            str(root), moshi_weights=files["moshi_name"], mimi_weights=files["mimi_name"],
-            tokenizer=files["tokenizer_name"], config_path=cfg_path,
-            mimi_config_path=(root / mimi_cfg) if mimi_cfg else None,
-        )
+        if mimi_cfg is not None:
+            _read_json_object(files["mimi_config_name"], "the codec (Mimi) config")
+        try:
+            info = loaders.CheckpointInfo.from_hf_repo(
+                str(root), moshi_weights=files["moshi_name"], mimi_weights=files["mimi_name"],
+                tokenizer=files["tokenizer_name"], config_path=cfg_path,
+                mimi_config_path=files.get("mimi_config_name"),
+            )
+        except Exception as e:  # e.g. a lora_name moshi would fetch from a repo of that name
+            raise BaseModelError(f"cannot read the base directory {root} as moshi does: "
+                                 f"{type(e).__name__}: {e}") from e
     else:
         info = loaders.CheckpointInfo(files["moshi_name"], files["mimi_name"],
                                       files["tokenizer_name"])
@@ -163,6 +175,32 @@ def _resolve_local(root: Path) -> ResolvedBase:
     proj = root / PROJECT_CONFIG_NAME
     res.project_config = proj if proj.is_file() else None
     return res
+
+
+def _read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`, or a BaseModelError saying what is wrong with the file."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise BaseModelError(f"cannot read {what} {path}: {e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BaseModelError(f"{path} ({what}) is not valid UTF-8 JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise BaseModelError(f"{path} ({what}) holds a JSON {type(data).__name__}; expected an "
+                             f"object of settings")
+    return data
+
+
+def _check_tokenizer(path: Path) -> None:
+    """Load the text tokenizer once, so that a truncated or foreign file is named here, not
+    by a sentencepiece error when training or serving starts."""
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError with "could not parse"
+        raise BaseModelError(f"text tokenizer {path} is not a sentencepiece model ({e}); an "
+                             f"interrupted download, or another kind of file") from e
 
 
 def _settle(info: loaders.CheckpointInfo, ref: dict[str, Any], where: str) -> ResolvedBase:
@@ -173,7 +211,16 @@ def _settle(info: loaders.CheckpointInfo, ref: dict[str, Any], where: str) -> Re
         source = (f"moshi's default (Moshi 7B) LM config, because {where} has no config.json")
         logger.warning("%s has no config.json: checking moshi's default 7B LM config against "
                        "the weight shapes before using it", where)
-    notes = check_kwargs_against_weights(kwargs, Path(info.moshi_weights), source)
+    weights = Path(info.moshi_weights)
+    try:
+        notes = check_kwargs_against_weights(kwargs, weights, source)
+    except DimensionMismatch:
+        raise
+    except (OSError, ValueError) as e:  # a truncated download, an HTML error page, ...
+        raise BaseModelError(f"the LM weights of {where} are not a readable safetensors file: "
+                             f"{e} (an interrupted download or copy? fetch or copy it again)"
+                             ) from e
+    _check_tokenizer(Path(info.tokenizer))
     return ResolvedBase(info, kwargs, source, ref, notes=notes)
 
 
@@ -212,6 +259,7 @@ def init_random_base(cfg: ProjectConfig, out_dir: Path, tokenizer: Path, seed: i
     if not tokenizer.is_file():
         raise BaseModelError(f"tokenizer not found: {tokenizer} (make one with `moshi-ttt "
                              f"make-data`, which trains a sentencepiece model on its transcripts)")
+    _check_tokenizer(tokenizer)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
     if sp.vocab_size() > cfg.text_card:
         raise BaseModelError(f"tokenizer {tokenizer} has {sp.vocab_size()} pieces but "
@@ -283,13 +331,13 @@ def _codec_source(base: Path, mcfg: dict[str, Any] | None) -> Path:
         raise BaseModelError(f"base directory to copy the codec from not found: {root}")
     raw: dict[str, Any] = {}
     if (root / "config.json").is_file():
-        raw = json.loads((root / "config.json").read_text())
-    weights = root / raw.get("mimi_name", loaders.MIMI_NAME)
+        raw = _read_json_object(root / "config.json", "the base's config")
+    weights = root / str(raw.get("mimi_name", loaders.MIMI_NAME))
     if not weights.is_file():
         raise BaseModelError(f"{root} has no codec weights ({weights.name})")
     theirs = None
     if raw.get("mimi_config_name"):
-        theirs = json.loads((root / raw["mimi_config_name"]).read_text())
+        theirs = _read_json_object(root / str(raw["mimi_config_name"]), "the codec (Mimi) config")
     if theirs != mcfg:
         raise BaseModelError(f"the codec of {root} has another Mimi config than this config's "
                              f"`mimi` section: it cannot be copied")
@@ -325,9 +373,12 @@ def materialize_base(resolved: ResolvedBase, cfg: ProjectConfig, out_dir: Path) 
              Path(info.mimi_weights).name: info.mimi_weights}
     for name, src in links.items():
         dst = out_dir / name
+        target = Path(src).resolve()
+        if dst.exists() and dst.resolve() == target:
+            continue  # already the file itself (out_dir is the base dir): unlinking deletes it
         if dst.exists() or dst.is_symlink():
             dst.unlink()
-        dst.symlink_to(Path(src).resolve())
+        dst.symlink_to(target)
     raw.update(moshi_name="model.safetensors", mimi_name=Path(info.mimi_weights).name,
                tokenizer_name="tokenizer.model", model_type=info.model_type)
     if info.mimi_config is not None:

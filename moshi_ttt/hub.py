@@ -206,6 +206,8 @@ def _eval_records(ckpt: Path, step: int) -> list[dict[str, Any]]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash: the others still count
+            if not isinstance(rec, dict):
+                continue  # not a record of the trainer's (a stray value, edited by hand)
             figures = {k: v for k, v in rec.items()
                        if k.startswith("eval/") and isinstance(v, (int, float))}
             if figures and isinstance(rec.get("step"), int) and rec["step"] <= step:

@@ -44,6 +44,7 @@ from torch import nn
 from ..data.encode import SAMPLE_RATE, read_stereo
 from ..data.index import DataError, read_index
 from .mel import multi_resolution_mel_l1
+from .report import ACTIVE_RMS
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,12 @@ def load_calibration_audio(data: str | Path, frame_size: int, max_seconds: float
     if not signals:
         raise DataError(f"calibration data {index}: no file holds {min_frames} frame(s) "
                         f"({min_frames * frame_size / SAMPLE_RATE:.2f} s) of audio")
+    loudest = max(float(s.view(-1, frame_size).pow(2).mean(-1).sqrt().max()) for s in signals)
+    if loudest <= ACTIVE_RMS:  # calibrating on it "succeeds" with a codec of exploded weights
+        level = f"loudest {20 * np.log10(loudest):.0f} dBFS" if loudest > 0 else "all zero"
+        raise DataError(f"calibration data {index}: the {len(used)} file(s) read are silent "
+                        f"(no {frame_size / SAMPLE_RATE * 1000:.0f} ms frame above -50 dBFS, "
+                        f"{level}); expected speech")
     return CalibrationAudio(signals, used, str(index))
 
 

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .index import AudioFile, DataError, read_alignments
-from .interleave import TextStreamSpec, frames_for, text_stream
+from .interleave import TextStreamSpec, text_stream
 from .mimi_chunks import encode_chunked
 
 logger = logging.getLogger(__name__)
@@ -147,8 +148,9 @@ class StreamEncoder:
         cached = self.cache_dir / f"{key}.safetensors"
         if cached.is_file():
             try:
+                codes = load_file(str(cached))["codes"]
                 self.hits += 1
-                return load_file(str(cached))["codes"]
+                return codes
             except Exception:  # a torn cache file is re-made, never trusted
                 logger.warning("cache entry %s unreadable; re-encoding %s", cached, f.path)
         self.misses += 1
@@ -172,7 +174,9 @@ class StreamEncoder:
         pcm = read_stereo(f)
         duration = pcm.shape[1] / SAMPLE_RATE
         alignments = read_alignments(f, duration)
-        T = frames_for(duration)
+        # From the sample count, as Mimi counts frames: ceil(S / 24000 * 12.5) in floats
+        # gives one frame too many (all "no input") for some whole-frame files (7 frames: 8).
+        T = math.ceil(pcm.shape[1] * self.spec.frame_rate / SAMPLE_RATE)
         audio = encode_chunked(self.mimi, torch.from_numpy(pcm)[:, None], self.chunk_frames,
                                self.device)  # [2, Q, T']
         nq = 8

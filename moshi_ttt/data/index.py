@@ -33,16 +33,29 @@ class AudioFile:
         return self.path.with_suffix(".json")
 
 
+_BOM = b"\xef\xbb\xbf"  # what Windows editors put at the start of UTF-8 files
+
+
+def _decode(data: bytes, where: str) -> str:
+    """UTF-8 text, or a DataError naming the file (and line) and the offending byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte {data[e.start:e.start + 1]!r} at "
+                        f"offset {e.start}); expected UTF-8 JSON") from None
+
+
 def read_index(index: str | Path) -> list[AudioFile]:
     """Parse and check an index: JSON per line, path and duration present, files exist."""
     index = Path(index)
     if not index.is_file():
         raise DataError(f"dataset index not found: {index}")
     files: list[AudioFile] = []
-    for lineno, line in enumerate(index.read_text().splitlines(), 1):
+    for lineno, raw in enumerate(index.read_bytes().splitlines(), 1):
+        where = f"{index}:{lineno}"
+        line = _decode(raw.removeprefix(_BOM) if lineno == 1 else raw, where)
         if not line.strip():
             continue
-        where = f"{index}:{lineno}"
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
@@ -57,6 +70,9 @@ def read_index(index: str | Path) -> list[AudioFile]:
         if not math.isfinite(duration) or duration <= 0:
             raise DataError(f"{where}: duration must be a positive number of seconds, "
                             f"got {duration}")
+        if not isinstance(entry["path"], str) or not entry["path"].strip():
+            raise DataError(f"{where}: path {entry['path']!r} is not a file name; expected a "
+                            f"string, relative to the index's directory or absolute")
         path = Path(entry["path"])
         if not path.is_absolute():
             path = index.parent / path
@@ -78,7 +94,7 @@ def read_alignments(f: AudioFile, audio_duration: float, tolerance: float = 0.05
     """Load and check a file's alignments: well-formed entries, inside the audio."""
     p = f.alignments_path
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(_decode(p.read_bytes().removeprefix(_BOM), str(p)))
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read alignments {p}: {e}") from e
     raw = data.get("alignments") if isinstance(data, dict) else None
@@ -92,8 +108,13 @@ def read_alignments(f: AudioFile, audio_duration: float, tolerance: float = 0.05
         except (TypeError, ValueError):
             raise DataError(f"{p}: alignment #{i} {a!r} is not [word, [start, end], speaker]") \
                 from None
+        if not isinstance(word, str):
+            raise DataError(f"{p}: alignment #{i} {a!r}: the word is {word!r}; expected a string")
         if not (math.isfinite(start) and math.isfinite(end)) or start < -tolerance:
             raise DataError(f"{p}: alignment #{i} ({word!r}) has invalid times {start}..{end}")
+        if end < start:  # the text stream would drop the word without a word said
+            raise DataError(f"{p}: alignment #{i} ({word!r}) ends at {end} s, before it starts "
+                            f"({start} s); expected [start, end] with start <= end")
         if end > audio_duration + tolerance:
             raise DataError(f"{p}: alignment #{i} ({word!r}) ends at {end:.2f} s, outside the "
                             f"audio ({audio_duration:.2f} s long)")

@@ -8,7 +8,6 @@ end-of-padding id, so the model learns when a word is about to start.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -45,7 +44,3 @@ def text_stream(alignments: list[Alignment], num_frames: int,
                 tokens[t - 1] = spec.end_of_text_padding
             tokens[t] = pending.popleft()
     return tokens
-
-
-def frames_for(duration_s: float, frame_rate: float = 12.5) -> int:
-    return math.ceil(duration_s * frame_rate)

@@ -89,13 +89,22 @@ class SegmentLoader:
             encoder.save_memo()
         min_frames = max(1, int(round(min_seconds * frame_rate)))
         self.segments: list[Segment] = []
+        unused: list[str] = []
         for i, c in enumerate(self.codes):
             T = c.shape[-1]
+            n = len(self.segments)
             for start in range(0, T, self.seg_frames):
                 if T - start >= min(min_frames, self.seg_frames):
                     self.segments.append(Segment(i, start))
+            if len(self.segments) == n:
+                unused.append(f"{self.files[i].path.name} ({T / frame_rate:.2f} s)")
+        short = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
         if not self.segments:
-            raise ValueError(f"{self.index}: no segment of at least {min_seconds} s")
+            raise DataError(f"{self.index}: no segment of at least {min_seconds} s (every file "
+                            f"is shorter: {short})")
+        if unused:  # said, since the file is otherwise dropped without a trace
+            logger.warning("%s: %d file(s) shorter than the minimum segment (%s s) are not "
+                           "trained on: %s", self.index.name, len(unused), min_seconds, short)
         logger.info("%s: %d files, %d segments of %d frames (cache: %d hit, %d encoded)",
                     self.index.name, len(self.files), len(self.segments), self.seg_frames,
                     encoder.hits, encoder.misses)
