@@ -932,6 +932,9 @@ def bench_serve(
     device: str = typer.Option("auto", help="server device"),
     dtype: str = typer.Option("auto", help="server dtype"),
     batch_wait_ms: Optional[float] = typer.Option(None, "--batch-wait-ms"),
+    batch_clock: Optional[str] = typer.Option(
+        None, "--batch-clock", help="the server's batch_clock: window or tick (default: the "
+        "server's, window)"),
     telemetry_every: Optional[int] = typer.Option(
         None, "--telemetry-every", help="the server's telemetry_every_frames (0: no TTT "
         "telemetry; default: the server's, 12)"),
@@ -969,6 +972,10 @@ def bench_serve(
     extra = ["--device", device, "--dtype", dtype]
     env_wait = {"MOSHI_TTT_BATCH_WAIT_MS": str(batch_wait_ms)} if batch_wait_ms is not None \
         else {}
+    if batch_clock is not None:
+        if batch_clock not in ("window", "tick"):
+            fail(f"--batch-clock must be window or tick, got {batch_clock!r}")
+        env_wait["MOSHI_TTT_BATCH_CLOCK"] = batch_clock
     if telemetry_every is not None:
         at_least(telemetry_every, 0, "--telemetry-every")
         env_wait["MOSHI_TTT_TELEMETRY_EVERY_FRAMES"] = str(telemetry_every)

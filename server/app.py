@@ -166,7 +166,8 @@ class ModelHost:
             self.engine = Engine(self.loaded.lm, self.loaded.mimi, EngineConfig(
                 capacity=s.max_sessions, use_sampling=s.use_sampling, temp=s.temp,
                 temp_text=s.temp_text, top_k=s.top_k, top_k_text=s.top_k_text,
-                batch_wait_s=s.batch_wait_ms / 1000, max_buffered_frames=s.max_buffered_frames,
+                batch_wait_s=s.batch_wait_ms / 1000, batch_clock=s.batch_clock,
+                max_buffered_frames=s.max_buffered_frames,
                 max_step_failures=s.max_step_failures,
                 telemetry_every=s.telemetry_every_frames,
                 telemetry_input_dependence=s.telemetry_input_dependence,

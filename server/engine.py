@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 FRAME_S = 1 / FRAME_RATE
 
+#: How steps are timed (`EngineConfig.batch_clock`).
+BATCH_CLOCKS = ("window", "tick")
+
 __all__ = ["Engine", "EngineConfig", "SessionHandle", "StepOutput", "SessionFailed",
            "InputOverflow", "SessionClosed", "CapacityError", "WarmupDiverged"]
 
@@ -105,6 +108,10 @@ class EngineConfig:
     top_k: int = 250
     top_k_text: int = 25
     batch_wait_s: float = 0.02
+    # When a step runs, if not every active session has a frame ready: "window", batch_wait_s
+    # after the first frame is ready (or the model is free); "tick", a frame period after the
+    # last step took its frames: one step per period, whoever is in (`_take`)
+    batch_clock: str = "window"
     max_buffered_frames: int = 50
     max_step_failures: int = 3  # steps (or row resets) failing in a row that fail the engine
     telemetry_every: int = 12  # steps between TTT telemetry reads (0: none); ~1 s at 12.5 Hz
@@ -172,6 +179,9 @@ class Engine:
         self.failure: str | None = None  # set if the model thread died or gave up
         self.failures_in_row = 0  # steps or resets that raised, since the last one that did not
         self._last_step_end = 0.0
+        self._last_take = 0.0  # when the last step's frames were taken (batch_clock "tick")
+        if cfg.batch_clock not in BATCH_CLOCKS:
+            raise ValueError(f"batch_clock must be one of {BATCH_CLOCKS}, got {cfg.batch_clock!r}")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -295,6 +305,7 @@ class Engine:
         """Step latency over the last (up to 4096) steps: what a load test reads."""
         recent = list(self.recent)
         out: dict[str, Any] = {"steps": self.steps, "window": len(recent),
+                               "batch_clock": self.cfg.batch_clock,
                                "buckets": list(self.rows.buckets),
                                "rows_last_step": self.rows.current, "row_moves": self.moves}
         if recent:
@@ -352,10 +363,20 @@ class Engine:
                         if h.inbox or now - h.last_push < 2 * FRAME_S]
             if not waiting or len(waiting) == len(expected):
                 break
-            # The window opens when a frame is waiting and the model is free: a frame queued
-            # during the previous step still gives the other sessions their chance to join.
-            opened = max(min(h.inbox[0][0] for h in waiting), self._last_step_end)
-            left = opened + self.cfg.batch_wait_s - now
+            if self.cfg.batch_clock == "tick":
+                # One step per frame period, with every session in it: the next step runs a
+                # period after the last one took its frames, unless all are in sooner. A
+                # session more than a frame behind (after a slow step) is stepped at once, or
+                # it would stay behind for good.
+                if any(len(h.inbox) > 1 for h in waiting):
+                    break
+                left = self._last_take + FRAME_S - now
+            else:
+                # The window opens when a frame is waiting and the model is free: a frame
+                # queued during the previous step still gives the other sessions their chance
+                # to join.
+                opened = max(min(h.inbox[0][0] for h in waiting), self._last_step_end)
+                left = opened + self.cfg.batch_wait_s - now
             if left <= 0:
                 break
             self._cond.wait(timeout=left)
@@ -369,6 +390,8 @@ class Engine:
         for h in self._handles.values():
             if h.inbox:
                 batch.append((h, h.inbox.popleft()[1]))
+        if batch:
+            self._last_take = time.monotonic()
         return resets, moves, tasks, batch
 
     def _plan_moves(self, resets: set[int]) -> list[tuple[SessionHandle, int, int]]:

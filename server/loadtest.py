@@ -58,6 +58,7 @@ class LoadResult:
     gpu_peak_mb: float | None
     device: str
     errors: list[str] = field(default_factory=list)
+    batch_clock: str | None = None  # as the server says
     capacity: int | None = None  # the server's slots (batch rows); None: as many as sessions
 
 
@@ -210,7 +211,8 @@ def run_load(model_args: list[str], sessions: int, seconds: float, mode: str = "
         rss_mb_after=(after.get("memory") or {}).get("rss_mb"),
         gpu_peak_mb=(after.get("memory") or {}).get("gpu_peak_mb"),
         device=f"{after.get('device')}/{after.get('dtype')}", errors=errors,
-        capacity=(after.get("sessions") or {}).get("capacity"))  # as the server says
+        capacity=(after.get("sessions") or {}).get("capacity"),  # as the server says
+        batch_clock=eng.get("batch_clock"))
 
 
 def run_bench(model_args: list[str], sessions: list[int], seconds: float, mode: str,
@@ -234,16 +236,17 @@ def print_table(results: list[LoadResult]) -> None:
     from rich.table import Table
 
     t = Table(title="moshi-ttt bench serve (per-frame figures; budget 80 ms)")
-    for col in ("sessions", "capacity", "device", "step p50 ms", "step p99 ms", "RTF", "rtt p50 ms",
-                "rtt p99 ms", "late / answered", "sessions/step", "RSS MB before -> after",
-                "GPU peak MB"):
+    for col in ("sessions", "capacity", "clock", "device", "step p50 ms", "step p99 ms", "RTF",
+                "rtt p50 ms", "rtt p99 ms", "late / answered", "sessions/step",
+                "RSS MB before -> after", "GPU peak MB"):
         t.add_column(col, justify="right")
 
     def f(x, nd=1):
         return "-" if x is None else f"{x:.{nd}f}"
     for r in results:
-        t.add_row(str(r.sessions), str(r.capacity), r.device, f(r.step_ms_p50), f(r.step_ms_p99),
-                  f(r.real_time_factor, 3), f(r.rtt_ms_p50), f(r.rtt_ms_p99),
+        t.add_row(str(r.sessions), str(r.capacity), r.batch_clock or "-", r.device,
+                  f(r.step_ms_p50), f(r.step_ms_p99), f(r.real_time_factor, 3),
+                  f(r.rtt_ms_p50), f(r.rtt_ms_p99),
                   f"{r.frames_late} / {r.frames_answered}", f(r.sessions_per_step, 2),
                   f"{f(r.rss_mb_before, 0)} -> {f(r.rss_mb_after, 0)}", f(r.gpu_peak_mb, 0))
     Console(width=200).print(t)

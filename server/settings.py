@@ -51,6 +51,11 @@ class ServeSettings(BaseSettings):
     batch_wait_ms: float = Field(
         20.0, ge=0, description="after the first frame is ready, wait this long for the other "
         "active sessions' frames before stepping (0: step at once)")
+    batch_clock: Literal["window", "tick"] = Field(
+        "window", description="how steps are timed: window (a step runs when every active "
+        "session's frame is ready or batch_wait_ms after the first) or tick (steps on an 80 ms "
+        "clock, each frame joins the next tick; batch_wait_ms unused). README: 'Batching "
+        "sessions of independent phases'")
     max_buffered_frames: int = Field(
         50, ge=1, description="input frames a session may have queued (50 = 4 s); beyond it "
         "the client is sending faster than the model runs and is told and closed. Also the "
