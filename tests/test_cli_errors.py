@@ -139,7 +139,7 @@ CASES_2 = {
         (["--checkpoint", "{base}", "--ssl-certfile", "{nowhere}.pem", "--ssl-keyfile",
           "{nowhere}.pem"], "no such file"),
         (["--checkpoint", "{base}", "--ssl-certfile", "{wav}", "--ssl-keyfile", "{wav}"],
-         "cannot use certificate"),
+         "holds no PEM certificate"),
         (["--checkpoint", "{base}", "--ray", "--ssl-certfile", "{wav}", "--ssl-keyfile",
           "{wav}"], "--ray serves plain http/ws through Ray's proxy"),
     ],
