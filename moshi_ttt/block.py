@@ -228,8 +228,11 @@ class TTTBlock(StreamingModule[TTTState]):
     def __init__(self, d_model: int, num_heads: int, cfg: TTTConfig, norm: str = "rms_norm_f32",
                  layer_index: int = -1, device=None, dtype=None):
         super().__init__()
-        if d_model % num_heads:
+        if num_heads < 1 or d_model % num_heads:
             raise ValueError(f"TTT: d_model {d_model} is not divisible by num_heads {num_heads}")
+        if cfg.rope and (d_model // num_heads) % 2:  # else a bare AssertionError in apply_rope
+            raise ValueError(f"TTT: rope rotates pairs of dims and needs an even head dim, got "
+                             f"d_model {d_model} / num_heads {num_heads} = {d_model // num_heads}")
         self.d_model = d_model
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads

@@ -70,7 +70,7 @@ def attach_ttt(lm: LMModel, ttt: TTTConfig, norm: str | None = None) -> list[Att
             weight = getattr(ref, "weight", None)
             if weight is None:  # LoRA-wrapped base
                 weight = ref.frozen_W.weight
-            heads = ttt.num_heads or attn.num_heads
+            heads = attn.num_heads if ttt.num_heads is None else ttt.num_heads
             layer_norm = norm or _norm_name(layer)
             block = TTTBlock(attn.embed_dim, heads, ttt, norm=layer_norm, layer_index=i,
                              device=weight.device, dtype=weight.dtype)
