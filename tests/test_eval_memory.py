@@ -461,6 +461,10 @@ def test_cli_eval_refusals_come_before_the_run(tmp_path):
     assert code == 2 and "is a directory, expected a file path" in out, out
     code, out = run("eval-memory", "--quick", "--set", "ablations={bad: {mini_batch_size: 0}}")
     assert code == 2 and "eval.memory.ablations.bad: invalid TTT setting: mini_batch_size" in out
+    # checked with the lm it joins (it used to fail only when the model was built)
+    code, out = run("eval-memory", "--quick", "--set", "ablations={bad: {num_heads: 3}}")
+    assert code == 2 and "eval.memory.ablations.bad: invalid TTT setting" in out, out
+    assert "ttt.num_heads 3 does not divide the transformer's width lm.dim 64" in out, out
     code, out = run("eval-stability", "--frames", "40", "--out", str(tmp_path))
     assert code == 2 and "is a directory" in out, out
     garbage, other = tmp_path / "garbage.pt", tmp_path / "other.pt"

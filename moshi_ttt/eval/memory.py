@@ -173,8 +173,9 @@ class MemoryEvalSettings(BaseModel):
         raw.update({k: v for k, v in overrides.items() if v is not None})
         s = cls.model_validate(raw)
         for name, over in s.ablations.items():  # now, not when the job comes up minutes later
-            try:
-                ttt_variant(cfg, over)
+            try:  # with the lm it joins: heads that divide its width, layers it has
+                ProjectConfig.model_validate({**cfg.model_dump(),
+                                              "ttt": ttt_variant(cfg, over).model_dump()})
             except ValueError as e:  # the CLI's `reason` names the field from the cause
                 raise ValueError(f"eval.memory.ablations.{name}: invalid TTT setting") from e
         return s
