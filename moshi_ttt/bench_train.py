@@ -121,6 +121,15 @@ def memory_plan(cfg: ProjectConfig, frames: int, batch: int) -> dict[str, float]
     return plan
 
 
+def steady_rate(recs: list[dict[str, Any]]) -> dict[str, float]:
+    """Seconds per step and tokens per second over the steps `recs`: all their tokens over all
+    their time (a mean of each step's rate would weigh a fast step more than its time, and
+    tokens/s x s/step would not give the step's tokens)."""
+    seconds = sum(r["step_s"] for r in recs)
+    tokens = sum(r["tokens_per_s"] * r["step_s"] for r in recs)
+    return {"tokens_per_s": tokens / seconds, "step_s": seconds / len(recs)}
+
+
 def run_bench(cfg: ProjectConfig, steps: int, frames: int, batch: int, device: str,
               checkpointing: bool = True, json_out: Path | None = None,
               method: str = "ttt") -> dict[str, Any]:
@@ -145,8 +154,7 @@ def run_bench(cfg: ProjectConfig, steps: int, frames: int, batch: int, device: s
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "dtype": str(trainer.model_dtype).removeprefix("torch."),
         "frames": frames, "batch": batch, "steps": steps, "checkpointing": checkpointing,
-        "tokens_per_s": sum(r["tokens_per_s"] for r in steady) / len(steady),
-        "step_s": sum(r["step_s"] for r in steady) / len(steady),
+        **steady_rate(steady),
         "peak_mem_gib": max(r["peak_mem_mb"] for r in recs) / 1024,
         "loss_first": recs[0]["loss"], "loss_last": recs[-1]["loss"],
         "plan_gib": {k: round(v, 2) for k, v in plan.items()},

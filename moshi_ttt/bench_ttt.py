@@ -123,10 +123,10 @@ def bench_layer_step(d_model: int, steps: int, device: torch.device,
 def state_bytes_7b() -> dict[str, Any]:
     from .config import load_config
     from .model import build_ttt_lm, ttt_blocks
-    from pathlib import Path
+    from .resources import packaged_config
 
-    cfg_path = Path(__file__).resolve().parent.parent / "configs" / "moshi-7b.yaml"
-    cfg = load_config(cfg_path)
+    # the packaged config: a wheel install has no top-level configs/ next to the package
+    cfg = load_config(packaged_config("moshi-7b.yaml"))
     lm = build_ttt_lm(cfg, device="meta", dtype=torch.bfloat16)
     ttt = fast = 0
     for a in ttt_blocks(lm):

@@ -17,19 +17,22 @@ import ctypes
 import ctypes.util
 import os
 import resource
+import sys
 from dataclasses import dataclass
 from functools import cache
 from typing import Callable
 
 
 def rss_mb() -> float:
-    """Current resident set size in MiB (Linux /proc; elsewhere the peak from getrusage)."""
+    """Current resident set size in MiB (Linux /proc; elsewhere the peak from getrusage, whose
+    ru_maxrss is in bytes on macOS and in KiB on Linux and the BSDs)."""
     try:
         with open("/proc/self/statm") as f:
             pages = int(f.read().split()[1])
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 class _MallInfo2(ctypes.Structure):

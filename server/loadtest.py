@@ -37,6 +37,11 @@ from moshi_ttt.protocol import FRAME_SIZE, Kind
 logger = logging.getLogger(__name__)
 
 FRAME_S = 0.08
+# A deployment's settings in the environment that the benchmark's own server (plain ws on
+# loopback, its clients without a key) must not take: with them its clients would be refused
+# (an API key, allowed origins) or it would not answer on http://127.0.0.1 (TLS, a host).
+DEPLOYMENT_ENV = ("MOSHI_TTT_API_KEY", "MOSHI_TTT_ALLOWED_ORIGINS", "MOSHI_TTT_SSL_CERTFILE",
+                  "MOSHI_TTT_SSL_KEYFILE", "MOSHI_TTT_HOST")
 
 
 @dataclass
@@ -47,8 +52,8 @@ class LoadResult:
     frames_sent: int
     frames_answered: int
     frames_late: int
-    rtt_ms_p50: float
-    rtt_ms_p99: float
+    rtt_ms_p50: float | None  # None: no frame answered
+    rtt_ms_p99: float | None
     step_ms_p50: float | None
     step_ms_p99: float | None
     sessions_per_step: float | None
@@ -87,8 +92,9 @@ class ServerProcess:
 
     def __enter__(self) -> "ServerProcess":
         self._log = open(self.log, "w")
+        env = {k: v for k, v in os.environ.items() if k.upper() not in DEPLOYMENT_ENV}
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**env, "PYTHONUNBUFFERED": "1"})
         try:
             return self._wait_ready()
         except BaseException:  # timeout, Ctrl-C, an odd reply: never leave the child running
@@ -123,47 +129,71 @@ class ServerProcess:
 
 
 async def _client(url: str, seconds: float, mode: str, seed: int) -> dict[str, Any]:
-    """One caller: a frame every 80 ms on its own clock; returns send/receive times."""
+    """One caller: a frame every 80 ms on its own clock; returns send/receive times. A session
+    the server refuses or ends (ERROR, a close) stops sending and reports why in `error`, with
+    the frames it sent and got until then: an overloaded server is a result, not a crash."""
     import websockets
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
     rng = np.random.default_rng(seed)
     await asyncio.sleep(random.Random(seed).random() * FRAME_S)  # independent phase
     sent: list[float] = []
     answered: list[float] = []  # receive time of the answer to input frame 1, 2, ...
     error = None
-    async with websockets.connect(f"{url}?mode={mode}", max_size=None) as ws:
-        while (await ws.recv())[0] != Kind.METADATA:
-            pass
 
-        async def receive() -> None:
-            nonlocal error
-            async for m in ws:
+    def closed(e: ConnectionClosed) -> str:
+        close = e.rcvd or e.sent
+        return (f"connection closed ({close.code}{' ' + close.reason if close.reason else ''})"
+                if close is not None else "connection closed without a close frame")
+
+    try:
+        async with websockets.connect(f"{url}?mode={mode}", max_size=None) as ws:
+            while (m := await ws.recv())[0] != Kind.METADATA:
                 if m[0] == Kind.ERROR:
-                    error = m[1:].decode()
-                elif (mode == "tokens" and m[0] == Kind.CODES) or \
-                        (mode != "tokens" and m[0] == Kind.AUDIO):
-                    if mode == "tokens":
-                        codes = np.frombuffer(m[1:], "<i4").reshape(-1, 9)
-                        answered.extend([time.perf_counter()] * int((codes[:, 1] >= 0).sum()))
-                    else:
-                        answered.append(time.perf_counter())
+                    error = m[1:].decode(errors="replace")
 
-        rx = asyncio.create_task(receive())
-        t0 = time.perf_counter()
-        n = int(seconds / FRAME_S)
-        for k in range(n):
-            delay = t0 + k * FRAME_S - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if mode == "tokens":
-                payload = bytes([Kind.CODES]) + rng.integers(0, 2048, 8).astype("<i4").tobytes()
-            else:
-                pcm = (rng.standard_normal(FRAME_SIZE) * 0.05).astype("<f4")
-                payload = bytes([Kind.AUDIO]) + pcm.tobytes()
-            sent.append(time.perf_counter())
-            await ws.send(payload)
-        await asyncio.sleep(1.0)  # the last answers
-        rx.cancel()
+            async def receive() -> None:
+                nonlocal error
+                try:
+                    async for m in ws:
+                        if m[0] == Kind.ERROR:
+                            error = m[1:].decode(errors="replace")
+                        elif (mode == "tokens" and m[0] == Kind.CODES) or \
+                                (mode != "tokens" and m[0] == Kind.AUDIO):
+                            if mode == "tokens":
+                                codes = np.frombuffer(m[1:], "<i4").reshape(-1, 9)
+                                answered.extend([time.perf_counter()] *
+                                                int((codes[:, 1] >= 0).sum()))
+                            else:
+                                answered.append(time.perf_counter())
+                except ConnectionClosed as e:  # the sender sees it too and says why
+                    error = error or closed(e)
+
+            rx = asyncio.create_task(receive())
+            try:
+                t0 = time.perf_counter()
+                n = int(seconds / FRAME_S)
+                for k in range(n):
+                    delay = t0 + k * FRAME_S - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    if mode == "tokens":
+                        payload = bytes([Kind.CODES]) + \
+                            rng.integers(0, 2048, 8).astype("<i4").tobytes()
+                    else:
+                        pcm = (rng.standard_normal(FRAME_SIZE) * 0.05).astype("<f4")
+                        payload = bytes([Kind.AUDIO]) + pcm.tobytes()
+                    at = time.perf_counter()
+                    await ws.send(payload)
+                    sent.append(at)
+                await asyncio.sleep(1.0)  # the last answers
+            finally:
+                rx.cancel()
+                await asyncio.gather(rx, return_exceptions=True)
+    except ConnectionClosed as e:  # refused, or ended by the server while sending
+        error = error or closed(e)
+    except (OSError, asyncio.TimeoutError, InvalidHandshake) as e:
+        error = error or f"could not connect: {type(e).__name__}: {e}"
     return {"sent": sent, "answered": answered, "error": error}
 
 
@@ -185,6 +215,13 @@ def run_load(model_args: list[str], sessions: int, seconds: float, mode: str = "
         results = asyncio.run(_load(f"ws://127.0.0.1:{srv.port}/api/chat", sessions, seconds,
                                     mode))
         _, after = fetch_health(srv.port)
+    return load_result(results, before, after, sessions, seconds, mode)
+
+
+def load_result(results: list[dict[str, Any]], before: dict[str, Any], after: dict[str, Any],
+                sessions: int, seconds: float, mode: str) -> LoadResult:
+    """The figures of one run from the clients' times and the server's /health before and
+    after. Round trips are None when no frame was answered (JSON has no NaN)."""
     rtts, late, n_sent, n_ans, errors = [], 0, 0, 0, []
     for r in results:
         sent, ans = r["sent"], r["answered"]
@@ -202,8 +239,8 @@ def run_load(model_args: list[str], sessions: int, seconds: float, mode: str = "
     return LoadResult(
         sessions=sessions, seconds=seconds, mode=mode, frames_sent=n_sent,
         frames_answered=n_ans, frames_late=late,
-        rtt_ms_p50=float(np.percentile(rtts, 50)) if rtts else float("nan"),
-        rtt_ms_p99=float(np.percentile(rtts, 99)) if rtts else float("nan"),
+        rtt_ms_p50=float(np.percentile(rtts, 50)) if rtts else None,
+        rtt_ms_p99=float(np.percentile(rtts, 99)) if rtts else None,
         step_ms_p50=p50, step_ms_p99=eng.get("step_ms_p99"),
         sessions_per_step=eng.get("sessions_per_step"),
         real_time_factor=round(p50 / (FRAME_S * 1000), 4) if p50 else None,

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "moshi-ttt"
 REGISTRY_NAME = "moshi-ttt-replicas"
+APP_NAME = "moshi-ttt"  # the Serve application (and its one deployment)
 HEARTBEAT_S = 1.0
 DOWN_AFTER_S = 4.0  # no report for this long: the replica is down
 FORGET_AFTER_S = 120.0  # a down replica is dropped from the view after this
@@ -118,6 +119,12 @@ class ReplicaRegistry:
         self.expected = expected
         self.reports: dict[str, dict[str, Any]] = {}
 
+    def deployed(self, expected: int) -> None:
+        """A (re)deployment of `expected` replicas. The actor is detached: one left by an
+        earlier run (a driver killed before it removed it, a redeploy on a cluster) is reused,
+        and its constructor's count would be the old deployment's."""
+        self.expected = expected
+
     def report(self, replica: str, summary: dict[str, Any], metrics: bytes) -> None:
         self.reports[replica] = {"summary": summary, "metrics": metrics, "at": time.time()}
 
@@ -157,9 +164,13 @@ def cluster_health(snap: dict[str, Any]) -> tuple[int, dict[str, Any]]:
 
 def cluster_metrics(snap: dict[str, Any]) -> bytes:
     """Every replica's Prometheus metrics in one exposition, each sample labelled `replica`
-    (families merged so that each appears once, as the text format requires)."""
+    (families merged so that each appears once, as the text format requires). Only replicas
+    that are reporting: a dead one's last gauges (its sessions, its capacity) would be added
+    to its replacement's for the minutes it stays listed in /health/cluster."""
     families: dict[str, Metric] = {}
     for rid, rep in sorted(snap["reports"].items()):
+        if snap["now"] - rep["at"] > DOWN_AFTER_S:
+            continue
         for fam in text_string_to_metric_families(rep["metrics"].decode()):
             merged = families.setdefault(fam.name, Metric(fam.name, fam.documentation,
                                                           fam.type, fam.unit))
@@ -244,12 +255,24 @@ def build_replica_app(settings_json: dict[str, Any]):
     return create_app(settings, host, load_in_background=False, cluster=view)
 
 
+def open_registry(replicas: int) -> Any:
+    """The deployment's registry actor, created or reused (see `ReplicaRegistry.deployed`),
+    counting `replicas` from now on."""
+    import ray
+
+    Registry = ray.remote(num_cpus=0)(ReplicaRegistry)
+    registry = Registry.options(name=REGISTRY_NAME, namespace=NAMESPACE, lifetime="detached",
+                                get_if_exists=True).remote(replicas)
+    ray.get(registry.deployed.remote(replicas))
+    return registry
+
+
 def deployment_options(settings: ServeSettings, replicas: int, gpu: bool) -> dict[str, Any]:
     """Ray Serve options of the deployment (see the module's doc for the limits)."""
     from ray.serve.config import RequestRouterConfig
 
     return {
-        "name": "moshi-ttt",
+        "name": APP_NAME,
         "num_replicas": replicas,
         "max_ongoing_requests": settings.max_sessions + 1,
         "max_queued_requests": replicas,
@@ -267,6 +290,7 @@ def start_deployment(settings: ServeSettings, replicas: int, ray_address: str | 
     import ray
     from ray import serve
 
+    local = ray_address is None and not ray.is_initialized()
     if not ray.is_initialized():
         ray.init(address=ray_address, namespace=NAMESPACE, include_dashboard=False,
                  num_cpus=num_cpus, log_to_driver=True)
@@ -274,11 +298,15 @@ def start_deployment(settings: ServeSettings, replicas: int, ray_address: str | 
     # that has GPUs (the driver may run on a CPU-only head node). Ray shows each replica its
     # GPU as cuda:0.
     dev = settings.device
-    gpu = dev.startswith("cuda") or (dev == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    Registry = ray.remote(num_cpus=0)(ReplicaRegistry)
-    registry = Registry.options(name=REGISTRY_NAME, namespace=NAMESPACE, lifetime="detached",
-                                get_if_exists=True).remote(replicas)
-    ray.get(registry.snapshot.remote())
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpu = dev.startswith("cuda") or (dev == "auto" and gpus > 0)
+    if gpu and gpus < replicas:  # Ray would wait, without end, for GPUs to place them on
+        if local:  # nothing adds GPUs to a Ray started here
+            raise RuntimeError(f"--replicas {replicas} needs {replicas} GPUs (one per "
+                               f"replica); this machine has {gpus}")
+        logger.warning("%d replicas need %d GPUs (one each), the cluster has %d: waiting for "
+                       "nodes to join (Ctrl-C stops)", replicas, replicas, gpus)
+    open_registry(replicas)
     serve.start(http_options={"host": settings.host, "port": settings.port},
                 controller_options={"runtime_env": {"env_vars": {
                     "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_MIDDLEWARES}}})
@@ -290,13 +318,13 @@ def start_deployment(settings: ServeSettings, replicas: int, ray_address: str | 
     ingress = serve.deployment(serve.ingress(builder)(),
                                **deployment_options(settings, replicas, gpu))
     try:
-        serve.run(ingress.bind(), name="moshi-ttt", route_prefix="/",
+        serve.run(ingress.bind(), name=APP_NAME, route_prefix="/",
                   logging_config={"enable_access_log": False})
     except Exception as e:  # the replica's reason is in the deployment's status message
         text = str(e)
         try:
-            text += "\n" + serve.status().applications["moshi-ttt"].deployments[
-                "moshi-ttt"].message
+            text += "\n" + serve.status().applications[APP_NAME].deployments[
+                APP_NAME].message
         except Exception:
             pass
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -309,11 +337,21 @@ def start_deployment(settings: ServeSettings, replicas: int, ray_address: str | 
 
 
 def stop_deployment() -> None:
+    """Remove this deployment and its registry, and Serve itself once no other application is
+    left on it (`serve.shutdown` deletes every application of the cluster: on a shared
+    cluster, other teams' too); then leave Ray (a local Ray started here stops with it)."""
     import ray
     from ray import serve
 
+    if not ray.is_initialized():  # stopped before Ray was started: nothing to remove
+        return
     try:
-        serve.shutdown()
+        try:
+            serve.delete(APP_NAME)
+            if not [a for a in serve.status().applications if a != APP_NAME]:
+                serve.shutdown()
+        except Exception as e:  # Serve never started (stopped during start-up)
+            logger.warning("could not remove the Serve deployment: %s", e)
         try:
             ray.kill(ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE))
         except ValueError:  # never started
@@ -340,15 +378,30 @@ def serve_ray(settings: ServeSettings, replicas: int, ray_address: str | None = 
         logger.error("refusing to start: %s", e)
         return EXIT_INVALID
     stop = threading.Event()
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, lambda *_: stop.set())
+
+    def during_start(signum: int, frame: Any) -> None:
+        # Starting can wait without end (replicas Ray cannot place: more than the GPUs there
+        # are); a signal then must stop it, not wait for it.
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, during_start) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        start_deployment(settings, replicas, ray_address)
-    except RuntimeError as e:
-        logger.error("the deployment failed to start: %s", e)
-        stop_deployment()
-        return EXIT_INVALID if "refuses to serve" in str(e) else EXIT_LOAD_FAILED
-    stop.wait()
+        try:
+            start_deployment(settings, replicas, ray_address)
+        except RuntimeError as e:
+            logger.error("the deployment failed to start: %s", e)
+            stop_deployment()
+            return EXIT_INVALID if "refuses to serve" in str(e) else EXIT_LOAD_FAILED
+        except KeyboardInterrupt:
+            logger.info("stopped during start-up: removing the deployment")
+            stop_deployment()
+            return EXIT_OK
+        for s in previous:
+            signal.signal(s, lambda *_: stop.set())
+        stop.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     logger.info("stopping the deployment")
     stop_deployment()
     return EXIT_OK

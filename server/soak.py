@@ -30,6 +30,8 @@ from .loadtest import ServerProcess, fetch_health
 
 logger = logging.getLogger(__name__)
 
+MODES = ("opus", "pcm", "tokens")
+
 
 @dataclass
 class SoakResult:
@@ -108,7 +110,7 @@ async def _soak(port: int, mode: str, sessions: int, frames: int, every: int,
     heap: list[tuple[int, float]] = []
     failed = 0
     for i in range(sessions + 1):
-        if i % every == 0:
+        if i % every == 0 or i == sessions:  # and at the end: the last figure is the run's
             await asyncio.sleep(0.2)  # the last session's row reset and socket close
             memory = fetch_health(port)[1]["memory"]
             rss.append((i, float(memory["rss_mb"])))
@@ -161,13 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=250, help="sample RSS every N sessions")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.mode.split(",")]
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--mode {args.mode!r}: expected {', '.join(MODES)} or a comma-separated list")
+    if args.frames < 2:  # the first frame is answered by none (one frame of model delay)
+        ap.error(f"--frames must be at least 2, got {args.frames}")
+    if not 1 <= args.every < args.sessions:  # a slope over the second half needs 2 samples
+        ap.error(f"--every must be at least 1 and below --sessions ({args.sessions}), got "
+                 f"{args.every}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     model = ["--checkpoint", args.checkpoint] if args.checkpoint else \
         ["--random-config", args.random_config]
     results = []
-    for mode in args.mode.split(","):
-        r = run_soak(model, mode.strip(), args.sessions, args.frames, args.every,
+    for mode in modes:
+        r = run_soak(model, mode, args.sessions, args.frames, args.every,
                      extra=["--device", args.device, "--greedy"])
         results.append(r)
         logger.info("%s", asdict(r))

@@ -83,3 +83,23 @@ def test_keep_freed_memory_keeps_a_freed_block_for_the_next_allocation(mode):
         assert abs(mapped) < 0.5 and abs(returned) < 0.5
     else:
         assert 7.9 < mapped < 8.5
+
+
+@pytest.mark.parametrize("platform, maxrss, want", [("darwin", 400 * 2**20, 400.0),
+                                                    ("linux", 400 * 1024, 400.0)])
+def test_rss_without_proc_is_the_peak_in_mib_on_macos_too(platform, maxrss, want, monkeypatch):
+    """Without /proc the figure is getrusage's peak, whose unit is bytes on macOS and KiB on
+    Linux: a 400 MiB process on a Mac read 409,600 MiB (/health's rss_mb, the soak's slope)."""
+    import resource
+    import types
+
+    import moshi_ttt.process_memory as pm
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/self/statm")
+
+    monkeypatch.setattr(pm, "open", no_proc, raising=False)
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(resource, "getrusage",
+                        lambda who: types.SimpleNamespace(ru_maxrss=maxrss))
+    assert rss_mb() == pytest.approx(want)

@@ -19,6 +19,7 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
+from conftest import CONFIGS  # noqa: E402
 from fixtures import make_tiny_base  # noqa: E402
 from moshi_ttt.protocol import Kind  # noqa: E402
 from serving import Peer, ServerThread, get_json, settings, user_codes  # noqa: E402
@@ -246,3 +247,148 @@ def test_proxy_middleware_closes_only_a_websocket_left_open(ending):
         assert error[0] == Kind.ERROR and b"replica serving this session stopped" in error
     else:
         assert len(closes) == (ending == "app_closes") and len(sent) == 1 + len(closes)
+
+
+# -- without a Ray cluster: the deployment's bookkeeping --------------------------------------
+
+def test_cluster_metrics_leave_out_a_replica_that_stopped_reporting():
+    """A dead replica's last gauges stayed in /metrics for FORGET_AFTER_S (2 min) beside its
+    replacement's: sum(moshi_ttt_sessions_active) counted its lost sessions, and capacity
+    counted its slots twice. /health/cluster still lists it (down)."""
+    from server.metrics import ServerMetrics
+    from server.ray_serve import DOWN_AFTER_S, cluster_health, cluster_metrics
+
+    live, dead = ServerMetrics(), ServerMetrics()
+    for m, active in ((live, 1), (dead, 2)):
+        m.sessions_active.set(active)
+        m.sessions_capacity.set(SLOTS)
+    now = time.time()
+    summary = {"status": "ok", "active": 1, "capacity": SLOTS}
+    snap = {"expected": 2, "now": now, "reports": {
+        "live": {"summary": summary, "metrics": live.render(), "at": now - 1},
+        "dead": {"summary": summary, "metrics": dead.render(), "at": now - DOWN_AFTER_S - 1}}}
+    text = cluster_metrics(snap).decode()
+    active = [ln for ln in text.splitlines() if ln.startswith("moshi_ttt_sessions_active{")]
+    assert active == ['moshi_ttt_sessions_active{replica="live"} 1.0'], active
+    assert 'replica="dead"' not in text
+    code, body = cluster_health(snap)
+    assert code == 503 and [r["state"] for r in body["replicas"]] == ["down", "up"]
+
+
+def test_a_registry_left_by_an_earlier_deployment_counts_the_replicas_now_deployed(monkeypatch):
+    """The registry is a detached actor fetched with get_if_exists: one left by an earlier run
+    (8 replicas) kept expecting 8 when 16 were deployed (/health/cluster 200 with half of them
+    up). `open_registry` sets the count of the deployment now."""
+    import ray
+
+    from server import ray_serve
+    from server.ray_serve import ReplicaRegistry
+
+    left = ReplicaRegistry(8)
+    left.report("old", {"status": "ok", "active": 0, "capacity": 2}, b"")
+
+    class Handle:  # ray's actor handle over the existing actor: method.remote(...)
+        def __getattr__(self, name):
+            return type("M", (), {"remote": staticmethod(getattr(left, name))})
+
+    class ActorClass:  # what get_if_exists does: the constructor's argument is ignored
+        def options(self, **kw):
+            assert kw["get_if_exists"] and kw["lifetime"] == "detached"
+            return type("O", (), {"remote": staticmethod(lambda expected: Handle())})
+
+    monkeypatch.setattr(ray, "remote", lambda **kw: (lambda cls: ActorClass()))
+    monkeypatch.setattr(ray, "get", lambda x, **kw: x)
+    ray_serve.open_registry(16)
+    snap = left.snapshot()
+    assert snap["expected"] == 16 and "old" in snap["reports"]
+    assert ray_serve.cluster_health(snap)[0] == 503  # 1 up of 16
+
+
+def test_serve_ray_stops_on_a_signal_during_start_up(monkeypatch):
+    """A deployment Ray cannot place (more replicas than GPUs) waits without end in
+    serve.run; SIGTERM or Ctrl-C only set an event that was read after the start, so the
+    command could not be stopped. Now a signal during start-up removes what was started and
+    exits 0; the process's own handlers are back afterwards."""
+    import os
+    import signal
+
+    import server.main
+    from server import ray_serve
+    from server.settings import ServeSettings
+
+    calls: list[str] = []
+
+    def start(settings, replicas, ray_address=None):
+        calls.append("start")
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # serve.run waiting for its replicas
+            time.sleep(0.01)
+        calls.append("started")
+
+    monkeypatch.setattr(ray_serve, "start_deployment", start)
+    monkeypatch.setattr(ray_serve, "stop_deployment", lambda: calls.append("stop"))
+    monkeypatch.setattr(server.main, "resolve_checkpoint", lambda s: s)
+    monkeypatch.setattr(server.main, "preflight", lambda s: {})
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    t0 = time.monotonic()
+    try:
+        code = ray_serve.serve_ray(
+            ServeSettings(device="cpu", random_config=CONFIGS / "tiny.yaml"), 2)
+    finally:
+        after = {s: signal.getsignal(s) for s in before}
+        for s, h in before.items():
+            signal.signal(s, h)
+    assert code == 0 and calls == ["start", "stop"], calls
+    assert time.monotonic() - t0 < 4
+    assert after == before
+
+
+def test_a_local_ray_refuses_more_gpu_replicas_than_gpus(monkeypatch):
+    """`--replicas 8 --device cuda` on a machine with 4 GPUs waited forever (Ray places one
+    replica per GPU; nothing adds GPUs to a Ray started here): now one line, before Serve."""
+    import ray
+    from ray import serve
+
+    from server.ray_serve import start_deployment
+    from server.settings import ServeSettings
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 4.0})
+    monkeypatch.setattr(serve, "start", lambda **kw: pytest.fail("Serve started"))
+    with pytest.raises(RuntimeError, match=r"--replicas 8 needs 8 GPUs \(one per replica\); "
+                                           r"this machine has 4"):
+        start_deployment(ServeSettings(device="cuda", random_config=CONFIGS / "tiny.yaml"),
+                         8)
+
+
+def test_stopping_leaves_other_applications_on_a_shared_cluster(monkeypatch):
+    """`serve.shutdown` deletes every application of the cluster: stopping `serve --ray
+    --ray-address auto` took other teams' Serve applications down with it. Now only this one,
+    and Serve itself only when nothing else is left."""
+    import ray
+    from ray import serve
+
+    from server.ray_serve import stop_deployment
+
+    APP_NAME = "moshi-ttt"
+    for others, shut in ((["their-app"], False), ([], True)):
+        calls: list[str] = []
+        apps = {APP_NAME: object(), **{a: object() for a in others}}
+
+        def delete(name, **kw):
+            calls.append(f"delete {name}")
+            apps.pop(name)
+
+        monkeypatch.setattr(ray, "is_initialized", lambda: True)
+        monkeypatch.setattr(serve, "delete", delete)
+        monkeypatch.setattr(serve, "status",
+                            lambda: type("S", (), {"applications": dict(apps)})())
+        monkeypatch.setattr(serve, "shutdown", lambda: calls.append("shutdown"))
+        monkeypatch.setattr(ray, "get_actor", lambda *a, **kw: "registry")
+        monkeypatch.setattr(ray, "kill", lambda actor: calls.append(f"kill {actor}"))
+        monkeypatch.setattr(ray, "shutdown", lambda: calls.append("disconnect"))
+        stop_deployment()
+        assert calls == [f"delete {APP_NAME}", *(["shutdown"] if shut else []),
+                         "kill registry", "disconnect"], calls
