@@ -133,6 +133,14 @@ def config_path(path: Optional[Path]) -> Optional[Path]:
     return resolve_config(path)
 
 
+def json_out_path(path: Optional[Path]) -> Optional[Path]:
+    """Callback of the benchmarks' --json-out: a path that could not be written is refused
+    before the run, not with a traceback after it."""
+    if path is not None:
+        writable_file(path, "--json-out")
+    return path
+
+
 def check_device(device: Optional[str], flag: str = "--device") -> None:
     """A device that cannot be used (a typo, CUDA on a machine without it) is one line now,
     not a torch assertion deep inside a run."""
@@ -893,7 +901,8 @@ def bench_ttt(
     rows: int = typer.Option(1, help="sessions (batch rows) in the streaming-step comparison"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
     dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on GPU)"),
-    json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", callback=json_out_path,
+                                            help="also write figures here"),
 ) -> None:
     """Time the TTT-MLP: dual form, streaming step, state size.
 
@@ -938,7 +947,8 @@ def bench_serve(
     telemetry_every: Optional[int] = typer.Option(
         None, "--telemetry-every", help="the server's telemetry_every_frames (0: no TTT "
         "telemetry; default: the server's, 12)"),
-    json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", callback=json_out_path,
+                                            help="also write figures here"),
 ) -> None:
     """Load a fresh server with real-time synthetic clients.
 
@@ -1001,7 +1011,8 @@ def bench_step(
                    "exactly as many rows as sessions (instead of telemetry on vs off)"),
     runs: int = typer.Option(25, help="interleaved runs of 48 steps of each side"),
     device: str = typer.Option("auto", help="cpu, cuda or auto"),
-    json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", callback=json_out_path,
+                                            help="also write figures here"),
 ) -> None:
     """Time the engine's step: telemetry on vs off, or spare rows.
 
@@ -1056,7 +1067,8 @@ def bench_train(
         "ttt", "--method", help="ttt (the config's TTT layers), lora (no TTT, LoRA rank 128 on "
         "the main transformer, as moshi-finetune) or both (each in its own process, then the "
         "ratio)"),
-    json_out: Optional[Path] = typer.Option(None, "--json-out", help="also write figures here"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", callback=json_out_path,
+                                            help="also write figures here"),
 ) -> None:
     """Time the trainer's step at a config's real size.
 

@@ -196,6 +196,7 @@ CASES_2 = {
         (["--dtype", "float16"], "--dtype 'float16'"),
         (["--frames", "0"], "--frames must be at least 1"),
         (["--device", "tpu:0"], "--device 'tpu:0': expected auto, cpu, cuda or cuda:N"),
+        (["--json-out", "{root}"], "is a directory, expected a file path"),
     ],
     "bench serve": [
         ([], "give exactly one of --checkpoint or --random-config"),
@@ -208,6 +209,9 @@ CASES_2 = {
          "--capacity 2 is below the largest session count 4"),
         (["--random-config", TINY, "--telemetry-every", "-1"],
          "--telemetry-every must be at least 0"),
+        (["--random-config", TINY, "--batch-clock", "lockstep"],
+         "--batch-clock must be window or tick, got 'lockstep'"),
+        (["--random-config", TINY, "--json-out", "{root}"], "is a directory"),
     ],
     "bench step": [
         ([], "give exactly one of --checkpoint or --random-config"),
@@ -215,12 +219,14 @@ CASES_2 = {
         (["--random-config", TINY, "--capacity", "0"], "--capacity must be at least 1"),
         (["--random-config", TINY, "--sessions", "1,4", "--capacity", "2"],
          "--capacity 2 is below the largest session count 4"),
+        (["--random-config", TINY, "--json-out", "{wav}/x.json"], "cannot make its folder"),
     ],
     "bench train": [
         (["-c", "{nowhere}.yaml"], "config file not found"),
         (["-c", TINY, "--steps", "0"], "--steps must be at least 1"),
         (["-c", TINY, "--frames", "0"], "--frames must be at least 1"),
         (["-c", TINY, "--method", "adapter"], "--method 'adapter': expected ttt, lora or both"),
+        (["-c", TINY, "--json-out", "{root}"], "is a directory"),
     ],
 }
 CUDA_CASES = [  # asking for CUDA where there is none: one line, not a torch assertion
