@@ -818,6 +818,9 @@ def eval_stability(
         settings = StabilitySettings.from_config(cfg, frames=frames, batch_size=batch_size,
                                                  driver=driver, seed=seed, threads=threads)
         recall = load_recall_model(recall_model) if recall_model is not None else None
+        if recall is not None and settings.frames <= recall.task.length():  # before the session
+            fail(f"late recall: --frames {settings.frames} must exceed the recall instance's "
+                 f"{recall.task.length()} frames")
         report = run_stability(cfg, settings)
         if recall is not None:
             report["late_recall"] = late_recall(
