@@ -59,12 +59,7 @@ def prepare(workdir: Path, config: Path = TINY, steps: int | None = None,
     logger.info("%s", synthesize_dataset(data, n_dialogues=dialogues, seed=0))
 
     workdir.mkdir(parents=True, exist_ok=True)
-    stale = _stale_parts(workdir, cfg, dialogues)
-    for part in stale:
-        path = {"base": base, "run": run}[part]
-        if path.exists():
-            logger.info("removing %s: it was made for another config or dataset", path)
-            shutil.rmtree(path)
+    remove_stale_parts(workdir, cfg, dialogues, {"base": base, "run": run})
 
     _step(2, f"random tiny base in {base}, its codec calibrated on {data / 'train.jsonl'}")
     # moshi_ttt.yaml is written last by init-base: a complete base. One without a calibration
@@ -94,12 +89,12 @@ def prepare(workdir: Path, config: Path = TINY, steps: int | None = None,
 STAMP_NAME = "demo.json"
 
 
-def _stale_parts(workdir: Path, cfg: Any, dialogues: int) -> list[str]:
+def _stale_parts(workdir: Path, cfg: Any, dialogues: int) -> tuple[list[str], dict[str, str]]:
     """Which of base and run were made for another config or dataset size than this demo's
     (none when the workdir has no record yet: a base made beforehand with `init-base`, or a
-    workdir that predates the record, is trusted as before); then records this demo's. The
-    base depends on the model and codec sections and the data; the run on the whole config
-    and the data."""
+    workdir that predates the record, is trusted as before), and this demo's record, which the
+    caller writes once the stale parts are removed. The base depends on the model and codec
+    sections and the data; the run on the whole config and the data."""
     whole = cfg.model_dump(mode="json")
     keys = {"base": _digest({k: whole.get(k) for k in ("lm", "mimi", "codec_calibration")},
                             dialogues),
@@ -113,8 +108,18 @@ def _stale_parts(workdir: Path, cfg: Any, dialogues: int) -> list[str]:
         old = {}
     stale = [part for part, key in keys.items() if not isinstance(old, dict)
              or old.get(part) != key]
-    stamp.write_text(json.dumps(keys, indent=1))
-    return stale
+    return stale, keys
+
+
+def remove_stale_parts(workdir: Path, cfg: Any, dialogues: int, paths: dict[str, Path]) -> None:
+    """Remove the parts (`paths`: "base", "run") made for another config or dataset, then
+    record this demo's: a demo stopped in between finds them stale again, never trusted."""
+    stale, stamp = _stale_parts(workdir, cfg, dialogues)
+    for part in stale:
+        if paths[part].exists():
+            logger.info("removing %s: it was made for another config or dataset", paths[part])
+            shutil.rmtree(paths[part])
+    (workdir / STAMP_NAME).write_text(json.dumps(stamp, indent=1))
 
 
 def _digest(obj: Any, dialogues: int) -> str:

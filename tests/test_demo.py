@@ -46,3 +46,33 @@ def test_demo_end_to_end_then_reused(tmp_path, monkeypatch):
     assert weights.stat().st_mtime_ns == mtimes[weights]
     ckpt = json.loads((work / "run" / "checkpoints" / "step_000002" / "config.json").read_text())
     assert ckpt["project"]["ttt"]["gate_init"] == 0.2
+
+
+def test_a_demo_stopped_while_removing_a_stale_run_finds_it_stale_again(tmp_path, monkeypatch):
+    """The record of what the base and run were made for is written only once the stale ones
+    are gone: stopped in between (Ctrl-C), the next demo removes them again instead of serving
+    the old config's run (before, the record came first)."""
+    import moshi_ttt.demo as demo
+    from moshi_ttt.config import load_config
+
+    tiny = load_config(packaged_config("tiny.yaml"))
+    other = tiny.model_copy(update={"ttt": tiny.ttt.model_copy(update={"gate_init": 0.2})})
+    work = tmp_path / "demo"
+    paths = {"base": work / "base", "run": work / "run"}
+    for p in paths.values():
+        p.mkdir(parents=True)
+    demo.remove_stale_parts(work, tiny, 4, paths)  # the first demo's record
+    assert all(p.is_dir() for p in paths.values())
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo.shutil, "rmtree", interrupted)
+    try:
+        demo.remove_stale_parts(work, other, 4, paths)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert demo._stale_parts(work, other, 4)[0] == ["run"]  # still stale for the new config
+    demo.remove_stale_parts(work, other, 4, paths)
+    assert paths["base"].is_dir() and not paths["run"].exists()
+    assert demo._stale_parts(work, other, 4)[0] == []
