@@ -179,9 +179,7 @@ def save_checkpoint(
     os.replace(pointer, root / LATEST)
     _fsync_dir(root)
     if keep > 0:
-        steps = sorted((p for p in root.glob("step_*") if p.is_dir() and _step_of(p) is not None),
-                       key=_step_of)
-        for old in steps[:-keep]:
+        for old in _step_dirs(root)[:-keep]:
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
@@ -196,6 +194,12 @@ def _step_of(path: Path) -> int | None:
     number: names sort as strings only up to step 999999 (`step_1000000` < `step_999999`)."""
     digits = path.name.removeprefix("step_")
     return int(digits) if digits.isdigit() else None
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """The `step_N` checkpoint directories of a run, oldest first (by N, see `_step_of`)."""
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and _step_of(p) is not None),
+                  key=_step_of)
 
 
 # -- finding and reading ----------------------------------------------------------------------
@@ -246,8 +250,7 @@ def earlier_checkpoint_hint(ckpt: Path) -> str:
     (naming those present) or start a new run."""
     root = ckpt.parent
     step = _step_of(ckpt)
-    earlier = sorted((p for p in root.glob("step_*") if p.is_dir() and _step_of(p) is not None
-                      and (step is None or _step_of(p) < step)), key=_step_of)
+    earlier = [p for p in _step_dirs(root) if step is None or _step_of(p) < step]
     newest = ", ".join(p.name for p in earlier[-5:])  # the likeliest choices, not hundreds
     there = f" (present: {newest})" if earlier else " (its directory name, e.g. step_000100)"
     return f"Point {root / LATEST} at an earlier checkpoint{there} or start a new run"
