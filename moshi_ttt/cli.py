@@ -807,8 +807,8 @@ def eval_stability(
     _cpu_defaults()
     from .config import ConfigError, load_config
     from .eval.stability import (
-        StabilitySettings, format_late_recall, format_summary, late_recall, load_recall_model,
-        run_stability, write_report,
+        StabilitySettings, check_late_recall_frames, format_late_recall, format_summary,
+        late_recall, load_recall_model, run_stability, write_report,
     )
 
     path = out or Path("runs/eval-stability") / "results.json"
@@ -818,9 +818,8 @@ def eval_stability(
         settings = StabilitySettings.from_config(cfg, frames=frames, batch_size=batch_size,
                                                  driver=driver, seed=seed, threads=threads)
         recall = load_recall_model(recall_model) if recall_model is not None else None
-        if recall is not None and settings.frames <= recall.task.length():  # before the session
-            fail(f"late recall: --frames {settings.frames} must exceed the recall instance's "
-                 f"{recall.task.length()} frames")
+        if recall is not None:
+            check_late_recall_frames(recall, settings.frames)  # before the session, not after
         report = run_stability(cfg, settings)
         if recall is not None:
             report["late_recall"] = late_recall(
@@ -986,8 +985,10 @@ def bench_serve(
     env_wait = {"MOSHI_TTT_BATCH_WAIT_MS": str(batch_wait_ms)} if batch_wait_ms is not None \
         else {}
     if batch_clock is not None:
-        if batch_clock not in ("window", "tick"):
-            fail(f"--batch-clock must be window or tick, got {batch_clock!r}")
+        from server.settings import BATCH_CLOCKS
+
+        if batch_clock not in BATCH_CLOCKS:
+            fail(f"--batch-clock must be {' or '.join(BATCH_CLOCKS)}, got {batch_clock!r}")
         env_wait["MOSHI_TTT_BATCH_CLOCK"] = batch_clock
     if telemetry_every is not None:
         at_least(telemetry_every, 0, "--telemetry-every")

@@ -49,14 +49,12 @@ from moshi_ttt.telemetry import TelemetryReader, telemetry_message
 
 from .metrics import ServerMetrics
 from .rows import RowStates
+from .settings import BATCH_CLOCKS
 from .slots import CapacityError, SessionSlots
 
 logger = logging.getLogger(__name__)
 
 FRAME_S = 1 / FRAME_RATE
-
-#: How steps are timed (`EngineConfig.batch_clock`).
-BATCH_CLOCKS = ("window", "tick")
 
 __all__ = ["Engine", "EngineConfig", "SessionHandle", "StepOutput", "SessionFailed",
            "InputOverflow", "SessionClosed", "CapacityError", "WarmupDiverged"]

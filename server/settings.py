@@ -18,6 +18,10 @@ from pydantic_settings import (
 )
 
 
+#: How the engine times its steps (`batch_clock`; `server.engine.Engine._take`).
+BATCH_CLOCKS = ("window", "tick")
+
+
 class SettingsError(ValueError):
     """A settings file or value is missing or invalid; the message names it."""
 
@@ -51,7 +55,7 @@ class ServeSettings(BaseSettings):
     batch_wait_ms: float = Field(
         20.0, ge=0, description="after the first frame is ready, wait this long for the other "
         "active sessions' frames before stepping (0: step at once)")
-    batch_clock: Literal["window", "tick"] = Field(
+    batch_clock: Literal[BATCH_CLOCKS] = Field(  # type: ignore[valid-type]
         "window", description="how steps are timed: window (a step runs when every active "
         "session's frame is ready or batch_wait_ms after the first) or tick (steps on an 80 ms "
         "clock, each frame joins the next tick; batch_wait_ms unused). README: 'Batching "

@@ -323,6 +323,14 @@ def load_recall_model(path: Path) -> RecallModel:
     return model
 
 
+def check_late_recall_frames(model: RecallModel, frames: int) -> None:
+    """A session of `frames` frames must hold more than one recall instance (`late_recall`):
+    checked by the CLI before the stability session streams, and by `late_recall` itself."""
+    if frames <= model.task.length():
+        raise ValueError(f"late recall: --frames {frames} must exceed the recall instance's "
+                         f"{model.task.length()} frames")
+
+
 @torch.no_grad()
 def late_recall(model: RecallModel, frames: int, batch_size: int = 16, seed: int = 0,
                 record_every: int = 250, reference_frame: int = 3750,
@@ -334,6 +342,7 @@ def late_recall(model: RecallModel, frames: int, batch_size: int = 16, seed: int
     from .memory import delayed_inputs, recall_metrics, stream_text_logits
     from .recall import text_batch
 
+    check_late_recall_frames(model, frames)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -341,9 +350,6 @@ def late_recall(model: RecallModel, frames: int, batch_size: int = 16, seed: int
         g = torch.Generator().manual_seed(seed)
         inst, dep = text_batch(task, batch_size, g, lm.n_q)
         Ti = inst.shape[-1]
-        if frames <= Ti:
-            raise ValueError(f"late recall: --frames {frames} must exceed the recall "
-                             f"instance's {Ti} frames")
         lo = task.first_id + task.content_vocab
         prefix = torch.full((batch_size, lm.num_codebooks, frames - Ti), -1, dtype=torch.long)
         prefix[:, 0] = lo + torch.randint(task.distractor_vocab, (batch_size, frames - Ti),
