@@ -191,13 +191,13 @@ def _read_json_object(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _check_tokenizer(path: Path) -> None:
-    """Load the text tokenizer once, so that a truncated or foreign file is named here, not
-    by a sentencepiece error when training or serving starts."""
+def _load_tokenizer(path: Path) -> Any:
+    """The text tokenizer (a sentencepiece processor), loaded so that a truncated or foreign
+    file is named here, not by a sentencepiece error when training or serving starts."""
     import sentencepiece
 
     try:
-        sentencepiece.SentencePieceProcessor(model_file=str(path))
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
     except Exception as e:  # sentencepiece raises RuntimeError/OSError with "could not parse"
         raise BaseModelError(f"text tokenizer {path} is not a sentencepiece model ({e}); an "
                              f"interrupted download, or another kind of file") from e
@@ -220,7 +220,7 @@ def _settle(info: loaders.CheckpointInfo, ref: dict[str, Any], where: str) -> Re
         raise BaseModelError(f"the LM weights of {where} are not a readable safetensors file: "
                              f"{e} (an interrupted download or copy? fetch or copy it again)"
                              ) from e
-    _check_tokenizer(Path(info.tokenizer))
+    _load_tokenizer(Path(info.tokenizer))  # checked now, not when training or serving starts
     return ResolvedBase(info, kwargs, source, ref, notes=notes)
 
 
@@ -251,16 +251,13 @@ def init_random_base(cfg: ProjectConfig, out_dir: Path, tokenizer: Path, seed: i
     `moshi_ttt.codec.calibrate`), or copied from the base `codec_from` (same Mimi config), or,
     with neither, left random: then its codebooks are zero and every frame encodes to code 0.
     moshi_ttt.yaml is written last: a base dir holding it is complete."""
-    import sentencepiece
-
     if calibrate_on is not None and codec_from is not None:
         raise BaseModelError("give either a dataset to calibrate the codec on or a base to copy "
                              "a calibrated codec from, not both")
     if not tokenizer.is_file():
         raise BaseModelError(f"tokenizer not found: {tokenizer} (make one with `moshi-ttt "
                              f"make-data`, which trains a sentencepiece model on its transcripts)")
-    _check_tokenizer(tokenizer)
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer))
+    sp = _load_tokenizer(tokenizer)
     if sp.vocab_size() > cfg.text_card:
         raise BaseModelError(f"tokenizer {tokenizer} has {sp.vocab_size()} pieces but "
                              f"lm.text_card is {cfg.text_card}: the text embedding cannot hold it")
