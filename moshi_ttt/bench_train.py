@@ -56,6 +56,7 @@ class SyntheticSegments:
 
     def __init__(self, frames: int, n_q: int, card: int, text_card: int, seed: int = 0):
         self.frames, self.n_q, self.card, self.text_card = frames, n_q, card, text_card
+        self.seg_frames = frames  # as SegmentLoader's
         self.gen = torch.Generator().manual_seed(seed)
         self.fingerprint = f"synthetic-{frames}"
 

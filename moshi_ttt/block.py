@@ -33,6 +33,10 @@ from .ttt_mlp import (
 
 logger = logging.getLogger(__name__)
 
+#: `whiten_projections`: the ridge added to the calibration covariance, relative to its largest
+#: eigenvalue: no direction is scaled up more than 10x as much as the one of largest variance.
+WHITEN_RIDGE = 1e-2
+
 #: Parameter names (relative to the block) of the inner set counted as `ttt_inner`.
 INNER_PARAM_NAMES = (
     "inner.w1", "inner.b1", "inner.w2", "inner.b2",
@@ -210,8 +214,9 @@ class CarriedState:
 def _init_conv(conv: StreamingConv1d, lag: int = 0) -> None:
     """A causal depthwise q/k conv starts as the identity (last tap 1, others and bias 0), so an
     untrained block is the block without convs, and training learns which earlier frames a key
-    holds; `lag` > 0 puts the 1 that many frames back (`qk_conv_init: shift` for k; measured in
-    the README's memory section: it learned slower). PyTorch's default init (uniform taps and a
+    holds; `lag` > 0 puts the 1 that many frames back (`qk_conv_init: shift` for k: it recalls
+    more with whitened projections, but on independent frames the inner learner stops depending
+    on its input; README, "The TTT layer"). PyTorch's default init (uniform taps and a
     uniform bias per channel) adds a constant per channel to every q and k: after their L2
     normalisation all keys share that direction and the inner output loses input dependence
     within the first mini-batches (measured with `diagnose-ttt`: ratio 0.35 at 1000 frames at
@@ -301,6 +306,44 @@ class TTTBlock(StreamingModule[TTTState]):
                 if conv is not None:  # see _init_conv
                     _init_conv(conv, lag)
             self.inner.reset_parameters()
+
+    @torch.no_grad()
+    def whiten_projections(self, xs: torch.Tensor | list[torch.Tensor]) -> None:
+        """`qkv_init: whitened`: wq, wk and wv become the ZCA whitening of pre_norm(x) (xs: this
+        block's input on calibration frames, [..., d_model], one tensor or several): centred,
+        decorrelated, equal variance in every direction, so keys of different frames are as
+        unlike as the frames themselves allow. A ridge of WHITEN_RIDGE x the largest eigenvalue
+        keeps directions the frames barely span from being blown up. The matrix is rescaled to
+        the random init's Frobenius norm (sqrt(d_model)): the L2 norm of q and k makes their
+        scale irrelevant, and AdamW's steps stay as large relative to it as from the random init
+        (measured on the text recall task at 400 steps: recall 0.141 at this scale, 0.126 at
+        norm 1)."""
+        n, total, outer = 0, None, None
+        for x in [xs] if isinstance(xs, torch.Tensor) else xs:
+            x = x.reshape(1, -1, x.shape[-1]).to(self.wq.weight.dtype)  # moshi's norms: [B,T,D]
+            h = self.pre_norm(x).reshape(-1, self.d_model).double()
+            if not torch.isfinite(h).all():
+                raise ValueError(f"TTT layer {self.layer_index}: the calibration frames for "
+                                 f"whitening hold NaN or inf")
+            n += h.shape[0]
+            total = h.sum(0) if total is None else total + h.sum(0)
+            outer = h.T @ h if outer is None else outer + h.T @ h
+        if n < 2:
+            raise ValueError(f"TTT layer {self.layer_index}: whitening needs at least 2 frames "
+                             f"of the block's input, got {n}")
+        mu = total / n
+        cov = (outer - n * torch.outer(mu, mu)) / (n - 1)
+        lam, U = torch.linalg.eigh(cov)
+        lam = lam.clamp_min(0)
+        if float(lam.max()) <= 1e-12 * float(mu.abs().max().clamp_min(1.0)) ** 2:
+            raise ValueError(f"TTT layer {self.layer_index}: the calibration frames are all "
+                             f"the same; whitening needs frames that differ")
+        W = U @ torch.diag((lam + WHITEN_RIDGE * lam.max()).rsqrt()) @ U.T
+        W = W * (math.sqrt(self.d_model) / W.norm())
+        for lin in (self.wq, self.wk, self.wv):
+            if lin is not None:
+                lin.weight.copy_(W.to(lin.weight.dtype))
+                lin.bias.copy_((-W @ mu).to(lin.bias.dtype))
 
     # -- shared projections ------------------------------------------------------------------
     def _qkv_lr(self, x: torch.Tensor):

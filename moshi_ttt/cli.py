@@ -752,7 +752,7 @@ def diagnose_ttt(
     from .diagnostics import diagnose
     from .eval.diagnose import dataset_codes, format_diagnosis, random_codes
     from .hub import resolve_checkpoint
-    from .model import build_ttt_lm
+    from .model import build_ttt_lm, whiten_ttt
 
     if (config is None) == (checkpoint is None):
         fail("give exactly one of --config or --checkpoint")
@@ -769,9 +769,13 @@ def diagnose_ttt(
             if data is not None:
                 fail("--data needs --checkpoint (a base or run whose codec encodes the speech)")
             torch.manual_seed(seed)
-            lm, where = build_ttt_lm(load_config(config)), f"random {config}"
+            cfg = load_config(config)
+            lm, where = build_ttt_lm(cfg), f"random {config}"
         codes = dataset_codes(loaded, data, frames) if data is not None else \
             random_codes(lm, frames, seed)
+        if checkpoint is None and cfg.ttt.qkv_init == "whitened":
+            whiten_ttt(lm, codes)  # as train starts: whitened on its first batch
+            where += " (q/k/v whitened on the streamed frames)"
         report = diagnose(lm, codes, every=every, seed=seed)
     except (ConfigError, CheckpointError, DimensionMismatch, DataError, ValueError) as e:
         fail(reason(e))

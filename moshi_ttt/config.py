@@ -115,7 +115,15 @@ class TTTConfig(BaseModel):
         "identity", description="the q/k convs at init, bias 0: `identity` (q and k the current "
         "frame) or `shift` (q the current frame, k the frame before it: a frame's value is "
         "stored under the context that preceded it, so the current frame's query retrieves what "
-        "followed it before, as H3's shift on the keys; measured: it learned slower)")
+        "followed it before, as H3's shift on the keys; it recalls more with `qkv_init: "
+        "whitened`, but on frames independent of each other the inner learner stops depending "
+        "on its input: README, 'The TTT layer')")
+    qkv_init: Literal["random", "whitened"] = Field(
+        "random", description="wq, wk and wv at init: `random` (truncated normal); `whitened`: "
+        "the ZCA whitening of the block's normalised input, measured on the first training batch "
+        "(`moshi_ttt.model.whiten_ttt`), so that different frames' keys are decorrelated from the "
+        "first step (random projections of hidden states that share a large common direction "
+        "give keys of mean cosine ~0.8: a recall query then reads back the mean of all writes)")
     share_qk: bool = Field(False, description="q and k from one projection, told apart by their "
                            "own convs (needs qk_conv), as ttt-lm's share_qk")
     position_scale: Literal["mean", "sum"] = Field(

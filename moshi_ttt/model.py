@@ -130,6 +130,37 @@ def carry_fast_weights(lm: nn.Module, fresh: torch.Tensor | None) -> None:
             blk.carry.advance(mask)
 
 
+@torch.no_grad()
+def whiten_ttt(lm: LMModel, batches: torch.Tensor | list[torch.Tensor]) -> list[AttachedBlock]:
+    """`ttt.qkv_init: whitened`: set each TTT block's q/k/v projections to the whitening of its
+    own input on `batches` (codes [B, 17, T], teacher forced: one batch or several, e.g. a
+    training batch), block by block in order, so a block is calibrated on what the blocks
+    before it, already whitened, pass on. Call on a fresh model, before training (it overwrites
+    trained projections). Returns the blocks it set."""
+    batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
+    done = []
+    was_training = lm.training
+    lm.eval()
+    try:
+        for a in list(ttt_blocks(lm)):
+            seen: list[torch.Tensor] = []
+            hook = a.block.register_forward_pre_hook(
+                lambda _m, args: seen.append(args[0].detach()))
+            try:
+                for codes in batches:
+                    if a.component == "transformer":  # the depformer would only cost time
+                        lm.forward_text(delayed_inputs(lm, codes)[:, :, :-1])
+                    else:
+                        lm(codes)
+            finally:
+                hook.remove()
+            a.block.whiten_projections(seen)
+            done.append(a)
+    finally:
+        lm.train(was_training)
+    return done
+
+
 def is_ttt_param(name: str) -> bool:
     return ".ttt." in f".{name}"
 

@@ -58,6 +58,7 @@ from ..diagnostics import key_report
 from ..lora import apply_lora, is_lora_param
 from ..model import (
     attach_ttt, build_base_lm, carry_fast_weights, delayed_inputs, is_ttt_param, ttt_blocks,
+    whiten_ttt,
 )
 from ..process_memory import keep_freed_memory
 from ..ttt_mlp import FastWeights
@@ -814,6 +815,9 @@ def _run_job(cfg: ProjectConfig, s: MemoryEvalSettings, job: _Job,
         tc = ttt_variant(cfg, job.ttt_overrides) if is_ttt else None
         lm = build_method("ttt" if is_ttt else job.method, cfg, plan.shape.context, seed,
                           plan.rank, base, tc, lora_scaling=s.lora_scaling)
+        if tc is not None and tc.qkv_init == "whitened":  # on a batch of its own, as train does
+            whiten_ttt(lm, batch(plan.train_task, s.batch_size,
+                                 torch.Generator().manual_seed(seed + WHITEN_SEED))[0])
         probe = held[s.gaps[0]][0][:KEY_ROWS]
         keys = {"init": key_report(lm, probe)} if is_ttt else None
         t0 = time.perf_counter()
@@ -845,6 +849,10 @@ def _run_job(cfg: ProjectConfig, s: MemoryEvalSettings, job: _Job,
             save_model(lm, cfg, tc, plan.shape, job.save_to, seed, s.steps)
     return rows, check
 
+
+#: The calibration batch of `qkv_init: whitened` comes from generator seed + WHITEN_SEED: neither
+#: the training batches (seed + 100) nor the held-out ones (seed + 999).
+WHITEN_SEED = 300
 
 #: Rows of the first gap's held-out sequences that every scored model also streams frame by
 #: frame (`stream_check`), and the largest text-logit difference from the parallel scoring

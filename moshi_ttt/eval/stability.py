@@ -35,8 +35,9 @@ from moshi.models.lm import LMGen, LMModel
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import ProjectConfig
-from ..model import build_ttt_lm, ttt_blocks
+from ..model import build_ttt_lm, ttt_blocks, whiten_ttt
 from ..process_memory import rss_mb
+from .diagnose import random_codes
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class StabilitySettings(BaseModel):
 
 
 COMPONENTS = ("w1", "b1", "w2", "b2")
+#: `ttt.qkv_init: whitened`: the fresh model is whitened on this many random frames first.
+WHITEN_FRAMES = 256
 
 
 def fast_weight_stats(lm: LMModel) -> dict[str, dict[str, Any]]:
@@ -140,6 +143,8 @@ def run_stability(cfg: ProjectConfig, s: StabilitySettings,
         torch.manual_seed(s.seed)
         if lm is None:
             lm = build_ttt_lm(cfg)
+            if cfg.ttt.qkv_init == "whitened":  # as train starts a model: whitened on frames
+                whiten_ttt(lm, random_codes(lm, WHITEN_FRAMES, s.seed))
         if not any(a.component == "transformer" for a in ttt_blocks(lm)):
             raise ValueError("eval-stability needs a model with TTT layers in its transformer")
         lm.eval()

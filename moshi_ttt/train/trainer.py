@@ -46,7 +46,7 @@ from ..data.index import DataError
 from ..data.loader import LoaderPosition, SegmentLoader
 from ..dims import count_params
 from ..lora import is_lora_param
-from ..model import is_ttt_param, ttt_blocks
+from ..model import is_ttt_param, ttt_blocks, whiten_ttt
 from . import distributed as dist_util
 from .loss import StreamSums, combine, stream_sums, summarize, weight_totals
 from .settings import TrainSettings
@@ -61,6 +61,10 @@ BASE_HINT = "pass the base to `moshi-ttt train` with --base DIR or --hf-repo REP
 #: TTT settings that change how training computes, not what the model is: free to change on
 #: resume, and taken from the given config (the rest of the model config comes from the checkpoint).
 _COMPUTE_ONLY_TTT = {"checkpoint_group"}
+#: `ttt.qkv_init: whitened`: calibrate on at least this many frames per model dim (a covariance
+#: of d dims needs more than d frames to be of full rank), in at most this many micro-batches.
+WHITEN_FRAMES_PER_DIM = 2
+WHITEN_MAX_BATCHES = 16
 #: AdamW's epsilon (not a setting); re-applied with the betas after a resume restores the groups.
 ADAM_EPS = 1e-8
 #: Training settings that decide which tensors exist or are trained: fixed for a run.
@@ -438,6 +442,8 @@ class Trainer:
         self.lm.train()
         self._data()
         if self.is_main:  # full weights live on rank 0 until sharded
+            if self._resume_state is None and self.cfg.ttt.qkv_init == "whitened":
+                self._whiten_projections()
             self._check_first_batch()
         if self.distributed:
             full = self.lm.state_dict() if self.is_main else {}
@@ -712,6 +718,28 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- reporting --------------------------------------------------------------------------------
+    def _whiten_projections(self) -> None:
+        """`ttt.qkv_init: whitened`, on a fresh run only: each TTT block's q/k/v projections
+        start as the whitening of its input on the first training segments, as many as give
+        WHITEN_FRAMES_PER_DIM x d_model frames (a covariance of d_model dims needs more frames
+        than dims; at most WHITEN_MAX_BATCHES micro-batches), the data position untouched. On
+        rank 0 before sharding, so every rank starts from the same projections."""
+        blocks = list(ttt_blocks(self.lm))
+        if not blocks:  # e.g. LoRA alone
+            return
+        need = WHITEN_FRAMES_PER_DIM * max(a.block.d_model for a in blocks)
+        bs = self.s.batch_size
+        # the same segments whatever the process count (unless the cap binds)
+        n = min(-(-need // self.train_data.seg_frames), WHITEN_MAX_BATCHES * bs)
+        segs = self.train_data.next_global_batch(copy.deepcopy(self.pos), n)
+        batches = [self.train_data.batch(segs[i:i + bs]).to(self.device)
+                   for i in range(0, n, bs)]
+        with self.autocast:
+            done = whiten_ttt(self.lm, batches)
+        logger.info("ttt.qkv_init whitened: q/k/v projections of %d TTT block(s) set from the "
+                    "first %d training frames (%d segments)", len(done),
+                    n * self.train_data.seg_frames, n)
+
     def _check_first_batch(self) -> None:
         """Stream the first training batch's first row through the model (no update, the data
         position untouched) and warn, naming the layer, when a TTT layer's inner output no

@@ -1,0 +1,276 @@
+"""`ttt.qkv_init: whitened`: the TTT block's q/k/v projections start as the whitening of its own
+input, so keys of different frames are decorrelated from the first training step. Applied by
+`moshi-ttt train` on a fresh run's first batch (never on a resume), by `eval-memory` on a batch
+of its own, by `diagnose-ttt` on the frames it streams."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from moshi_ttt.block import TTTBlock
+from moshi_ttt.cli import app
+from moshi_ttt.config import BaseModelRef, TTTConfig, load_config
+from moshi_ttt.diagnostics import key_report
+from moshi_ttt.eval import memory as mem
+from moshi_ttt.eval.diagnose import random_codes
+from moshi_ttt.model import build_ttt_lm, ttt_blocks, whiten_ttt
+
+from conftest import CONFIGS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+D = 32
+
+
+def _frames(n: int = 4000, seed: int = 0) -> torch.Tensor:
+    """[1, n, D] hidden states as a transformer makes them: a large direction every frame shares,
+    and variation of spread 1..10 across directions."""
+    g = torch.Generator().manual_seed(seed)
+    common = 6.0 * torch.randn(D, generator=g)
+    basis, _ = torch.linalg.qr(torch.randn(D, D, generator=g))
+    spread = torch.linspace(1.0, 10.0, D).sqrt()
+    return (common + (torch.randn(n, D, generator=g) * spread) @ basis.T)[None]
+
+
+def _block(**ttt) -> TTTBlock:
+    torch.manual_seed(0)
+    return TTTBlock(D, 2, TTTConfig(layers=[0], **ttt))
+
+
+def _keys(block: TTTBlock, x: torch.Tensor) -> torch.Tensor:
+    """Unit keys per head [H, T, HD], as the inner learner gets them (convs left out)."""
+    k = block.wk(block.pre_norm(x))[0]
+    return F.normalize(k.view(k.shape[0], block.num_heads, -1).transpose(0, 1), dim=-1)
+
+
+def _mean_cosine(k: torch.Tensor) -> float:
+    sim = k @ k.transpose(-1, -2)
+    n = k.shape[-2]
+    return float((sim.sum() - sim.diagonal(dim1=-2, dim2=-1).sum()) / (k.shape[0] * n * (n - 1)))
+
+
+def test_whitening_decorrelates_the_block_input():
+    x = _frames()
+    blk = _block(qkv_init="whitened")
+
+    def spread(q: torch.Tensor) -> float:  # largest / smallest variance over directions
+        eig = torch.linalg.eigvalsh(torch.cov(q.double().T))
+        return float(eig.max() / eig.min())
+
+    with torch.no_grad():
+        before = _mean_cosine(_keys(blk, x))
+        spread_before = spread(blk.wq(blk.pre_norm(x))[0])
+        blk.whiten_projections(x)
+        q = blk.wq(blk.pre_norm(x))[0].double()
+        after = _mean_cosine(_keys(blk, x))
+    # random projections of frames sharing a direction: keys alike; whitened: near orthogonal
+    assert before > 0.5 and abs(after) < 0.01, (before, after)
+    # centred, and about the same variance in every direction (the ridge of 1% of the largest
+    # variance lifts the least-spread direction: 1.22 here, against 70 from the random init)
+    assert q.mean(0).abs().max() < 1e-4 * q.std(0).max()
+    assert spread(q) < 1.3 and spread_before > 20, (spread(q), spread_before)
+    # one matrix for q, k and v, at the random init's Frobenius norm sqrt(d_model)
+    assert torch.equal(blk.wq.weight, blk.wk.weight) and torch.equal(blk.wq.weight, blk.wv.weight)
+    assert torch.equal(blk.wq.bias, blk.wv.bias)
+    assert float(blk.wq.weight.detach().norm()) == pytest.approx(math.sqrt(D), rel=1e-5)
+
+
+def test_whitening_over_several_batches_is_whitening_over_their_frames():
+    x = _frames()
+    one, parts = _block(qkv_init="whitened"), _block(qkv_init="whitened")
+    one.whiten_projections(x)
+    parts.whiten_projections([x[:, :1000], x[:, 1000:2500], x[:, 2500:]])
+    assert torch.allclose(one.wq.weight, parts.wq.weight, atol=1e-6)
+    assert torch.allclose(one.wq.bias, parts.wq.bias, atol=1e-5)
+
+
+def test_whitening_with_shared_qk_sets_the_one_projection():
+    blk = _block(qkv_init="whitened", share_qk=True)
+    blk.whiten_projections(_frames())
+    assert blk.wk is None and torch.equal(blk.wq.weight, blk.wv.weight)
+
+
+@pytest.mark.parametrize("x, message", [
+    (torch.randn(1, 1, D), r"at least 2 frames of the block.s input, got 1"),
+    (torch.full((1, 8, D), float("nan")), r"calibration frames for whitening hold NaN or inf"),
+    (torch.ones(1, 8, D), r"frames are all the same"),
+])
+def test_whitening_refuses_frames_it_cannot_whiten(x, message):
+    blk = _block(qkv_init="whitened")
+    before = blk.wq.weight.clone()
+    with pytest.raises(ValueError, match=message):
+        blk.whiten_projections(x)
+    assert torch.equal(blk.wq.weight, before)  # nothing half-written
+
+
+def _white_cfg(tiny_cfg):
+    return tiny_cfg.model_copy(update={"ttt": tiny_cfg.ttt.model_copy(
+        update={"qkv_init": "whitened"})})
+
+
+def test_whiten_ttt_calibrates_each_block_on_what_the_blocks_before_pass_on(tiny_cfg):
+    """Block by block in order: re-whitening any block on its input, once all are whitened,
+    changes nothing (the first block's input does not depend on it; the second's does)."""
+    torch.manual_seed(0)
+    lm = build_ttt_lm(_white_cfg(tiny_cfg))
+    codes = random_codes(lm, 96, seed=0).repeat(2, 1, 1)
+    codes[1] = random_codes(lm, 96, seed=1)[0]
+    before = key_report(lm, codes)
+    done = whiten_ttt(lm, codes)
+    assert [a.layer for a in done] == tiny_cfg.ttt.layers
+    after = key_report(lm, codes)
+    for layer in tiny_cfg.ttt.layers:  # a random base's keys are not much alike (the trained
+        # base of eval-memory's are: below); whitened, they are near orthogonal
+        assert abs(after[layer]["key_cosine"]) < 0.01 < before[layer]["key_cosine"]
+        assert after[layer]["crosstalk"] < before[layer]["crosstalk"], (before, after)
+    seen = {}
+    hooks = [a.block.register_forward_pre_hook(
+        lambda _m, args, layer=a.layer: seen.__setitem__(layer, args[0].detach()))
+        for a in ttt_blocks(lm)]
+    with torch.no_grad():
+        from moshi_ttt.model import delayed_inputs
+        lm.forward_text(delayed_inputs(lm, codes)[:, :, :-1])
+    for h in hooks:
+        h.remove()
+    for a in ttt_blocks(lm):
+        w = a.block.wq.weight.clone()
+        a.block.whiten_projections(seen[a.layer])
+        assert torch.allclose(a.block.wq.weight, w, atol=1e-5), a.layer
+
+
+def test_eval_memory_whitens_the_ttt_jobs_that_ask(tiny_cfg, monkeypatch):
+    """A TTT job whose config says `whitened` is whitened once before training, on a batch of
+    the training task that is neither a training nor a held-out batch; one whose config says
+    `random` (the shipped default) is not."""
+    calls = []
+    real = mem.whiten_ttt
+
+    def spy(lm, codes):
+        calls.append(codes.clone())
+        return real(lm, codes)
+
+    monkeypatch.setattr(mem, "whiten_ttt", spy)
+    s = mem.MemoryEvalSettings.from_config(
+        tiny_cfg, quick=True, ablations={"whitened": {"qkv_init": "whitened"}})
+    s = s.model_copy(update={"workers": 1, "methods": ["ttt"], "tasks": ["text"], "seeds": [0],
+                             "steps": 2})
+    report = mem.run_memory_eval(tiny_cfg, s)
+    assert len(calls) == 1 and calls[0].shape[0] == s.batch_size
+    keys = {r["method"]: r["keys"]["init"] for r in report["results"]
+            if r["gap_x"] == s.gaps[0] and "keys" in r}
+    # the reported init keys are the whitened ones (scored on held-out sequences, not the
+    # calibration batch): layer 0's input does not depend on TTT, layer 1's does (gate 0.5)
+    first = tiny_cfg.ttt.layers[0]
+    assert keys["ttt:whitened"][first]["key_cosine"] < 0.5 * keys["ttt"][first]["key_cosine"]
+    for layer in tiny_cfg.ttt.layers:
+        assert keys["ttt:whitened"][layer]["key_cosine"] < keys["ttt"][layer]["key_cosine"], keys
+    g = torch.Generator().manual_seed(0 + 100)  # the first training batch differs
+    task = mem.whole_mini_batches(mem.task_at(s.task, s.gaps[0], int(tiny_cfg.lm["num_layers"])),
+                                  tiny_cfg.ttt.mini_batch_size)
+    first, _ = mem.batches("text", int(tiny_cfg.lm["n_q"]), int(tiny_cfg.lm["dep_q"]), None)(
+        task, s.batch_size, g)
+    assert not torch.equal(first, calls[0])
+
+
+def test_diagnose_ttt_whitens_a_fresh_model_as_train_would(tmp_path):
+    cfg = (CONFIGS / "tiny.yaml").read_text().replace("  rope: false\n",
+                                                      "  rope: false\n  qkv_init: whitened\n")
+    path = tmp_path / "white.yaml"
+    path.write_text(cfg)
+    res = CliRunner().invoke(app, ["diagnose-ttt", "-c", str(path), "--frames", "48", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output.strip().splitlines()[-1])
+    assert "whitened on the streamed frames" in report["source"]
+    for lay in report["layers"]:
+        assert lay["keys"]["key_cosine"] < 0.2, lay["keys"]
+
+
+# -- the trainer ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from fixtures import make_tiny_base, write_random_dataset
+
+    root = tmp_path_factory.mktemp("whiten")
+    return {"base": make_tiny_base(root),
+            "data": write_random_dataset(root / "data", n_files=3, seconds=6.0, name="train")}
+
+
+def _settings(env, **kw):
+    from moshi_ttt.train.settings import TrainSettings
+
+    return TrainSettings(**{**dict(data=str(env["data"]), segment_seconds=2.0, batch_size=2,
+                                   max_steps=2, ckpt_every=1, eval_every=100, eval_batches=0,
+                                   warmup_steps=1, lr=3e-3, activation_checkpointing=False,
+                                   device="cpu"), **kw})
+
+
+def test_train_whitens_a_fresh_run_and_never_a_resumed_one(env, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from moshi_ttt.checkpoint import load_model
+    from moshi_ttt.train import trainer as trainer_mod
+
+    cfg = _white_cfg(load_config(CONFIGS / "tiny.yaml"))
+    base = BaseModelRef(local_dir=str(env["base"]))
+    caplog.set_level(logging.INFO, logger="moshi_ttt.train.trainer")
+    t = trainer_mod.Trainer(cfg, _settings(env), tmp_path / "probe", base_override=base)
+    t.lm.train()
+    t._data()
+    pos = t.pos.__dict__.copy()
+    t._whiten_projections()
+    assert t.pos.__dict__ == pos  # the data position is untouched
+    for a in ttt_blocks(t.lm):
+        b = a.block
+        assert torch.equal(b.wq.weight, b.wk.weight) and torch.equal(b.wq.weight, b.wv.weight)
+        assert float(b.wq.weight.detach().norm()) == pytest.approx(math.sqrt(b.d_model),
+                                                                    rel=1e-5)
+    # 2 x 64 frames at least (d_model 64), in segments of 25 frames: 6 of them
+    assert "q/k/v projections of 2 TTT block(s) set from the first 150 training frames (6 " \
+        "segments)" in caplog.text
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    trainer_mod.train(cfg, _settings(env), full, base_override=base)
+    trainer_mod.train(cfg, _settings(env, stop_after=1), part, base_override=base)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a resumed run was whitened again")
+
+    monkeypatch.setattr(trainer_mod, "whiten_ttt", refuse)
+    trainer_mod.train(cfg, _settings(env), part, base_override=base, resume=True)
+    lines = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+             for d in (full, part)]
+    assert [r["step"] for r in lines[1]] == [1, 2]
+    for ra, rb in zip(*lines):  # the resume continues the straight run exactly
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6), ra["step"]
+    wa = load_model(full, with_codec=False).lm.state_dict()
+    wb = load_model(part, with_codec=False).lm.state_dict()
+    k = "transformer.layers.0.ttt.wq.weight"
+    assert torch.allclose(wa[k], wb[k], atol=1e-6)
+
+
+def test_eval_stability_whitens_the_fresh_model_it_builds(tiny_cfg, monkeypatch):
+    """Its fresh model starts as train would start it (whitened, the config says so); a model
+    it is given (the trained recall model) is left as it is."""
+    from moshi_ttt.eval import stability
+    from moshi_ttt.eval.stability import StabilitySettings, run_stability
+
+    calls = []
+    real = stability.whiten_ttt
+    monkeypatch.setattr(stability, "whiten_ttt",
+                        lambda lm, codes: calls.append(codes.shape) or real(lm, codes))
+    s = StabilitySettings(frames=4, driver="tokens", window=2, record_every=2)
+    cfg = _white_cfg(tiny_cfg)
+    rep = run_stability(cfg, s)
+    assert rep["finite"] and calls == [torch.Size([1, 17, stability.WHITEN_FRAMES])]
+    lm = build_ttt_lm(cfg)
+    run_stability(cfg, s, lm=lm)
+    assert len(calls) == 1
+    run_stability(tiny_cfg, s)  # the shipped `random`: nothing to whiten
+    assert len(calls) == 1
