@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from moshi.models.lm import LMModel
 
-from .model import delayed_inputs, ttt_blocks
+from .model import block_inputs, delayed_inputs, ttt_blocks
 from .ttt_mlp import FastWeights, gelu_tanh, head_layer_norm
 
 logger = logging.getLogger(__name__)
@@ -115,18 +115,7 @@ def key_report(lm: LMModel, codes: torch.Tensor) -> dict[int, dict[str, float]]:
     """Per main-transformer TTT layer: `key_selectivity` of the keys of each row of codes
     [B, 17, T] (one parallel forward, teacher forced), averaged over rows."""
     blocks = [a for a in ttt_blocks(lm) if a.component == "transformer"]
-    inputs: dict[int, torch.Tensor] = {}
-    hooks = [a.block.register_forward_pre_hook(
-        lambda _m, args, layer=a.layer: inputs.__setitem__(layer, args[0].detach()))
-        for a in blocks]
-    was_training = lm.training
-    try:
-        lm.eval()
-        lm.forward_text(delayed_inputs(lm, codes)[:, :, :-1])
-    finally:
-        lm.train(was_training)
-        for h in hooks:
-            h.remove()
+    inputs = dict(zip((a.layer for a in blocks), block_inputs(lm, codes, blocks)))
     out = {}
     for a in blocks:
         xk, w0 = block_keys(a.block, inputs[a.layer]), a.block.inner.fast_weights()

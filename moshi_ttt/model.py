@@ -131,6 +131,34 @@ def carry_fast_weights(lm: nn.Module, fresh: torch.Tensor | None) -> None:
 
 
 @torch.no_grad()
+def block_inputs(lm: LMModel, codes: torch.Tensor, blocks: list[AttachedBlock]
+                 ) -> list[torch.Tensor]:
+    """What each of `blocks` receives ([B, T, D], detached, in the order given) in one
+    teacher-forced forward of codes [B, 17, T], in eval mode: the main transformer alone
+    (`forward_text`) when every block is in it, else the whole model with its depformer."""
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(blocks))}
+    hooks = [a.block.register_forward_pre_hook(
+        lambda _m, args, i=i: seen[i].append(args[0].detach()))
+        for i, a in enumerate(blocks)]
+    was_training = lm.training
+    lm.eval()
+    try:
+        if all(a.component == "transformer" for a in blocks):
+            lm.forward_text(delayed_inputs(lm, codes)[:, :, :-1])
+        else:
+            lm(codes)
+    finally:
+        lm.train(was_training)
+        for h in hooks:
+            h.remove()
+    for i, a in enumerate(blocks):
+        if len(seen[i]) != 1:  # moshi runs each layer once per parallel forward
+            raise RuntimeError(f"TTT block {a.component} layer {a.layer} ran {len(seen[i])} "
+                               f"times in one forward; expected once")
+    return [seen[i][0] for i in range(len(blocks))]
+
+
+@torch.no_grad()
 def whiten_ttt(lm: LMModel, batches: torch.Tensor | list[torch.Tensor]) -> list[AttachedBlock]:
     """`ttt.qkv_init: whitened`: set each TTT block's q/k/v projections to the whitening of its
     own input on `batches` (codes [B, 17, T], teacher forced: one batch or several, e.g. a
@@ -139,25 +167,9 @@ def whiten_ttt(lm: LMModel, batches: torch.Tensor | list[torch.Tensor]) -> list[
     trained projections). Returns the blocks it set."""
     batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
     done = []
-    was_training = lm.training
-    lm.eval()
-    try:
-        for a in list(ttt_blocks(lm)):
-            seen: list[torch.Tensor] = []
-            hook = a.block.register_forward_pre_hook(
-                lambda _m, args: seen.append(args[0].detach()))
-            try:
-                for codes in batches:
-                    if a.component == "transformer":  # the depformer would only cost time
-                        lm.forward_text(delayed_inputs(lm, codes)[:, :, :-1])
-                    else:
-                        lm(codes)
-            finally:
-                hook.remove()
-            a.block.whiten_projections(seen)
-            done.append(a)
-    finally:
-        lm.train(was_training)
+    for a in list(ttt_blocks(lm)):
+        a.block.whiten_projections([block_inputs(lm, codes, [a])[0] for codes in batches])
+        done.append(a)
     return done
 
 

@@ -15,7 +15,7 @@ from moshi_ttt.diagnostics import (
     block_keys, diagnose, input_dependence, key_report, key_selectivity, probe_queries,
 )
 from moshi_ttt.eval.diagnose import random_codes
-from moshi_ttt.model import build_ttt_lm, ttt_blocks
+from moshi_ttt.model import block_inputs, build_ttt_lm, ttt_blocks
 
 from conftest import CONFIGS
 
@@ -113,15 +113,8 @@ def test_diagnose_measures_the_streamed_keys(tiny_cfg):
     lm = build_ttt_lm(tiny_cfg)
     codes = random_codes(lm, 40, 0)
     rep = diagnose(lm, codes, every=16)
-    inputs: dict[int, torch.Tensor] = {}
-    hooks = [a.block.register_forward_pre_hook(
-        lambda m, args, i=a.layer: inputs.__setitem__(i, args[0])) for a in ttt_blocks(lm)]
-    from moshi_ttt.model import delayed_inputs
-
-    with torch.no_grad():
-        lm.forward_text(delayed_inputs(lm, codes)[:, :, :-1])
-    for h in hooks:
-        h.remove()
+    blocks = list(ttt_blocks(lm))
+    inputs = dict(zip((a.layer for a in blocks), block_inputs(lm, codes, blocks)))
     for lay, a in zip(rep["layers"], ttt_blocks(lm)):
         xk = block_keys(a.block, inputs[a.layer])
         want = key_selectivity(xk[0], a.block.inner.fast_weights())

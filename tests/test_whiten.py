@@ -19,7 +19,7 @@ from moshi_ttt.config import BaseModelRef, TTTConfig, load_config
 from moshi_ttt.diagnostics import key_report
 from moshi_ttt.eval import memory as mem
 from moshi_ttt.eval.diagnose import random_codes
-from moshi_ttt.model import build_ttt_lm, ttt_blocks, whiten_ttt
+from moshi_ttt.model import block_inputs, build_ttt_lm, ttt_blocks, whiten_ttt
 
 from conftest import CONFIGS
 
@@ -129,19 +129,41 @@ def test_whiten_ttt_calibrates_each_block_on_what_the_blocks_before_pass_on(tiny
         # base of eval-memory's are: below); whitened, they are near orthogonal
         assert abs(after[layer]["key_cosine"]) < 0.01 < before[layer]["key_cosine"]
         assert after[layer]["crosstalk"] < before[layer]["crosstalk"], (before, after)
-    seen = {}
-    hooks = [a.block.register_forward_pre_hook(
-        lambda _m, args, layer=a.layer: seen.__setitem__(layer, args[0].detach()))
-        for a in ttt_blocks(lm)]
-    with torch.no_grad():
-        from moshi_ttt.model import delayed_inputs
-        lm.forward_text(delayed_inputs(lm, codes)[:, :, :-1])
-    for h in hooks:
-        h.remove()
+    blocks = list(ttt_blocks(lm))
+    seen = dict(zip((a.layer for a in blocks), block_inputs(lm, codes, blocks)))
     for a in ttt_blocks(lm):
         w = a.block.wq.weight.clone()
         a.block.whiten_projections(seen[a.layer])
         assert torch.allclose(a.block.wq.weight, w, atol=1e-5), a.layer
+
+
+def test_block_inputs_are_what_each_block_receives(tiny_cfg):
+    """`block_inputs` (whitening's and key_report's calibration frames): a main-transformer
+    block gets its layer's attention output (the layer's `_sa_block` of the transformer's input),
+    a depformer block the depformer's width; the model's train/eval mode is left as it was."""
+    cfg = tiny_cfg.model_copy(update={"ttt": tiny_cfg.ttt.model_copy(
+        update={"layers": [0], "depformer_layers": [0]})})
+    torch.manual_seed(0)
+    lm = build_ttt_lm(cfg)
+    codes = random_codes(lm, 24, seed=0).repeat(2, 1, 1)
+    blocks = list(ttt_blocks(lm))
+    lm.train()
+    main_in, dep_in = block_inputs(lm, codes, blocks)
+    assert lm.training
+    seen = {}
+    hook = lm.transformer.register_forward_pre_hook(
+        lambda _m, args: seen.__setitem__("x", args[0].detach()))
+    with torch.no_grad():
+        lm.eval()
+        from moshi_ttt.model import delayed_inputs
+        lm.forward_text(delayed_inputs(lm, codes)[:, :, :-1])
+        hook.remove()
+        want = lm.transformer.layers[0]._sa_block(seen["x"])
+    assert main_in.shape == (2, 24, lm.dim)
+    torch.testing.assert_close(main_in, want)
+    assert dep_in.shape[-1] == lm.depformer_in[0].out_features
+    [only_main] = block_inputs(lm, codes, blocks[:1])  # main blocks alone: forward_text
+    torch.testing.assert_close(only_main, main_in)
 
 
 def test_eval_memory_whitens_the_ttt_jobs_that_ask(tiny_cfg, monkeypatch):

@@ -426,6 +426,28 @@ class Trainer:
             "(checkpoint -> now):\n  " + "\n  ".join(lines) + "\nResume with the same --data "
             "and segment_seconds, or train on the new data in another --out")
 
+    def _whiten_projections(self) -> None:
+        """`ttt.qkv_init: whitened`, on a fresh run only: each TTT block's q/k/v projections
+        start as the whitening of its input on the first training segments, as many as give
+        WHITEN_FRAMES_PER_DIM x d_model frames (a covariance of d_model dims needs more frames
+        than dims; at most WHITEN_MAX_BATCHES micro-batches), the data position untouched. On
+        rank 0 before sharding, so every rank starts from the same projections."""
+        blocks = list(ttt_blocks(self.lm))
+        if not blocks:  # e.g. LoRA alone
+            return
+        need = WHITEN_FRAMES_PER_DIM * max(a.block.d_model for a in blocks)
+        bs = self.s.batch_size
+        # the same segments whatever the process count (unless the cap binds)
+        n = min(-(-need // self.train_data.seg_frames), WHITEN_MAX_BATCHES * bs)
+        segs = self.train_data.next_global_batch(copy.deepcopy(self.pos), n)
+        batches = [self.train_data.batch(segs[i:i + bs]).to(self.device)
+                   for i in range(0, n, bs)]
+        with self.autocast:
+            done = whiten_ttt(self.lm, batches)
+        logger.info("ttt.qkv_init whitened: q/k/v projections of %d TTT block(s) set from the "
+                    "first %d training frames (%d segments)", len(done),
+                    n * self.train_data.seg_frames, n)
+
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         counts = self._prepare_params()
@@ -718,28 +740,6 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- reporting --------------------------------------------------------------------------------
-    def _whiten_projections(self) -> None:
-        """`ttt.qkv_init: whitened`, on a fresh run only: each TTT block's q/k/v projections
-        start as the whitening of its input on the first training segments, as many as give
-        WHITEN_FRAMES_PER_DIM x d_model frames (a covariance of d_model dims needs more frames
-        than dims; at most WHITEN_MAX_BATCHES micro-batches), the data position untouched. On
-        rank 0 before sharding, so every rank starts from the same projections."""
-        blocks = list(ttt_blocks(self.lm))
-        if not blocks:  # e.g. LoRA alone
-            return
-        need = WHITEN_FRAMES_PER_DIM * max(a.block.d_model for a in blocks)
-        bs = self.s.batch_size
-        # the same segments whatever the process count (unless the cap binds)
-        n = min(-(-need // self.train_data.seg_frames), WHITEN_MAX_BATCHES * bs)
-        segs = self.train_data.next_global_batch(copy.deepcopy(self.pos), n)
-        batches = [self.train_data.batch(segs[i:i + bs]).to(self.device)
-                   for i in range(0, n, bs)]
-        with self.autocast:
-            done = whiten_ttt(self.lm, batches)
-        logger.info("ttt.qkv_init whitened: q/k/v projections of %d TTT block(s) set from the "
-                    "first %d training frames (%d segments)", len(done),
-                    n * self.train_data.seg_frames, n)
-
     def _check_first_batch(self) -> None:
         """Stream the first training batch's first row through the model (no update, the data
         position untouched) and warn, naming the layer, when a TTT layer's inner output no
