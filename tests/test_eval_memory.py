@@ -275,6 +275,25 @@ def test_methods_share_base_weights_and_lora_rank_matches_ttt_count(tiny_cfg):
         tiny_cfg.ttt.position_scale, tiny_cfg.ttt.inner_init)
 
 
+def test_the_base_keeps_its_own_batch_when_the_methods_change_theirs(tiny_cfg):
+    """`batch_size` is the methods' batch; the shared base trains at `pretrain_batch_size`, so a
+    budget tried at another batch (e.g. 4 x 1600 steps) is compared on the same base."""
+    s = _quick(tiny_cfg)
+    L = int(tiny_cfg.lm["num_layers"])
+    task = mem.whole_mini_batches(mem.task_at(s.task, 1, L), tiny_cfg.ttt.mini_batch_size)
+    batch = mem.batches("text", int(tiny_cfg.lm["n_q"]), int(tiny_cfg.lm["dep_q"]), None)
+
+    def base(**update):
+        return mem.pretrain_base(tiny_cfg, s.model_copy(update=update), task, batch, 0)
+
+    ref = base()
+    other_methods_batch = base(batch_size=2)
+    assert all(torch.equal(ref[k], other_methods_batch[k]) for k in ref)
+    other_base_batch = base(pretrain_batch_size=2)
+    assert any(not torch.equal(ref[k], other_base_batch[k]) for k in ref)
+    assert MemoryEvalSettings.from_config(tiny_cfg).pretrain_batch_size == 16
+
+
 def test_lmgen_teacher_forcing_equals_parallel_forward(tiny_cfg):
     """The eval paths (LMGen.step one frame per call, text forced through the logits hook, audio
     through depformer_replace_tokens; and the plain stream) compute exactly LMModel.forward's

@@ -107,6 +107,9 @@ class MemoryEvalSettings(BaseModel):
     base_seed: int = Field(0, description="seed of each task's shared base (the methods' seeds "
                            "are `seeds`)")
     pretrain_lr: float = Field(3e-3, gt=0)
+    pretrain_batch_size: int = Field(16, ge=1, description="the base's batch, apart from the "
+                                     "methods' `batch_size`: trying another batch for the "
+                                     "methods keeps the base they are compared on")
     steps: int = Field(300, ge=0, description="optimiser steps, the same for every method")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -212,7 +215,8 @@ QUICK: dict[str, Any] = {
     "task": {"context": 8, "content_len": 4, "lead": 16},
     "speech": {"content_len": 2, "content_vocab": 4, "distractor_vocab": 4},
     "gaps": [1.0, 2.0], "seeds": [0], "ablation_seeds": [0],
-    "pretrain_steps": 2, "steps": 3, "batch_size": 4, "warmup_steps": 1, "eval_sequences": 4,
+    "pretrain_steps": 2, "pretrain_batch_size": 4, "steps": 3, "batch_size": 4,
+    "warmup_steps": 1, "eval_sequences": 4,
     "save_ttt": False,  # a 3-step model must not replace a real run's recall model
 }
 
@@ -268,7 +272,8 @@ def pretrain_base(cfg: ProjectConfig, s: MemoryEvalSettings, task: RecallTask, b
     lm = _random_base(cfg, task.context, seed)
     if s.pretrain_steps:
         res = train_method(lm, s.model_copy(update={"steps": s.pretrain_steps,
-                                                    "lr": s.pretrain_lr}),
+                                                    "lr": s.pretrain_lr,
+                                                    "batch_size": s.pretrain_batch_size}),
                            task, batch, data_seed=seed + 200, train_on="all", label=label)
         logger.info("%s (seed %d): %d steps of in-window training, text loss %.3f -> %.3f",
                     label, seed, s.pretrain_steps, res["loss_first"], res["loss_last"])
