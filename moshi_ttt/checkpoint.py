@@ -515,13 +515,14 @@ def load_model(
     they were saved in, not `dtype` (see `assemble_model`: resuming training)."""
     device = torch.device(device)
     ref = find_checkpoint(path)
+    if cfg_override is not None and ref.kind == "ttt":  # before its base: that is not the problem
+        raise CheckpointError(f"{ref.path} is a trained checkpoint: its config is fixed (another "
+                              f"config applies to a base directory only)")
     try:
         cfg, base = _base_for(ref, base_override, base_hint)
     except (BaseModelError, ConfigError) as e:
         raise CheckpointError(str(e)) from e
     if cfg_override is not None:
-        if ref.kind == "ttt":
-            raise CheckpointError(f"{ref.path} is a trained checkpoint: its config is fixed")
         cfg = cfg_override
     lm, dims = assemble_model(
         cfg, base, device, dtype,

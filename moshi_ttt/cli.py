@@ -724,10 +724,12 @@ def _eval_codec(cfg, root: Path) -> Path:
 
 @app.command("diagnose-ttt")
 def diagnose_ttt(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", callback=config_path,
-                                          help="project YAML config (a random model of it)"),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", callback=config_path,
+        help="project YAML config: a random model of it, or with --checkpoint BASE its TTT "
+        "on that base"),
     checkpoint: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="or a run, checkpoint or base directory, or "
+        None, "--checkpoint", help="a run, checkpoint or base directory, or "
         "hf://OWNER/REPO[@REVISION]"),
     frames: int = typer.Option(1000, help="frames to stream (12.5 per second)"),
     data: Optional[Path] = typer.Option(
@@ -754,27 +756,32 @@ def diagnose_ttt(
     from .hub import resolve_checkpoint
     from .model import build_ttt_lm, whiten_ttt
 
-    if (config is None) == (checkpoint is None):
-        fail("give exactly one of --config or --checkpoint")
+    if config is None and checkpoint is None:
+        fail("give --config, --checkpoint or both (a config's TTT on a base directory)")
     if frames < 1:
         fail(f"--frames must be at least 1, got {frames}")
     if every is not None and every < 1:  # 0 meant the default, a negative every frame
         fail(f"--every must be at least 1, got {every}")
     try:
+        cfg = load_config(config) if config is not None else None
         if checkpoint is not None:
+            # with -c, the config's TTT (fresh, seeded) on the base's weights and codec: a design
+            # measured on speech before any training; a trained checkpoint's config is fixed
             loaded = load_model(resolve_checkpoint(checkpoint), "cpu", torch.float32,
-                                with_codec=data is not None)
-            lm, where = loaded.lm, str(checkpoint)
+                                with_codec=data is not None, cfg_override=cfg, seed=seed)
+            lm, cfg, where = loaded.lm, loaded.cfg, str(checkpoint)
+            fresh = loaded.ref.kind != "ttt"
+            if config is not None:
+                where = f"{config}'s TTT on {checkpoint}"
         else:
             if data is not None:
                 fail("--data needs --checkpoint (a base or run whose codec encodes the speech)")
             torch.manual_seed(seed)
-            cfg = load_config(config)
-            lm, where = build_ttt_lm(cfg), f"random {config}"
+            lm, where, fresh = build_ttt_lm(cfg), f"random {config}", True
         codes = dataset_codes(loaded, data, frames) if data is not None else \
             random_codes(lm, frames, seed)
-        if checkpoint is None and cfg.ttt.qkv_init == "whitened":
-            whiten_ttt(lm, codes)  # as train starts: whitened on its first batch
+        if fresh and cfg.ttt.qkv_init == "whitened":
+            whiten_ttt(lm, codes)  # as train starts a fresh run: whitened on its first frames
             where += " (q/k/v whitened on the streamed frames)"
         report = diagnose(lm, codes, every=every, seed=seed)
     except (ConfigError, CheckpointError, DimensionMismatch, DataError, ValueError) as e:

@@ -5,6 +5,7 @@ and the diagnostic sees the collapse of the reference init."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,7 +139,7 @@ def test_cli_json_and_errors(tmp_path):
                                      "--frames", "32"])
     assert table.exit_code == 0 and "dependence" in table.output and "crosstalk" in table.output
     for args, needle in (
-        (["diagnose-ttt"], "exactly one of"),
+        (["diagnose-ttt"], "give --config, --checkpoint or both"),
         (["diagnose-ttt", "-c", str(CONFIGS / "tiny.yaml"), "--frames", "0"], "at least 1"),
         (["diagnose-ttt", "-c", str(CONFIGS / "tiny.yaml"), "--data", str(tmp_path)],
          "--data needs --checkpoint"),
@@ -147,3 +148,56 @@ def test_cli_json_and_errors(tmp_path):
         bad = CliRunner().invoke(app, args)
         assert bad.exit_code == 2, (args, bad.output)
         assert needle in bad.output, (args, bad.output)
+
+
+# -- a config's TTT on a base, fed the base's speech -------------------------------------------
+
+def test_dataset_codes_are_the_datasets_speech_through_the_bases_codec(tmp_path):
+    """--data's frames: every dataset file encoded by the calibrated codec into the 17 streams,
+    one after another, repeated to the length asked; the audio is speech, not one token."""
+    from fixtures import calibrated_base, speech_dataset
+
+    from moshi_ttt.checkpoint import load_model
+    from moshi_ttt.data.encode import StreamEncoder
+    from moshi_ttt.data.index import read_index
+    from moshi_ttt.eval.diagnose import dataset_codes
+
+    loaded = load_model(calibrated_base(), "cpu", torch.float32, with_codec=True)
+    data = speech_dataset()
+    enc = StreamEncoder(loaded.mimi, loaded.tokenizer, Path(loaded.base.info.tokenizer), tmp_path)
+    first = enc.encode(read_index(data / "train.jsonl")[0])
+    total = sum(enc.encode(f).shape[-1] for f in read_index(data / "train.jsonl"))
+    codes = dataset_codes(loaded, data, total + 40)
+    assert codes.shape == (1, 17, total + 40) and codes.dtype == torch.long
+    assert torch.equal(codes[0, :, :first.shape[-1]], first.long())
+    assert torch.equal(codes[0, :, total:], codes[0, :, :40])  # repeated from the start
+    for q in range(1, 17):  # both speakers' 8 audio streams: speech, not one token
+        assert codes[0, q].unique().numel() > 20, q
+
+
+def test_a_configs_ttt_on_a_base_is_diagnosed_on_speech(tmp_path):
+    """-c CONFIG --checkpoint BASE: the config's TTT (other layers than the base's config,
+    whitened q/k/v) fresh on the base's weights, streamed the dataset's speech; a trained
+    checkpoint's config is fixed."""
+    from fixtures import calibrated_base, speech_dataset
+
+    text = (CONFIGS / "tiny.yaml").read_text()
+    text = text.replace('layers: "0..1"', 'layers: "1..2"').replace(
+        "  rope: false\n", "  rope: false\n  qkv_init: whitened\n")
+    path = tmp_path / "design.yaml"
+    path.write_text(text)
+    args = ["diagnose-ttt", "-c", str(path), "--checkpoint", str(calibrated_base()), "--data",
+            str(speech_dataset()), "--frames", "96", "--every", "32", "--json"]
+    res = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [lay["layer"] for lay in rep["layers"]] == [1, 2]
+    assert "design.yaml's TTT on" in rep["source"] and "speech of" in rep["source"]
+    assert "whitened on the streamed frames" in rep["source"]
+    for lay in rep["layers"]:
+        assert lay["keys"]["frames"] == 96 and lay["keys"]["key_cosine"] < 0.2, lay["keys"]
+    plain = CliRunner().invoke(app, ["diagnose-ttt", "--checkpoint", str(calibrated_base()),
+                                     "--frames", "32", "--json"], catch_exceptions=False)
+    assert plain.exit_code == 0, plain.output
+    assert [lay["layer"] for lay in json.loads(plain.stdout.strip().splitlines()[-1])["layers"]] \
+        == [0, 1]  # without -c: the base's own config
