@@ -769,10 +769,8 @@ def diagnose_ttt(
             # measured on speech before any training; a trained checkpoint's config is fixed
             loaded = load_model(resolve_checkpoint(checkpoint), "cpu", torch.float32,
                                 with_codec=data is not None, cfg_override=cfg, seed=seed)
-            lm, cfg, where = loaded.lm, loaded.cfg, str(checkpoint)
-            fresh = loaded.ref.kind != "ttt"
-            if config is not None:
-                where = f"{config}'s TTT on {checkpoint}"
+            lm, cfg, fresh = loaded.lm, loaded.cfg, loaded.ref.kind != "ttt"
+            where = f"{config}'s TTT on {checkpoint}" if config is not None else str(checkpoint)
         else:
             if data is not None:
                 fail("--data needs --checkpoint (a base or run whose codec encodes the speech)")

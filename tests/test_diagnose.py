@@ -165,8 +165,8 @@ def test_dataset_codes_are_the_datasets_speech_through_the_bases_codec(tmp_path)
     loaded = load_model(calibrated_base(), "cpu", torch.float32, with_codec=True)
     data = speech_dataset()
     enc = StreamEncoder(loaded.mimi, loaded.tokenizer, Path(loaded.base.info.tokenizer), tmp_path)
-    first = enc.encode(read_index(data / "train.jsonl")[0])
-    total = sum(enc.encode(f).shape[-1] for f in read_index(data / "train.jsonl"))
+    streams = [enc.encode(f) for f in read_index(data / "train.jsonl")]
+    first, total = streams[0], sum(x.shape[-1] for x in streams)
     codes = dataset_codes(loaded, data, total + 40)
     assert codes.shape == (1, 17, total + 40) and codes.dtype == torch.long
     assert torch.equal(codes[0, :, :first.shape[-1]], first.long())
@@ -177,8 +177,8 @@ def test_dataset_codes_are_the_datasets_speech_through_the_bases_codec(tmp_path)
 
 def test_a_configs_ttt_on_a_base_is_diagnosed_on_speech(tmp_path):
     """-c CONFIG --checkpoint BASE: the config's TTT (other layers than the base's config,
-    whitened q/k/v) fresh on the base's weights, streamed the dataset's speech; a trained
-    checkpoint's config is fixed."""
+    whitened q/k/v) fresh on the base's weights, streamed the dataset's speech; without -c, the
+    base's own config (-c with a trained checkpoint: tests/test_cli_errors.py)."""
     from fixtures import calibrated_base, speech_dataset
 
     text = (CONFIGS / "tiny.yaml").read_text()
