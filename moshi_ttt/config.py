@@ -119,7 +119,8 @@ class TTTConfig(BaseModel):
         "whitened`, but on frames independent of each other the inner learner stops depending "
         "on its input: README, 'The TTT layer')")
     qkv_init: Literal["random", "whitened"] = Field(
-        "random", description="wq, wk and wv at init: `random` (truncated normal); `whitened`: "
+        "random", description="wq, wk and wv at init (the shipped configs: `whitened`): "
+        "`random` (truncated normal); `whitened`: "
         "the ZCA whitening of the block's normalised input, measured on the first training batch "
         "(`moshi_ttt.model.whiten_ttt`), so that different frames' keys are decorrelated from the "
         "first step (random projections of hidden states that share a large common direction "

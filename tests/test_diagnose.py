@@ -16,7 +16,7 @@ from moshi_ttt.diagnostics import (
     block_keys, diagnose, input_dependence, key_report, key_selectivity, probe_queries,
 )
 from moshi_ttt.eval.diagnose import random_codes
-from moshi_ttt.model import block_inputs, build_ttt_lm, ttt_blocks
+from moshi_ttt.model import block_inputs, build_ttt_lm, ttt_blocks, whiten_ttt
 
 from conftest import CONFIGS
 
@@ -45,7 +45,10 @@ def test_shipped_init_stays_input_dependent_for_1000_frames(tiny_cfg, head_dim):
     torch.manual_seed(0)
     lm = build_ttt_lm(cfg)
     assert next(iter(ttt_blocks(lm))).block.head_dim == head_dim
-    rep = diagnose(lm, random_codes(lm, 1000, 0))
+    codes = random_codes(lm, 1000, 0)
+    assert cfg.ttt.qkv_init == "whitened"  # shipped: whitened on the frames, as diagnose-ttt does
+    whiten_ttt(lm, codes)
+    rep = diagnose(lm, codes)
     for lay in rep["layers"]:
         first, last = lay["series"][0], lay["series"][-1]
         assert last["frame"] == 1000 and first["dependence"] > 0.5
@@ -182,8 +185,8 @@ def test_a_configs_ttt_on_a_base_is_diagnosed_on_speech(tmp_path):
     from fixtures import calibrated_base, speech_dataset
 
     text = (CONFIGS / "tiny.yaml").read_text()
-    text = text.replace('layers: "0..1"', 'layers: "1..2"').replace(
-        "  rope: false\n", "  rope: false\n  qkv_init: whitened\n")
+    assert "\n  qkv_init: whitened " in text  # the shipped default, whitened as train starts
+    text = text.replace('layers: "0..1"', 'layers: "1..2"')
     path = tmp_path / "design.yaml"
     path.write_text(text)
     args = ["diagnose-ttt", "-c", str(path), "--checkpoint", str(calibrated_base()), "--data",

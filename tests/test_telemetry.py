@@ -171,10 +171,13 @@ def _fall(msgs: list, key: str = "inner_loss_after", n: int = 4) -> tuple[float,
     return first, last, 1 - last / first
 
 
-def test_repeating_inputs_lower_the_inner_loss_more_than_random_ones():
-    """On the demo's trained tiny model (greedy), a session whose user codes repeat every 16
-    frames sees its inner loss after the update fall over 480 frames (38 s) far more than a
-    session of random codes: the fast weights learn what comes back."""
+def test_the_inner_loss_falls_over_a_session_of_repeating_and_of_random_inputs():
+    """On the demo's trained tiny model (greedy), the inner loss after the update falls over 480
+    frames (38 s), whether the user codes repeat every 16 frames or are random: the fast weights
+    learn from the session. With whitened q/k/v (the default since 2026-12-05) a random session
+    falls nearly as far as a repeating one (-51% to -64% against -58% to -68% measured), so the
+    fall shows that a session learns, not what it learns; with random projections it was -31%
+    against -74% (README, "TTT telemetry")."""
     from moshi_ttt.checkpoint import load_model
 
     lm = load_model(demo_run(), with_codec=False).lm
@@ -193,9 +196,8 @@ def test_repeating_inputs_lower_the_inner_loss_more_than_random_ones():
     r, q = _fall(rep_msgs), _fall(rnd_msgs)
     print(f"inner loss after the update, windows 2-5 -> last 4: repeating {r[0]:.2f} -> "
           f"{r[1]:.2f} (-{r[2]:.0%}), random {q[0]:.2f} -> {q[1]:.2f} (-{q[2]:.0%})")
-    assert r[2] > 0.5, r
-    assert r[2] > q[2] + 0.25, (r, q)
-    assert r[1] < q[1]
+    for fall in (r, q):
+        assert fall[2] > 0.3 and all(np.isfinite(fall)), (r, q)
 
 
 # -- the wire ------------------------------------------------------------------------------------

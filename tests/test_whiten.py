@@ -110,6 +110,7 @@ def test_whitening_refuses_frames_it_cannot_whiten(x, message):
 
 
 def _white_cfg(tiny_cfg):
+    """Whitened q/k/v (the shipped default since 2026-12-05; kept explicit for these tests)."""
     return tiny_cfg.model_copy(update={"ttt": tiny_cfg.ttt.model_copy(
         update={"qkv_init": "whitened"})})
 
@@ -167,9 +168,9 @@ def test_block_inputs_are_what_each_block_receives(tiny_cfg):
 
 
 def test_eval_memory_whitens_the_ttt_jobs_that_ask(tiny_cfg, monkeypatch):
-    """A TTT job whose config says `whitened` is whitened once before training, on a batch of
-    the training task that is neither a training nor a held-out batch; one whose config says
-    `random` (the shipped default) is not."""
+    """A TTT job whose config says `whitened` (the shipped default) is whitened once before
+    training, on a batch of the training task that is neither a training nor a held-out batch;
+    one whose config says `random` is not."""
     calls = []
     real = mem.whiten_ttt
 
@@ -179,7 +180,7 @@ def test_eval_memory_whitens_the_ttt_jobs_that_ask(tiny_cfg, monkeypatch):
 
     monkeypatch.setattr(mem, "whiten_ttt", spy)
     s = mem.MemoryEvalSettings.from_config(
-        tiny_cfg, quick=True, ablations={"whitened": {"qkv_init": "whitened"}})
+        tiny_cfg, quick=True, ablations={"random_qkv": {"qkv_init": "random"}})
     s = s.model_copy(update={"workers": 1, "methods": ["ttt"], "tasks": ["text"], "seeds": [0],
                              "steps": 2})
     report = mem.run_memory_eval(tiny_cfg, s)
@@ -189,9 +190,9 @@ def test_eval_memory_whitens_the_ttt_jobs_that_ask(tiny_cfg, monkeypatch):
     # the reported init keys are the whitened ones (scored on held-out sequences, not the
     # calibration batch): layer 0's input does not depend on TTT, layer 1's does (gate 0.5)
     first = tiny_cfg.ttt.layers[0]
-    assert keys["ttt:whitened"][first]["key_cosine"] < 0.5 * keys["ttt"][first]["key_cosine"]
+    assert keys["ttt"][first]["key_cosine"] < 0.5 * keys["ttt:random_qkv"][first]["key_cosine"]
     for layer in tiny_cfg.ttt.layers:
-        assert keys["ttt:whitened"][layer]["key_cosine"] < keys["ttt"][layer]["key_cosine"], keys
+        assert keys["ttt"][layer]["key_cosine"] < keys["ttt:random_qkv"][layer]["key_cosine"], keys
     g = torch.Generator().manual_seed(0 + 100)  # the first training batch differs
     task = mem.whole_mini_batches(mem.task_at(s.task, s.gaps[0], int(tiny_cfg.lm["num_layers"])),
                                   tiny_cfg.ttt.mini_batch_size)
@@ -200,11 +201,9 @@ def test_eval_memory_whitens_the_ttt_jobs_that_ask(tiny_cfg, monkeypatch):
     assert not torch.equal(first, calls[0])
 
 
-def test_diagnose_ttt_whitens_a_fresh_model_as_train_would(tmp_path):
-    cfg = (CONFIGS / "tiny.yaml").read_text().replace("  rope: false\n",
-                                                      "  rope: false\n  qkv_init: whitened\n")
-    path = tmp_path / "white.yaml"
-    path.write_text(cfg)
+def test_diagnose_ttt_whitens_a_fresh_model_as_train_would():
+    path = CONFIGS / "tiny.yaml"
+    assert load_config(path).ttt.qkv_init == "whitened"  # the shipped default
     res = CliRunner().invoke(app, ["diagnose-ttt", "-c", str(path), "--frames", "48", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.output.strip().splitlines()[-1])
@@ -294,5 +293,6 @@ def test_eval_stability_whitens_the_fresh_model_it_builds(tiny_cfg, monkeypatch)
     lm = build_ttt_lm(cfg)
     run_stability(cfg, s, lm=lm)
     assert len(calls) == 1
-    run_stability(tiny_cfg, s)  # the shipped `random`: nothing to whiten
+    run_stability(tiny_cfg.model_copy(update={"ttt": tiny_cfg.ttt.model_copy(
+        update={"qkv_init": "random"})}), s)  # `random`: nothing to whiten
     assert len(calls) == 1
