@@ -120,6 +120,17 @@ def test_no_false_alarm_on_moshi_and_shipped_configs():
         load_config(CONFIGS / name)
 
 
+def test_the_shipped_configs_have_the_same_inner_learner():
+    """tiny.yaml is where the TTT design is measured (eval-memory, diagnose-ttt); the 7B config
+    must ship the same learner, or those measurements say nothing about it. They differ only in
+    where the blocks go, their heads and the output gate (README, "The TTT layer")."""
+    tiny, big = (load_config(CONFIGS / n).ttt.model_dump() for n in ("tiny.yaml", "moshi-7b.yaml"))
+    where = {"layers", "depformer_layers", "num_heads", "gate_init"}
+    assert {k: v for k, v in tiny.items() if k not in where} == \
+        {k: v for k, v in big.items() if k not in where}
+    assert tiny["qkv_init"] == "whitened" and (tiny["gate_init"], big["gate_init"]) == (0.5, 0.1)
+
+
 def test_ttt_num_heads_unset_uses_the_hosts_heads():
     cfg = load_config(CONFIGS / "tiny.yaml")
     cfg.ttt.num_heads = None
