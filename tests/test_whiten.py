@@ -109,17 +109,17 @@ def test_whitening_refuses_frames_it_cannot_whiten(x, message):
     assert torch.equal(blk.wq.weight, before)  # nothing half-written
 
 
-def _white_cfg(tiny_cfg):
-    """Whitened q/k/v (the shipped default since 2026-12-05; kept explicit for these tests)."""
-    return tiny_cfg.model_copy(update={"ttt": tiny_cfg.ttt.model_copy(
-        update={"qkv_init": "whitened"})})
+def _qkv_cfg(cfg, init: str = "whitened"):
+    """`cfg` with `ttt.qkv_init` set to `init` (`whitened` is the shipped default since
+    2026-12-05; kept explicit so these tests say what they test)."""
+    return cfg.model_copy(update={"ttt": cfg.ttt.model_copy(update={"qkv_init": init})})
 
 
 def test_whiten_ttt_calibrates_each_block_on_what_the_blocks_before_pass_on(tiny_cfg):
     """Block by block in order: re-whitening any block on its input, once all are whitened,
     changes nothing (the first block's input does not depend on it; the second's does)."""
     torch.manual_seed(0)
-    lm = build_ttt_lm(_white_cfg(tiny_cfg))
+    lm = build_ttt_lm(_qkv_cfg(tiny_cfg))
     codes = random_codes(lm, 96, seed=0).repeat(2, 1, 1)
     codes[1] = random_codes(lm, 96, seed=1)[0]
     before = key_report(lm, codes)
@@ -238,7 +238,7 @@ def test_train_whitens_a_fresh_run_and_never_a_resumed_one(env, tmp_path, monkey
     from moshi_ttt.checkpoint import load_model
     from moshi_ttt.train import trainer as trainer_mod
 
-    cfg = _white_cfg(load_config(CONFIGS / "tiny.yaml"))
+    cfg = _qkv_cfg(load_config(CONFIGS / "tiny.yaml"))
     base = BaseModelRef(local_dir=str(env["base"]))
     caplog.set_level(logging.INFO, logger="moshi_ttt.train.trainer")
     t = trainer_mod.Trainer(cfg, _settings(env), tmp_path / "probe", base_override=base)
@@ -287,12 +287,11 @@ def test_eval_stability_whitens_the_fresh_model_it_builds(tiny_cfg, monkeypatch)
     monkeypatch.setattr(stability, "whiten_ttt",
                         lambda lm, codes: calls.append(codes.shape) or real(lm, codes))
     s = StabilitySettings(frames=4, driver="tokens", window=2, record_every=2)
-    cfg = _white_cfg(tiny_cfg)
+    cfg = _qkv_cfg(tiny_cfg)
     rep = run_stability(cfg, s)
     assert rep["finite"] and calls == [torch.Size([1, 17, stability.WHITEN_FRAMES])]
     lm = build_ttt_lm(cfg)
     run_stability(cfg, s, lm=lm)
     assert len(calls) == 1
-    run_stability(tiny_cfg.model_copy(update={"ttt": tiny_cfg.ttt.model_copy(
-        update={"qkv_init": "random"})}), s)  # `random`: nothing to whiten
+    run_stability(_qkv_cfg(tiny_cfg, "random"), s)  # `random`: nothing to whiten
     assert len(calls) == 1
