@@ -110,8 +110,17 @@ def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
 # [16, 1, 16, 256] tile, measured), and with sm = sigmoid(-a) = 1 - s the derivatives need no
 # 1 - s or 1 - tanh^2, which cancel in fp32 (gelu'' from s and sm: 2.4e-7 off float64 over
 # [-8, 8], against 3.7e-6 from tanh).
+# Each piece is written with as few passes over its [.., F] tile as the formula allows (addcmul
+# folds a product and a sum into one): on a CPU thread these tiles' elementwise passes, not
+# the matmuls, were most of the dual form's time.
+def _const(x: torch.Tensor, v: float) -> torch.Tensor:
+    """v as a 0-dim tensor of x's dtype and device (addcmul's `input` must be a tensor)."""
+    return torch.full((), v, dtype=x.dtype, device=x.device)
+
+
 def _gelu_a(x: torch.Tensor) -> torch.Tensor:
-    return (2.0 * _GELU_K) * (x + _GELU_C * x.pow(3))
+    # 2k (x + c x^3) = x (2k + 2kc x^2)
+    return x * torch.addcmul(_const(x, 2.0 * _GELU_K), x, x, value=2.0 * _GELU_K * _GELU_C)
 
 
 def _gelu_s(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +130,8 @@ def _gelu_s(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _gelu_du(x: torch.Tensor) -> torch.Tensor:
-    return _GELU_K * (1.0 + 3.0 * _GELU_C * x * x)
+    # u' = k (1 + 3 c x^2)
+    return torch.addcmul(_const(x, _GELU_K), x, x, value=3.0 * _GELU_K * _GELU_C)
 
 
 def _gelu_from_s(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -130,14 +140,15 @@ def _gelu_from_s(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def _gelu_grad_from_s(x: torch.Tensor, s: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
     # gelu' = s + 2 x s (1 - s) u'
-    return s + (2.0 * x) * (s * sm) * _gelu_du(x)
+    return torch.addcmul(s, x, (s * sm) * _gelu_du(x), value=2.0)
 
 
 def _gelu_grad2_from_s(x: torch.Tensor, s: torch.Tensor, sm: torch.Tensor) -> torch.Tensor:
     # gelu'' = 2 s (1 - s) (2 u' + x (u'' + 2 (1 - 2 s) u'^2)), u'' = 6 k c x
+    #        = 4 s (1 - s) (u' + x r), r = (1 - 2 s) u'^2 + 3 k c x
     du = _gelu_du(x)
-    return (2.0 * s * sm) * (
-        2.0 * du + x * ((6.0 * _GELU_K * _GELU_C) * x + 2.0 * (sm - s) * du * du))
+    r = torch.add((sm - s) * du * du, x, alpha=3.0 * _GELU_K * _GELU_C)
+    return (s * sm) * torch.addcmul(du, x, r) * 4.0
 
 
 def gelu_tanh_grad2(x: torch.Tensor) -> torch.Tensor:
@@ -294,6 +305,12 @@ def _plus_outer(base: torch.Tensor, x: torch.Tensor, g: torch.Tensor,
     return base
 
 
+def _head_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[(B,) H, ...] . [(B,) H, ...] -> [H]: the per-head dot product, summed over rows."""
+    a, b = a.flatten(-2), b.flatten(-2)
+    return torch.einsum("...hn,...hn->h", a, b)
+
+
 def _head_sum(x: torch.Tensor) -> torch.Tensor:
     """[B, H, ...] -> [H]: a per-head total."""
     return x.transpose(0, 1).reshape(x.shape[1], -1).sum(-1)
@@ -374,9 +391,12 @@ class _DualForm(torch.autograd.Function):
             d_start[i] = dn if kp is None else dn * kp
             if kp is not None:
                 w_i, w0_i = (w1, b1, w2, b2)[i], (w01, w0b1, w02, w0b2)[i]
+                dn_w0 = dn.sum_to_size(w0_i.shape)
                 if ctx.needs_input_grad[12 + i]:
-                    d_w0[i] = dn.sum_to_size(w0_i.shape) * (1.0 - kp)
-                part = _head_sum(torch.linalg.vecdot((w_i - w0_i).flatten(2), dn.flatten(2)))
+                    d_w0[i] = dn_w0 * (1.0 - kp)
+                # <W - W0, dn> per head as <W, dn> - <W0, dn summed over W0's broadcast rows>:
+                # one pass over the state-sized tensors, not a difference, a product and a sum
+                part = _head_dot(w_i, dn) - _head_dot(w0_i, dn_w0)
                 dkeep = part if dkeep is None else dkeep + part
         dgz = [None, None]
         dxs = [None, None]  # d xk, d x2 through the update
