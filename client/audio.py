@@ -186,7 +186,12 @@ class LiveAudio:
         if status:
             self.device_errors += 1
         frame = np.array(indata[:, 0], dtype=np.float32)
-        self._loop.call_soon_threadsafe(self._enqueue, frame)
+        try:
+            self._loop.call_soon_threadsafe(self._enqueue, frame)
+        except RuntimeError:
+            # the loop has closed: a block captured while the chat ended, which nobody will
+            # send (raising here would only reach PortAudio's thread)
+            self.dropped_frames += 1
 
     def _on_output(self, outdata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
         out = np.zeros(frames, np.float32)

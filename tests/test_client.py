@@ -4,6 +4,7 @@ refusals, connection failures, server errors, a missing microphone and bad input
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -372,15 +373,17 @@ class _FakeStream:
 
     def start(self):
         self.running.set()
-        threading.Thread(target=self._run, daemon=True).start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
 
     def _run(self):
         while self.running.is_set():
             self.tick()
             time.sleep(0.02)
 
-    def stop(self):
+    def stop(self):  # as PortAudio's: returns once no callback runs any more
         self.running.clear()
+        self.thread.join(timeout=5)
 
     def close(self):
         pass
@@ -414,6 +417,22 @@ def test_mic_session_with_a_stand_in_device(srv, monkeypatch, tmp_path):
     assert np.abs(played).max() > 0  # the answers went to the speaker
     assert abs(len(read_out(out)) - 9 * FRAME_SIZE) <= FRAME_SIZE
     wait_idle(srv)
+
+
+def test_a_block_captured_after_the_chat_ended_is_dropped_not_raised(monkeypatch):
+    """PortAudio may deliver a last block while the client's event loop is closing: the input
+    callback drops it (counted) instead of raising on PortAudio's thread."""
+    from client.audio import LiveAudio
+
+    fake = types.SimpleNamespace(InputStream=_FakeInput, OutputStream=_FakeOutput)
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    loop = asyncio.new_event_loop()
+    audio = LiveAudio(loop)
+    audio._on_input(np.zeros((FRAME_SIZE, 1), np.float32), FRAME_SIZE, None, None)
+    assert audio.dropped_frames == 0  # queued on the open loop
+    loop.close()
+    audio._on_input(np.zeros((FRAME_SIZE, 1), np.float32), FRAME_SIZE, None, None)
+    assert audio.dropped_frames == 1
 
 
 # -- the client needs no torch ------------------------------------------------------------------
