@@ -754,7 +754,10 @@ def test_opus_sessions_do_not_grow_native_memory(base):
     net growth), which steps up and down cancel in. A growth in every session moves both; steps
     move one or the other (on a loaded machine, 2026-12-05: steps in six windows of ten, both
     ways, median 4.6 KiB, mean 0.6 KiB). On glibc, the heap's bytes in use (what a leak grows)
-    must stay flat as well."""
+    must stay flat as well. With the machine's other core busy (`make demo` beside the suite,
+    2026-12-05 evening) one measurement read 11.5 KiB (median) and 26.7 KiB (mean), windows
+    from -48.6 to +209.6 KiB: so a second measurement of 200 more sessions is taken when the
+    first fails, and the test fails only when both do. A growth in every session fails both."""
     from moshi_ttt.process_memory import native_heap, rss_mb
 
     pages = opus_pages(3)
@@ -767,20 +770,29 @@ def test_opus_sessions_do_not_grow_native_memory(base):
                     p.wait_for(lambda: p.of(Kind.AUDIO) or p.closed, timeout=30)
                     assert not p.errors
                 wait_idle(srv)
+        def growth() -> str | None:
+            """None when flat, else what grew (ten windows of 20 sessions)."""
+            heap_before, rss = native_heap(), [rss_mb()]
+            for _ in range(10):
+                sessions(20)
+                rss.append(rss_mb())
+            heap_after = native_heap()
+            windows_kb = [(b - a) * 1024 / 20 for a, b in zip(rss, rss[1:])]
+            median_kb, mean_kb = statistics.median(windows_kb), statistics.fmean(windows_kb)
+            if min(median_kb, mean_kb) >= 4:
+                return (f"RSS grew {median_kb:.1f} KiB per session (median of 10 windows of 20 "
+                        f"sessions), {mean_kb:.1f} KiB (mean): "
+                        f"{[round(w, 1) for w in windows_kb]}")
+            if heap_before is not None:
+                heap_kb = (heap_after.in_use_mb - heap_before.in_use_mb) * 1024 / 200
+                if heap_kb >= 1:
+                    return f"the heap's bytes in use grew {heap_kb:.2f} KiB per session"
+            return None
+
         sessions(40)
-        heap_before, rss = native_heap(), [rss_mb()]
-        for _ in range(10):
-            sessions(20)
-            rss.append(rss_mb())
-        heap_after = native_heap()
-    windows_kb = [(b - a) * 1024 / 20 for a, b in zip(rss, rss[1:])]
-    median_kb, mean_kb = statistics.median(windows_kb), statistics.fmean(windows_kb)
-    assert min(median_kb, mean_kb) < 4, (
-        f"RSS grew {median_kb:.1f} KiB per session (median of 10 windows of 20 sessions), "
-        f"{mean_kb:.1f} KiB (mean): {[round(w, 1) for w in windows_kb]}")
-    if heap_before is not None:
-        heap_kb = (heap_after.in_use_mb - heap_before.in_use_mb) * 1024 / 200
-        assert heap_kb < 1, f"the heap's bytes in use grew {heap_kb:.2f} KiB per session"
+        first = growth()
+        second = growth() if first is not None else None
+    assert first is None or second is None, f"first: {first}; second: {second}"
 
 
 # -- 12. liveness, settings refused at start-up, idle input, large Opus messages, early frames --
