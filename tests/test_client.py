@@ -369,6 +369,7 @@ class _FakeStream:
         assert (samplerate, channels, dtype, blocksize) == (24000, 1, "float32", FRAME_SIZE)
         self.callback, self.blocksize = callback, blocksize
         self.running = threading.Event()
+        self.thread: threading.Thread | None = None
         self.n = 0
 
     def start(self):
@@ -383,7 +384,8 @@ class _FakeStream:
 
     def stop(self):  # as PortAudio's: returns once no callback runs any more
         self.running.clear()
-        self.thread.join(timeout=5)
+        if self.thread is not None:  # a stream that failed to open is stopped too
+            self.thread.join(timeout=5)
 
     def close(self):
         pass

@@ -770,6 +770,7 @@ def test_opus_sessions_do_not_grow_native_memory(base):
                     p.wait_for(lambda: p.of(Kind.AUDIO) or p.closed, timeout=30)
                     assert not p.errors
                 wait_idle(srv)
+
         def growth() -> str | None:
             """None when flat, else what grew (ten windows of 20 sessions)."""
             heap_before, rss = native_heap(), [rss_mb()]
