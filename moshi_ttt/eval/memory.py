@@ -64,6 +64,7 @@ from ..process_memory import keep_freed_memory
 from ..ttt_mlp import FastWeights
 from ..train.trainer import _lr_lambda
 from .recall import RecallTask, WordCodes, encode_words, speech_batch, text_batch
+from .text_loss import text_frame_losses
 
 logger = logging.getLogger(__name__)
 
@@ -332,12 +333,9 @@ def matched_lora_rank(cfg: ProjectConfig, context: int, ttt: TTTConfig | None = 
 
 def frame_losses(lm: LMModel, codes: torch.Tensor) -> torch.Tensor:
     """Text cross-entropy per frame [B, T] from the parallel forward of the main transformer
-    (the tasks are scored in the text stream; the depformer would only cost time)."""
-    _, logits = lm.forward_text(delayed_inputs(lm, codes)[:, :, :-1])  # [B, 1, T, V]
-    B, T = codes.shape[0], codes.shape[2]
-    # squeeze, not [:, 0]: a view both ways (the select's backward zero-fills [B, 1, T, V])
-    return F.cross_entropy(logits.squeeze(1).flatten(0, 1).float(), codes[:, 0].flatten(),
-                           reduction="none").view(B, T)
+    (the tasks are scored in the text stream; the depformer would only cost time), through the
+    frozen head's fused loss when the methods train (`text_loss`)."""
+    return text_frame_losses(lm, delayed_inputs(lm, codes)[:, :, :-1], codes[:, 0])
 
 
 def train_method(lm: LMModel, s: MemoryEvalSettings, task: RecallTask, batch: Batch,
