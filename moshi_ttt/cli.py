@@ -3,6 +3,7 @@ and light commands start fast."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -676,7 +677,10 @@ def eval_memory(
     from .config import ConfigError, load_config
     from .data.index import DataError
     from .data.synth import SynthesisError
-    from .eval.memory import MemoryEvalSettings, format_table, run_memory_eval, write_results
+    from .eval.memory import (
+        MemoryEvalSettings, format_table, make_eval_codec, reusable_eval_codec, run_memory_eval,
+        write_results,
+    )
 
     root = Path("runs/eval-memory")
     path = out or root / ("results-quick.json" if quick else "results.json")
@@ -686,10 +690,14 @@ def eval_memory(
         settings = MemoryEvalSettings.from_config(
             cfg, quick=quick, sets=sets, steps=steps, threads=threads, workers=workers,
             seeds=[seed] if seed is not None else None)
+        make_codec = None
         if "speech" in settings.tasks and codec is None:
-            codec = _eval_codec(cfg, root)
+            codec = reusable_eval_codec(cfg, root)
+            if codec is None:  # made in a worker, beside the text task's first trainings
+                make_codec = functools.partial(make_eval_codec, cfg, root)
         # the text TTT model (for eval-stability --recall-model) lies beside the results
-        report = run_memory_eval(cfg, settings, codec=codec, out_dir=path.parent)
+        report = run_memory_eval(cfg, settings, codec=codec, out_dir=path.parent,
+                                 make_codec=make_codec)
     except (ConfigError, ValueError, BaseModelError, DataError, SynthesisError) as e:
         fail(reason(e))
     typer.echo(format_table(report))
@@ -698,28 +706,6 @@ def eval_memory(
     except OSError as e:  # the table above is the run's result; say where it did not go
         fail(f"the results could not be written: {os_reason(e)}")
     logger.info("results written to %s (%.0f s)", path, report["wall_seconds"])
-
-
-def _eval_codec(cfg, root: Path) -> Path:
-    """A tiny base whose codec is calibrated on make-data's speech, made once under `root`."""
-    from .base import CODEC_CALIBRATION_NAME, PROJECT_CONFIG_NAME, init_random_base
-    from .config import ConfigError, load_config
-    from .data.synth import synthesize_dataset
-
-    data, base = root / "data", root / "codec"
-    if (base / PROJECT_CONFIG_NAME).is_file() and (base / CODEC_CALIBRATION_NAME).is_file():
-        try:  # a codec made for another config's model or Mimi is made again, not reused
-            made = load_config(base / PROJECT_CONFIG_NAME)
-            same = all(getattr(made, k) == getattr(cfg, k)
-                       for k in ("lm", "mimi", "codec_calibration"))
-        except ConfigError:
-            same = False
-        if same:
-            return base
-        logger.info("%s was made for another model or codec config: making it again", base)
-    logger.info("the speech task needs a calibrated codec: making one in %s (once)", base)
-    synthesize_dataset(data, n_dialogues=16, seed=0)
-    return init_random_base(cfg, base, data / "tokenizer.model", seed=0, calibrate_on=data)
 
 
 @app.command("diagnose-ttt")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -104,6 +105,13 @@ def calibrated_base() -> Path:
                                              _session_dir() / "calibrated-base",
                                              data / "tokenizer.model", seed=0, calibrate_on=data)
     return _SESSION["codec"]
+
+
+def codec_made_in_worker(codec: Path, marker: Path) -> Path:
+    """A `make_codec` for `run_memory_eval` that makes nothing: it writes the pid of the process
+    that ran it to `marker` and returns `codec`."""
+    marker.write_text(str(os.getpid()))
+    return codec
 
 
 def demo_run() -> Path:

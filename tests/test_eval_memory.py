@@ -1,6 +1,7 @@
 """`moshi-ttt eval-memory` and `eval-stability`: an honest task, a reproducible quick run, a
 stable long session."""
 
+import functools
 import json
 import math
 import os
@@ -315,14 +316,18 @@ def test_lmgen_teacher_forcing_equals_parallel_forward(tiny_cfg):
 # -- the quick run -----------------------------------------------------------------------------
 
 def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg, tmp_path):
-    from fixtures import calibrated_base
+    from fixtures import calibrated_base, codec_made_in_worker
 
     s = _quick(tiny_cfg, ablations={"reference_init": {"inner_init": "reference"}},
                save_ttt=True)  # --quick saves none; the saved model is checked below
     a = mem.run_memory_eval(tiny_cfg, s.model_copy(update={"workers": 1}),
                             codec=calibrated_base(), out_dir=tmp_path)
+    # in two workers, with the codec "made" (handed over) in a worker, not in this process
+    made_in = tmp_path / "codec-made-in"
     b = mem.run_memory_eval(tiny_cfg, s.model_copy(update={"workers": 2}),
-                            codec=calibrated_base())
+                            make_codec=functools.partial(codec_made_in_worker, calibrated_base(),
+                                                         made_in))
+    assert int(made_in.read_text()) != os.getpid()
     keys = {(r["task"], r["method"], r["gap_x"]) for r in a["results"]}
     for task in ("text", "speech"):
         for m in ("ttt", "ttt_off", "lora", "frozen"):
@@ -392,23 +397,89 @@ def test_quick_run_is_finite_reproducible_and_ttt_state_moves(tiny_cfg, tmp_path
     assert "recall_set_acc" in summ[("text", 1.0, "ttt")] and "any order" in table
 
 
-def test_jobs_start_longest_first_and_report_in_task_order(tiny_cfg):
-    """The workers start the TTT trainings first (speech's, the longest, before text's) and the
-    frozen scorings last, so no worker finishes a TTT model alone; the report keeps task order
-    (the quick run above checks that the numbers do not depend on the workers)."""
-    plans = {k: mem._TaskPlan(k, None, {}, None, None, 1) for k in ("text", "speech")}
-    jobs = [mem._Job(plans[k], seed, m, {}) for k in ("text", "speech") for seed in (0, 1)
-            for m in ("ttt", "ttt:no_decay", "lora", "frozen")]
-    order = mem.longest_first(jobs)
-    assert sorted(order) == list(range(len(jobs)))
-    started = [(jobs[i].plan.kind, jobs[i].method.split(":")[0]) for i in order]
-    assert started[:4] == [("speech", "ttt")] * 4
-    assert started[4:8] == [("text", "ttt")] * 4
-    assert {m for _, m in started[8:12]} == {"lora"}
-    assert {m for _, m in started[12:]} == {"frozen"}
-    assert [jobs[i].seed for i in order[:4]] == [0, 0, 1, 1]  # ties keep their order
+def test_work_starts_costliest_first_once_what_it_needs_is_done():
+    """eval-memory's scheduler with two workers, step by step (the test finishes each piece of
+    work): the speech words (with the codec, when it is made) start at once beside the text
+    base, and text jobs run while the codec is made; the speech base starts as soon as the
+    codec is done; of the jobs ready, TTT trainings first (speech's, the longest, before
+    text's) and frozen scorings last, ties in the order they became ready, so that no worker
+    finishes a TTT model alone while the other waits."""
+    import concurrent.futures
+    import threading
+
+    started: list[str] = []
+    futures: dict[str, concurrent.futures.Future] = {}
+
+    class Manual(concurrent.futures.Executor):
+        def submit(self, fn, /, *args, **kwargs):
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            futures[args[0]] = fut
+            started.append(args[0])
+            return fut
+
+    def jobs(kind: str) -> list[mem._Work]:
+        return [mem._Work(mem._JOB_COST[(m, kind)], str, (f"{kind} {m} {seed}",), lambda r: [])
+                for seed in (0, 1) for m in ("ttt", "lora", "frozen")]
+
+    first = [mem._Work(mem._BASE_COST, str, ("text base",), lambda r: jobs("text")),
+             mem._Work(mem._CODEC_COST, str, ("codec",), lambda r: [
+                 mem._Work(mem._BASE_COST, str, ("speech base",), lambda r: jobs("speech"))])]
+    errors: list[BaseException] = []
+
+    def schedule() -> None:
+        try:
+            mem._run_works(Manual(), 2, first)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=schedule, daemon=True)
+    thread.start()
+
+    def running(n: int) -> list[str]:
+        deadline = time.monotonic() + 10
+        while len(started) < n and time.monotonic() < deadline and thread.is_alive():
+            time.sleep(0.005)
+        return list(started)
+
+    def finish(name: str) -> None:
+        futures[name].set_result(name)
+
+    assert running(2) == ["codec", "text base"]
+    finish("text base")
+    assert running(3)[2] == "text ttt 0"  # beside the codec
+    finish("text ttt 0")
+    assert running(4)[3] == "text ttt 1"
+    finish("codec")
+    assert running(5)[4] == "speech base"  # before the text task's LoRA, which is ready
+    finish("speech base")
+    assert running(6)[5] == "speech ttt 0"
+    finish("text ttt 1")
+    assert running(7)[6] == "speech ttt 1"
+    for n in range(8, 16):
+        finish(started[n - 3])  # the one that started first of the two running
+        running(n)
+    finish(started[-2])
+    finish(started[-1])
+    thread.join(timeout=10)
+    assert not thread.is_alive() and not errors, errors
+    assert started[7:] == ["text lora 0", "text lora 1", "speech lora 0", "speech lora 1",
+                           "text frozen 0", "text frozen 1", "speech frozen 0",
+                           "speech frozen 1"]
     # every method and task has a cost, so a run never fails on scheduling
     assert {(m, k) for m in mem.METHODS for k in mem.TASKS} <= set(mem._JOB_COST)
+    assert mem._CODEC_COST > mem._BASE_COST > max(mem._JOB_COST.values())
+
+
+def test_one_worker_runs_every_job_in_this_process(tiny_cfg):
+    """workers 1: each job runs when submitted, in this process; its error is the run's."""
+    import math as m
+
+    out: list[float] = []
+    with mem._pool(_quick(tiny_cfg, workers=1)) as ex:
+        mem._run_works(ex, 1, [mem._Work(1.0, os.getpid, (), lambda r: out.append(r) or [])])
+        assert out == [os.getpid()]
+        with pytest.raises(ValueError, match="math domain error"):
+            mem._run_works(ex, 1, [mem._Work(1.0, m.sqrt, (-1.0,), lambda r: [])])
 
 
 def test_recall_metrics_tell_order_from_membership():
@@ -640,10 +711,18 @@ def test_a_failing_job_ends_the_run_with_its_error(tiny_cfg):
     import math as m
 
     s = _quick(tiny_cfg, workers=2)
-    with mem._workers(s) as run:
-        assert run(m.sqrt, [(4.0,), (9.0,)]) == [2.0, 3.0]
-        with pytest.raises(ValueError, match="math domain error"):
-            run(m.sqrt, [(-1.0,)] + [(4.0,)] * 50)
+    out: list[float] = []
+
+    def works(xs: list[float]) -> list[mem._Work]:
+        return [mem._Work(1.0, m.sqrt, (x,), lambda r: out.append(r) or []) for x in xs]
+
+    with pytest.raises(ValueError, match="math domain error"):
+        with mem._pool(s) as ex:
+            mem._run_works(ex, 2, works([4.0, 9.0]))
+            assert sorted(out) == [2.0, 3.0]
+            out.clear()
+            mem._run_works(ex, 2, works([-1.0] + [4.0] * 50))
+    assert len(out) <= 1  # at most the one that ran beside the failure
 
 
 def test_pool_workers_keep_freed_memory(tiny_cfg):
@@ -656,8 +735,11 @@ def test_pool_workers_keep_freed_memory(tiny_cfg):
 
     if native_heap() is None:
         pytest.skip("needs glibc >= 2.33")
-    with mem._workers(_quick(tiny_cfg, workers=2)) as run:
-        facts = run(heap_block_facts, [(8,)] * 4)
+    facts: list = []
+    with mem._pool(_quick(tiny_cfg, workers=2)) as ex:
+        mem._run_works(ex, 2, [mem._Work(1.0, heap_block_facts, (8,),
+                                         lambda r: facts.append(r) or [])] * 4)
+    assert len(facts) == 4
     assert all(abs(mapped) < 0.5 and abs(returned) < 0.5 for mapped, returned in facts), facts
 
 
@@ -666,8 +748,8 @@ import time
 from moshi_ttt.config import load_config
 from moshi_ttt.eval import memory as mem
 s = mem.MemoryEvalSettings.from_config(load_config({config!r}), quick=True, workers=2)
-with mem._workers(s) as run:
-    run(time.sleep, [(600.0,)] * 4)
+with mem._pool(s) as ex:
+    mem._run_works(ex, 2, [mem._Work(1.0, time.sleep, (600.0,), lambda r: [])] * 4)
 """
 
 
@@ -740,7 +822,6 @@ def test_eval_codec_is_made_again_for_another_config(tiny_cfg, tmp_path, monkeyp
     import moshi_ttt.base as base_mod
     import moshi_ttt.data.synth as synth_mod
     from moshi_ttt.base import CODEC_CALIBRATION_NAME, PROJECT_CONFIG_NAME
-    from moshi_ttt.cli import _eval_codec
 
     made = []
     monkeypatch.setattr(synth_mod, "synthesize_dataset", lambda *a, **k: None)
@@ -750,7 +831,9 @@ def test_eval_codec_is_made_again_for_another_config(tiny_cfg, tmp_path, monkeyp
     codec.mkdir()
     (codec / CODEC_CALIBRATION_NAME).write_text("{}")
     (codec / PROJECT_CONFIG_NAME).write_text(tiny_cfg.to_yaml())
-    assert _eval_codec(tiny_cfg, tmp_path) == codec and made == []  # the same config: reused
+    assert mem.reusable_eval_codec(tiny_cfg, tmp_path) == codec  # the same config: reused
     other = tiny_cfg.model_copy(deep=True)
     other.mimi["seanet"]["n_filters"] = 16
-    assert _eval_codec(other, tmp_path) == codec and made == [other]  # another Mimi: made again
+    assert mem.reusable_eval_codec(other, tmp_path) is None  # another Mimi: made again
+    assert mem.make_eval_codec(other, tmp_path) == codec and made == [other]
+    assert mem.reusable_eval_codec(tiny_cfg, tmp_path / "nowhere") is None

@@ -621,75 +621,169 @@ class _Job:
     save_to: Path | None = None
 
 
+def reusable_eval_codec(cfg: ProjectConfig, root: Path) -> Path | None:
+    """`root`/codec when it holds a calibrated codec made for `cfg`'s model, Mimi and
+    calibration; None when one must be made (`make_eval_codec`): the speech figures depend on
+    the codec, and one made for another config must not be reused silently."""
+    from ..base import CODEC_CALIBRATION_NAME, PROJECT_CONFIG_NAME
+    from ..config import ConfigError, load_config
+
+    base = root / "codec"
+    if not ((base / PROJECT_CONFIG_NAME).is_file() and (base / CODEC_CALIBRATION_NAME).is_file()):
+        return None
+    try:
+        made = load_config(base / PROJECT_CONFIG_NAME)
+        same = all(getattr(made, k) == getattr(cfg, k) for k in ("lm", "mimi", "codec_calibration"))
+    except ConfigError:
+        same = False
+    if not same:
+        logger.info("%s was made for another model or codec config: making it again", base)
+    return base if same else None
+
+
+def make_eval_codec(cfg: ProjectConfig, root: Path) -> Path:
+    """A tiny base under `root`/codec whose codec is calibrated on make-data's speech (made
+    under `root`/data), for the speech task's words; returns its directory."""
+    from ..base import init_random_base
+    from ..data.synth import synthesize_dataset
+
+    data, base = root / "data", root / "codec"
+    logger.info("the speech task needs a calibrated codec: making one in %s (once)", base)
+    synthesize_dataset(data, n_dialogues=16, seed=0)
+    return init_random_base(cfg, base, data / "tokenizer.model", seed=0, calibrate_on=data)
+
+
 def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | None = None,
-                    out_dir: Path | None = None) -> dict[str, Any]:
+                    out_dir: Path | None = None,
+                    make_codec: Callable[[], Path] | None = None) -> dict[str, Any]:
     """Every task, seed, method and gap of `s` (and the ablations); returns settings, task
     facts, one row per (task, gap, seed, method), a summary over seeds and the LMGen check.
-    `codec`: a base directory whose calibrated Mimi encodes the speech task's words.
+    `codec`: a base directory whose calibrated Mimi encodes the speech task's words; or
+    `make_codec`, a picklable callable that makes one and returns its directory.
 
     Each task's base is trained first, then every (task, seed, method) is its own job; with
-    `s.workers` > 1 jobs run in that many processes of `s.threads` threads each. Every job seeds
-    its own generators, so the numbers do not depend on how many workers ran them."""
+    `s.workers` > 1 they run in that many processes of `s.threads` threads each, a job as soon
+    as what it needs is done (`_run_works`): the codec is made in a worker while the other
+    trains the text base and its first jobs. Every job seeds its own generators, so the numbers
+    do not depend on how many workers ran them."""
     num_layers = int(cfg.lm["num_layers"])
-    if "speech" in s.tasks and codec is None:
+    if "speech" in s.tasks and codec is None and make_codec is None:
         raise ValueError("the speech task needs a base with a calibrated codec (--codec BASE)")
     t_start = time.perf_counter()
     facts: dict[str, Any] = {}
-    plans: list[_TaskPlan] = []
-    with _threads(s.threads):
-        words = None
-        if "speech" in s.tasks:
-            words = encode_words(codec, s.speech.content_vocab, s.speech.distractor_vocab)
-        shapes = {"text": s.task, "speech": speech_shape(s)}
-        for kind in s.tasks:
-            shape = shapes[kind]
-            wf = words.word_frames if kind == "speech" else 1
-            tasks = {g: task_at(shape, g, num_layers) for g in s.gaps}
-            for t in tasks.values():
-                t.check(num_layers, cfg.text_card)
-            facts[kind] = {
-                "attention_reach": shape.reach(num_layers), "num_layers": num_layers,
-                "gaps": {str(g): t.gap for g, t in tasks.items()},
-                "lengths": {str(g): t.length(wf) for g, t in tasks.items()},
-                "content_len": shape.content_len, "word_frames": wf,
-                "word_codes": words.fingerprint() if kind == "speech" else None,
-                "chance_acc": shape.chance_acc, "chance_loss": shape.chance_loss}
-            # the training task in whole TTT mini-batches (its tail holds distractors), so a
-            # carried stream commits every frame it saw
-            train_task = whole_mini_batches(tasks[s.gaps[0]], cfg.ttt.mini_batch_size, wf)
-            plans.append(_TaskPlan(kind, shape, tasks, train_task,
-                                   words if kind == "speech" else None,
-                                   s.lora_rank or matched_lora_rank(cfg, shape.context)))
-    jobs: list[_Job] = []
-    for plan in plans:
+    plans: dict[str, _TaskPlan] = {}
+    jobs: dict[str, list[_Job]] = {}
+    done: dict[str, list[Any]] = {}
+
+    def plan_task(kind: str, words: WordCodes | None) -> _TaskPlan:
+        shape = s.task if kind == "text" else speech_shape(s)
+        wf = words.word_frames if words is not None else 1
+        tasks = {g: task_at(shape, g, num_layers) for g in s.gaps}
+        for t in tasks.values():
+            t.check(num_layers, cfg.text_card)
+        facts[kind] = {
+            "attention_reach": shape.reach(num_layers), "num_layers": num_layers,
+            "gaps": {str(g): t.gap for g, t in tasks.items()},
+            "lengths": {str(g): t.length(wf) for g, t in tasks.items()},
+            "content_len": shape.content_len, "word_frames": wf,
+            "word_codes": words.fingerprint() if words is not None else None,
+            "chance_acc": shape.chance_acc, "chance_loss": shape.chance_loss}
+        # the training task in whole TTT mini-batches (its tail holds distractors), so a
+        # carried stream commits every frame it saw
+        train_task = whole_mini_batches(tasks[s.gaps[0]], cfg.ttt.mini_batch_size, wf)
+        plans[kind] = plan = _TaskPlan(kind, shape, tasks, train_task, words,
+                                       s.lora_rank or matched_lora_rank(cfg, shape.context))
+        return plan
+
+    def base_work(plan: _TaskPlan) -> _Work:
+        return _Work(_BASE_COST, _pretrain_job, (cfg, s, plan),
+                     lambda base: [_Work(_JOB_COST[(job.method.split(":")[0], plan.kind)],
+                                         _run_job, (cfg, s, job, base), finish(plan.kind, i))
+                                   for i, job in enumerate(task_jobs(plan))])
+
+    def task_jobs(plan: _TaskPlan) -> list[_Job]:
+        out: list[_Job] = []
         for seed in s.seeds:
             if "ttt" in s.methods:
                 first = seed == s.seeds[0]
-                jobs.append(_Job(plan, seed, "ttt", {}, lmgen_check=first and plan is plans[0],
-                                 save_to=out_dir / "ttt-text.pt" if (
-                                     first and plan.kind == "text" and s.save_ttt and out_dir)
-                                 else None))
+                out.append(_Job(plan, seed, "ttt", {},
+                                lmgen_check=first and plan.kind == s.tasks[0],
+                                save_to=out_dir / "ttt-text.pt" if (
+                                    first and plan.kind == "text" and s.save_ttt and out_dir)
+                                else None))
                 if plan.kind in s.ablation_tasks and seed in s.ablation_seeds:
-                    jobs += [_Job(plan, seed, f"ttt:{name}", over)
-                             for name, over in s.ablations.items()]
-            jobs += [_Job(plan, seed, m, {}) for m in s.methods if m != "ttt"]
-    order = longest_first(jobs)
-    with _workers(s) as run:
-        bases = dict(zip((p.kind for p in plans),
-                         run(_pretrain_job, [(cfg, s, p) for p in plans])))
-        ran = run(_run_job, [(cfg, s, jobs[i], bases[jobs[i].plan.kind]) for i in order])
-    done: list[Any] = [None] * len(jobs)
-    for i, result in zip(order, ran):
-        done[i] = result
-    rows = [r for job_rows, _ in done for r in job_rows]
-    check = next((c for _, c in done if c), {})
+                    out += [_Job(plan, seed, f"ttt:{name}", over)
+                            for name, over in s.ablations.items()]
+            out += [_Job(plan, seed, m, {}) for m in s.methods if m != "ttt"]
+        jobs[plan.kind] = out
+        done[plan.kind] = [None] * len(out)
+        return out
+
+    def finish(kind: str, i: int) -> Callable[[Any], list[_Work]]:
+        def keep(result: Any) -> list[_Work]:
+            done[kind][i] = result
+            return []
+        return keep
+
+    first: list[_Work] = []
+    with _threads(s.threads):
+        for kind in s.tasks:
+            if kind == "text":
+                first.append(base_work(plan_task("text", None)))
+            else:  # the words (and the codec, when it is made) in a worker
+                first.append(_Work(_CODEC_COST, _words_job, (s, codec, make_codec),
+                                   lambda words: [base_work(plan_task("speech", words))]))
+    with _pool(s) as ex:
+        _run_works(ex, s.workers, first)
+    rows = [r for kind in s.tasks for job_rows, _ in done[kind] for r in job_rows]
+    check = next((c for kind in s.tasks for _, c in done[kind] if c), {})
     return {
-        "settings": s.model_dump(), "ttt": cfg.ttt.model_dump(), "tasks": facts,
+        "settings": s.model_dump(), "ttt": cfg.ttt.model_dump(),
+        "tasks": {k: facts[k] for k in s.tasks},
         "results": rows, "summary": summarize(rows), "lmgen_check": check,
         "wall_seconds": time.perf_counter() - t_start,
         "environment": {"torch": torch.__version__, "threads": s.threads,
                         "workers": s.workers, "machine": platform.machine()},
     }
+
+
+@dataclass
+class _Work:
+    """A unit of work for the pool (`fn(*args)` in a worker) and `then`, which this process runs
+    on its result and which returns the work that result makes ready."""
+
+    cost: float
+    fn: Callable[..., Any]
+    args: tuple
+    then: Callable[[Any], list["_Work"]]
+
+
+def _run_works(ex: concurrent.futures.Executor, workers: int, first: list[_Work]) -> None:
+    """Run `first` and all the work their `then`s make ready, at most `workers` at a time, the
+    costliest ready one first (ties in the order they became ready): no worker waits for a
+    stage the other is still in, and none trains a TTT model alone at the end. The first
+    failure ends the run with its error; work not started then never starts."""
+    ready = list(first)
+    running: dict[concurrent.futures.Future, _Work] = {}
+    while ready or running:
+        while ready and len(running) < workers:
+            work = max(ready, key=lambda w: w.cost)  # max keeps the first of equal costs
+            ready.remove(work)
+            running[ex.submit(work.fn, *work.args)] = work
+        finished, _ = concurrent.futures.wait(
+            running, return_when=concurrent.futures.FIRST_COMPLETED)
+        for fut in [f for f in running if f in finished]:  # in the order they started
+            ready += running.pop(fut).then(fut.result())
+
+
+def _words_job(s: MemoryEvalSettings, codec: Path | None,
+               make_codec: Callable[[], Path] | None) -> WordCodes:
+    """The speech task's words, encoded by `codec` or by the one `make_codec` makes."""
+    with _threads(s.threads):
+        if codec is None:
+            assert make_codec is not None
+            codec = make_codec()
+        return encode_words(codec, s.speech.content_vocab, s.speech.distractor_vocab)
 
 
 #: A job's cost relative to a LoRA job's, measured on the 2-core CPU at the tiny config's
@@ -699,49 +793,48 @@ def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | Non
 #: 192-197 s on speech, LoRA 79-108 s.
 _JOB_COST = {("ttt", "speech"): 3.0, ("ttt", "text"): 2.4, ("lora", "speech"): 1.0,
              ("lora", "text"): 1.0, ("frozen", "speech"): 0.1, ("frozen", "text"): 0.1}
-
-
-def longest_first(jobs: list[_Job]) -> list[int]:
-    """The order in which to start `jobs` (indices): longest first, so that no worker is left
-    training a TTT model alone at the end while the other idles (in task order the queue ends
-    with the last speech seed's TTT, LoRA and frozen jobs). Ties keep their order. Results do
-    not depend on it: every job seeds its own generators."""
-    return sorted(range(len(jobs)),
-                  key=lambda i: -_JOB_COST[(jobs[i].method.split(":")[0], jobs[i].plan.kind)])
+#: What others wait for starts first: the speech words (with the codec when it is made: 84 s
+#: on two threads, 134 s on one) before either base (40-50 s), both before any job.
+_CODEC_COST = 20.0
+_BASE_COST = 10.0
 
 
 @contextmanager
-def _workers(s: MemoryEvalSettings) -> Iterator[Callable[[Callable[..., Any], list[tuple]],
-                                                         list[Any]]]:
-    """`run(fn, args_list)` -> results in order: inline (1 worker) or in a pool of spawned
-    processes (spawn, not fork: a forked child of a process that ran torch's thread pools can
-    hang), logging at this process's level; every job sets `s.threads` itself.
+def _pool(s: MemoryEvalSettings) -> Iterator[concurrent.futures.Executor]:
+    """An executor for `_run_works`: inline (1 worker: each job runs when submitted) or a pool
+    of spawned processes (spawn, not fork: a forked child of a process that ran torch's thread
+    pools can hang), logging at this process's level; every job sets `s.threads` itself.
 
     No worker outlives the run: on a failed job or Ctrl-C the queued jobs are dropped and the
     running ones terminated (the executor's own shutdown would let them finish, minutes each),
     and a worker dies with this process however it ends, `kill -9` included (`_init_worker`)."""
     if s.workers <= 1:
-        yield lambda fn, arglist: [fn(*a) for a in arglist]
+        yield _InlineExecutor()
         return
     ctx = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
     pool = concurrent.futures.ProcessPoolExecutor(
         s.workers, mp_context=ctx, initializer=_init_worker, initargs=(level, os.getpid()))
-
-    def run(fn: Callable[..., Any], arglist: list[tuple]) -> list[Any]:
-        futures = [pool.submit(fn, *a) for a in arglist]
-        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-        failed = next((f for f in futures if f.done() and f.exception() is not None), None)
-        if failed is not None:  # the first failure ends the run: queued jobs never start
-            raise failed.exception()
-        return [f.result() for f in futures]
-
     try:
-        yield run
+        yield pool
     except BaseException:
         _stop_pool(pool)
         raise
     pool.shutdown(wait=True)
+
+
+class _InlineExecutor(concurrent.futures.Executor):
+    """Runs each job in this process when it is submitted; its future is done on return. An
+    error is the future's, as in a pool; Ctrl-C (not an `Exception`) goes straight up."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+               ) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except Exception as e:
+            fut.set_exception(e)
+        return fut
 
 
 def _stop_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
