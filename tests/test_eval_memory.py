@@ -401,7 +401,7 @@ def test_work_starts_costliest_first_once_what_it_needs_is_done():
     """eval-memory's scheduler with two workers, step by step (the test finishes each piece of
     work): the speech words (with the codec, when it is made) start at once beside the text
     base, and text jobs run while the codec is made; the speech base starts as soon as the
-    codec is done; of the jobs ready, TTT trainings first (speech's, the longest, before
+    codec is done; of the jobs ready, the longest first (TTT before LoRA, speech's before
     text's) and frozen scorings last, ties in the order they became ready, so that no worker
     finishes a TTT model alone while the other waits."""
     import concurrent.futures
@@ -462,7 +462,7 @@ def test_work_starts_costliest_first_once_what_it_needs_is_done():
     finish(started[-1])
     thread.join(timeout=10)
     assert not thread.is_alive() and not errors, errors
-    assert started[7:] == ["text lora 0", "text lora 1", "speech lora 0", "speech lora 1",
+    assert started[7:] == ["speech lora 0", "speech lora 1", "text lora 0", "text lora 1",
                            "text frozen 0", "text frozen 1", "speech frozen 0",
                            "speech frozen 1"]
     # every method and task has a cost, so a run never fails on scheduling
@@ -531,6 +531,20 @@ def test_cli_eval_memory_quick_writes_json(tmp_path):
     bad = CliRunner().invoke(app, ["eval-memory", "--config", str(CONFIGS / "tiny.yaml"),
                                    "--quick", "--set", "nonsense"])
     assert bad.exit_code == 2
+
+
+def test_a_codec_that_cannot_be_made_in_a_worker_ends_the_run_in_one_line(tmp_path):
+    """eval-memory makes its codec in a worker process: a failure there (espeak-ng missing)
+    ends the run with the documented one-line error and exit status 2, not a worker's
+    traceback, and no results."""
+    exe = Path(sys.executable).parent / "moshi-ttt"
+    env = dict(os.environ, PATH=str(tmp_path / "no-tools"), NO_TORCH_COMPILE="1")
+    r = subprocess.run([str(exe), "eval-memory", "--config", str(CONFIGS / "tiny.yaml"),
+                        "--quick"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "espeak-ng is not on PATH" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "runs" / "eval-memory" / "results-quick.json").exists()
 
 
 def test_cli_eval_refusals_come_before_the_run(tmp_path):

@@ -671,9 +671,7 @@ def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | Non
         raise ValueError("the speech task needs a base with a calibrated codec (--codec BASE)")
     t_start = time.perf_counter()
     facts: dict[str, Any] = {}
-    plans: dict[str, _TaskPlan] = {}
-    jobs: dict[str, list[_Job]] = {}
-    done: dict[str, list[Any]] = {}
+    done: dict[str, list[Any]] = {}  # task -> its jobs' results, in job order
 
     def plan_task(kind: str, words: WordCodes | None) -> _TaskPlan:
         shape = s.task if kind == "text" else speech_shape(s)
@@ -691,9 +689,8 @@ def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | Non
         # the training task in whole TTT mini-batches (its tail holds distractors), so a
         # carried stream commits every frame it saw
         train_task = whole_mini_batches(tasks[s.gaps[0]], cfg.ttt.mini_batch_size, wf)
-        plans[kind] = plan = _TaskPlan(kind, shape, tasks, train_task, words,
-                                       s.lora_rank or matched_lora_rank(cfg, shape.context))
-        return plan
+        return _TaskPlan(kind, shape, tasks, train_task, words,
+                         s.lora_rank or matched_lora_rank(cfg, shape.context))
 
     def base_work(plan: _TaskPlan) -> _Work:
         return _Work(_BASE_COST, _pretrain_job, (cfg, s, plan),
@@ -715,7 +712,6 @@ def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | Non
                     out += [_Job(plan, seed, f"ttt:{name}", over)
                             for name, over in s.ablations.items()]
             out += [_Job(plan, seed, m, {}) for m in s.methods if m != "ttt"]
-        jobs[plan.kind] = out
         done[plan.kind] = [None] * len(out)
         return out
 
@@ -786,13 +782,12 @@ def _words_job(s: MemoryEvalSettings, codec: Path | None,
         return encode_words(codec, s.speech.content_vocab, s.speech.distractor_vocab)
 
 
-#: A job's cost relative to a LoRA job's, measured on the 2-core CPU at the tiny config's
-#: default budget (2026-12-04, before the dual form's hand-written backward): TTT training
-#: 220-230 s on text and 260-300 s on speech, LoRA 90-100 s, a frozen model scoring only. Only
-#: the order matters; with that backward (d1ca0bc) the order holds: TTT 143-161 s on text and
-#: 192-197 s on speech, LoRA 79-108 s.
-_JOB_COST = {("ttt", "speech"): 3.0, ("ttt", "text"): 2.4, ("lora", "speech"): 1.0,
-             ("lora", "text"): 1.0, ("frozen", "speech"): 0.1, ("frozen", "text"): 0.1}
+#: A job's cost relative to a text LoRA job's, measured on the 2-core CPU at the tiny config's
+#: default budget: in the default run of 2026-12-05 (late), training TTT 157-178 s on text and
+#: 196-208 s on speech, LoRA 86-91 s on text and 103-107 s on speech; a frozen model only
+#: scores (3-4 s). Only the order matters.
+_JOB_COST = {("ttt", "speech"): 2.3, ("ttt", "text"): 1.9, ("lora", "speech"): 1.2,
+             ("lora", "text"): 1.0, ("frozen", "speech"): 0.04, ("frozen", "text"): 0.04}
 #: What others wait for starts first: the speech words (with the codec when it is made: 84 s
 #: on two threads, 134 s on one) before either base (40-50 s), both before any job.
 _CODEC_COST = 20.0
