@@ -678,8 +678,8 @@ def eval_memory(
     from .data.index import DataError
     from .data.synth import SynthesisError
     from .eval.memory import (
-        MemoryEvalSettings, format_table, make_eval_codec, reusable_eval_codec, run_memory_eval,
-        write_results,
+        EvalWorkerError, MemoryEvalSettings, format_table, make_eval_codec, reusable_eval_codec,
+        run_memory_eval, write_results,
     )
 
     root = Path("runs/eval-memory")
@@ -698,7 +698,8 @@ def eval_memory(
         # the text TTT model (for eval-stability --recall-model) lies beside the results
         report = run_memory_eval(cfg, settings, codec=codec, out_dir=path.parent,
                                  make_codec=make_codec)
-    except (ConfigError, ValueError, BaseModelError, DataError, SynthesisError) as e:
+    except (ConfigError, ValueError, BaseModelError, DataError, SynthesisError,
+            EvalWorkerError) as e:
         fail(reason(e))
     typer.echo(format_table(report))
     try:

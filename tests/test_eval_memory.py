@@ -830,6 +830,45 @@ def test_no_worker_outlives_a_stopped_run(how):
         proc.wait(timeout=30)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_a_worker_that_dies_ends_the_run_in_one_line(tmp_path):
+    """A worker killed mid-run (`kill -9`, as the kernel's OOM killer does) ends `eval-memory`
+    with a one-line error naming what the pool was running and exit status 2, not
+    concurrent.futures' BrokenProcessPool traceback; the other worker is stopped too and
+    nothing is written."""
+    exe = Path(sys.executable).parent / "moshi-ttt"
+    proc = subprocess.Popen([str(exe), "eval-memory", "--config", str(CONFIGS / "tiny.yaml"),
+                             "--quick", "--set", "tasks=[text]"], cwd=tmp_path,
+                            env=dict(os.environ, NO_TORCH_COMPILE="1"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _pool_workers(proc.pid)) < 2:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the pool's workers never started"
+            time.sleep(0.1)
+        time.sleep(1)
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, err
+        assert "an eval-memory worker process died (killed, or out of memory?)" in err, err
+        assert "the text base" in err or "text / seed" in err, err
+        assert "Traceback" not in err, err
+        deadline = time.monotonic() + 15
+        while (left := [p for p in workers if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left
+        assert not (tmp_path / "runs" / "eval-memory" / "results-quick.json").exists()
+    finally:
+        for p in workers + ([] if proc.poll() is not None else [proc.pid]):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+
+
 def test_eval_codec_is_made_again_for_another_config(tiny_cfg, tmp_path, monkeypatch):
     """runs/eval-memory/codec is reused only for the config it was made for: the speech
     figures depend on the codec, and a codec of another model or Mimi was reused silently."""

@@ -42,6 +42,7 @@ import signal
 import statistics
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -695,8 +696,10 @@ def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | Non
     def base_work(plan: _TaskPlan) -> _Work:
         return _Work(_BASE_COST, _pretrain_job, (cfg, s, plan),
                      lambda base: [_Work(_JOB_COST[(job.method.split(":")[0], plan.kind)],
-                                         _run_job, (cfg, s, job, base), finish(plan.kind, i))
-                                   for i, job in enumerate(task_jobs(plan))])
+                                         _run_job, (cfg, s, job, base), finish(plan.kind, i),
+                                         f"{plan.kind} / seed {job.seed} / {job.method}")
+                                   for i, job in enumerate(task_jobs(plan))],
+                     f"the {plan.kind} base")
 
     def task_jobs(plan: _TaskPlan) -> list[_Job]:
         out: list[_Job] = []
@@ -728,7 +731,9 @@ def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | Non
                 first.append(base_work(plan_task("text", None)))
             else:  # the words (and the codec, when it is made) in a worker
                 first.append(_Work(_CODEC_COST, _words_job, (s, codec, make_codec),
-                                   lambda words: [base_work(plan_task("speech", words))]))
+                                   lambda words: [base_work(plan_task("speech", words))],
+                                   "the speech words" + (" and their codec" if make_codec
+                                                         else "")))
     with _pool(s) as ex:
         _run_works(ex, s.workers, first)
     rows = [r for kind in s.tasks for job_rows, _ in done[kind] for r in job_rows]
@@ -752,24 +757,40 @@ class _Work:
     fn: Callable[..., Any]
     args: tuple
     then: Callable[[Any], list["_Work"]]
+    label: str = "a job"  # what the work is, for errors
 
 
 def _run_works(ex: concurrent.futures.Executor, workers: int, first: list[_Work]) -> None:
     """Run `first` and all the work their `then`s make ready, at most `workers` at a time, the
     costliest ready one first (ties in the order they became ready): no worker waits for a
     stage the other is still in, and none trains a TTT model alone at the end. The first
-    failure ends the run with its error; work not started then never starts."""
+    failure ends the run with its error; work not started then never starts. A worker that
+    dies (killed, out of memory) ends it with an `EvalWorkerError` naming the work running."""
     ready = list(first)
     running: dict[concurrent.futures.Future, _Work] = {}
-    while ready or running:
-        while ready and len(running) < workers:
-            work = max(ready, key=lambda w: w.cost)  # max keeps the first of equal costs
-            ready.remove(work)
-            running[ex.submit(work.fn, *work.args)] = work
-        finished, _ = concurrent.futures.wait(
-            running, return_when=concurrent.futures.FIRST_COMPLETED)
-        for fut in [f for f in running if f in finished]:  # in the order they started
-            ready += running.pop(fut).then(fut.result())
+    try:
+        while ready or running:
+            while ready and len(running) < workers:
+                work = max(ready, key=lambda w: w.cost)  # max keeps the first of equal costs
+                ready.remove(work)
+                running[ex.submit(work.fn, *work.args)] = work
+            finished, _ = concurrent.futures.wait(
+                running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for fut in [f for f in running if f in finished]:  # in the order they started
+                work = running[fut]
+                result = fut.result()
+                del running[fut]
+                ready += work.then(result)
+    except BrokenProcessPool as e:
+        lost = ", ".join(w.label for w in running.values()) or "a job"
+        raise EvalWorkerError(
+            f"an eval-memory worker process died (killed, or out of memory?) while the pool ran "
+            f"{lost}: the run stopped and wrote nothing; run it again, or with --workers 1 to "
+            f"run every job in this process") from e
+
+
+class EvalWorkerError(RuntimeError):
+    """A worker process of the pool died: no job error to show, only which work it ran."""
 
 
 def _words_job(s: MemoryEvalSettings, codec: Path | None,
@@ -788,8 +809,9 @@ def _words_job(s: MemoryEvalSettings, codec: Path | None,
 #: scores (3-4 s). Only the order matters.
 _JOB_COST = {("ttt", "speech"): 2.3, ("ttt", "text"): 1.9, ("lora", "speech"): 1.2,
              ("lora", "text"): 1.0, ("frozen", "speech"): 0.04, ("frozen", "text"): 0.04}
-#: What others wait for starts first: the speech words (with the codec when it is made: 84 s
-#: on two threads, 134 s on one) before either base (40-50 s), both before any job.
+#: What others wait for starts first: the speech words (with the codec when it is made: 116 s
+#: on a worker's one thread in that run, 84 s on two) before either base (46-53 s), both before
+#: any job.
 _CODEC_COST = 20.0
 _BASE_COST = 10.0
 
