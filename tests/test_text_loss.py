@@ -33,8 +33,25 @@ def test_frozen_head_cross_entropy_is_cross_entropy_and_its_gradient(dtype, tol)
     assert ce.dtype == dtype and ce.shape == (n,)
     assert (ce - ref).abs().max() <= tol * ref.abs().max()
     assert (gh - gref).abs().max() <= tol * gref.abs().max()
-    with torch.no_grad():  # scoring only: no gradient is made
+    with torch.no_grad():  # scoring only
         assert torch.allclose(frozen_head_cross_entropy(h, w, y), ref, atol=tol * 10)
+
+
+def test_frozen_head_cross_entropy_makes_no_gradient_when_none_is_wanted(monkeypatch):
+    """The gradient (softmax - onehot) W costs a product per chunk: made only when autograd
+    will ask for it (grad on and h requiring it), not under no_grad, where autograd.Function's
+    `needs_input_grad` still says True."""
+    products = []
+    mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: products.append(1) or mm(*a, **k))
+    h = torch.randn(3 * CHUNK_ROWS, 8, requires_grad=True)
+    w, y = torch.randn(50, 8), torch.randint(0, 50, (3 * CHUNK_ROWS,))
+    with torch.no_grad():
+        frozen_head_cross_entropy(h, w, y)
+    frozen_head_cross_entropy(h.detach(), w, y)
+    assert products == []
+    frozen_head_cross_entropy(h, w, y).sum().backward()
+    assert len(products) == 3 and h.grad is not None
 
 
 def test_frozen_head_cross_entropy_refuses_a_trained_head_and_wrong_shapes():
@@ -46,6 +63,11 @@ def test_frozen_head_cross_entropy_refuses_a_trained_head_and_wrong_shapes():
         frozen_head_cross_entropy(h, torch.randn(7, 3), y)
     with pytest.raises(ValueError, match="got"):
         frozen_head_cross_entropy(h, torch.randn(7, 4), y[:4])
+    with pytest.raises(ValueError, match=r"float32 or float64 .* got torch.bfloat16"):
+        frozen_head_cross_entropy(h.bfloat16(), torch.randn(7, 4), y)
+    for bad in (-100, 7):  # F.cross_entropy's ignore_index is not supported; past the head
+        with pytest.raises(ValueError, match=rf"target ids must lie in \[0, 7\).*got {bad}"):
+            frozen_head_cross_entropy(h, torch.randn(7, 4), torch.full((5,), bad))
 
 
 @pytest.mark.parametrize("method", ["ttt", "lora"])

@@ -28,11 +28,12 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     First order only; W gets no gradient (the caller checks it is frozen)."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                with_grad: bool) -> torch.Tensor:
         n = h.shape[0]
         ce = h.new_empty(n)
-        dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        # `with_grad`, not ctx.needs_input_grad: that is also true under no_grad
+        dh = torch.empty_like(h) if with_grad else None
         for lo in range(0, n, CHUNK_ROWS):
             hi = min(lo + CHUNK_ROWS, n)
             z = h[lo:hi] @ weight.t()
@@ -48,16 +49,17 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_ce: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+    def backward(ctx, d_ce: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         (dh,) = ctx.saved_tensors
-        return (None if dh is None else dh * d_ce[:, None]), None, None
+        return (None if dh is None else dh * d_ce[:, None]), None, None, None
 
 
 def frozen_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor
                               ) -> torch.Tensor:
-    """Cross-entropy per row of `h` [N, D] against `target` [N] (class indices) through the
-    frozen linear head `weight` [V, D]: `F.cross_entropy(h @ weight.T, target,
-    reduction="none")` to rounding, and its gradient wrt `h`."""
+    """Cross-entropy per row of `h` [N, D] (float32 or float64) against `target` [N] (class
+    indices in [0, V)) through the frozen linear head `weight` [V, D]: `F.cross_entropy(h @
+    weight.T, target, reduction="none")` to rounding, and its first-order gradient wrt `h`
+    (made only when autograd will want it). No `ignore_index`: every row is a frame to score."""
     if weight.requires_grad:
         raise ValueError("frozen_head_cross_entropy: the head's weight requires grad (it would "
                          "get none): use F.cross_entropy on the logits")
@@ -65,7 +67,15 @@ def frozen_head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: tor
         raise ValueError(f"frozen_head_cross_entropy: expected h [N, D], target [N] and weight "
                          f"[V, D]; got {tuple(h.shape)}, {tuple(target.shape)} and "
                          f"{tuple(weight.shape)}")
-    return _FrozenHeadCrossEntropy.apply(h, weight.to(h.dtype), target)
+    if h.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"frozen_head_cross_entropy: expected h in float32 or float64 (its "
+                         f"softmax is summed in h's dtype), got {h.dtype}")
+    if target.numel() and not (0 <= int(target.min()) and int(target.max()) < weight.shape[0]):
+        raise ValueError(f"frozen_head_cross_entropy: target ids must lie in [0, "
+                         f"{weight.shape[0]}) (no ignore_index), got {int(target.min())}.."
+                         f"{int(target.max())}")
+    with_grad = torch.is_grad_enabled() and h.requires_grad
+    return _FrozenHeadCrossEntropy.apply(h, weight.to(h.dtype), target, with_grad)
 
 
 def head_is_frozen(lm: LMModel) -> bool:
