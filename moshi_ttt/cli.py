@@ -692,7 +692,7 @@ def eval_memory(
             seeds=[seed] if seed is not None else None)
         make_codec = None
         if "speech" in settings.tasks and codec is None:
-            codec = reusable_eval_codec(cfg, root)
+            codec = reusable_eval_codec(cfg, root, settings.threads)
             if codec is None:  # made in a worker, beside the text task's first trainings
                 make_codec = functools.partial(make_eval_codec, cfg, root)
         # the text TTT model (for eval-stability --recall-model) lies beside the results

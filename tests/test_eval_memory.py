@@ -470,6 +470,35 @@ def test_work_starts_costliest_first_once_what_it_needs_is_done():
     assert mem._CODEC_COST > mem._BASE_COST > max(mem._JOB_COST.values())
 
 
+def test_a_broken_pool_is_told_by_its_cause():
+    """A pool breaks when a worker dies and also when a worker's result cannot be read back
+    (concurrent.futures then stops the healthy worker too): the error names which, with the
+    cause when there is one, and the work the pool was running."""
+    import concurrent.futures
+    from concurrent.futures.process import BrokenProcessPool
+
+    def broken(cause: BaseException | None) -> BrokenProcessPool:
+        e = BrokenProcessPool("A process in the process pool was terminated abruptly")
+        e.__cause__ = cause
+        return e
+
+    for cause, says in ((None, "an eval-memory worker process died (killed, or out of memory?)"),
+                        (EOFError("Ran out of input"), "an eval-memory worker's result could "
+                         "not be read back (EOFError: Ran out of input)")):
+        class Breaks(concurrent.futures.Executor):
+            def submit(self, fn, /, *args, **kwargs):
+                fut: concurrent.futures.Future = concurrent.futures.Future()
+                fut.set_exception(broken(cause))
+                return fut
+
+        with pytest.raises(mem.EvalWorkerError) as info:
+            mem._run_works(Breaks(), 1, [mem._Work(1.0, str, (), lambda r: [], "text / seed 0 "
+                                                                            "/ ttt")])
+        msg = str(info.value)
+        assert msg.startswith(says) and "while the pool ran text / seed 0 / ttt" in msg, msg
+        assert "before writing its report" in msg
+
+
 def test_one_worker_runs_every_job_in_this_process(tiny_cfg):
     """workers 1: each job runs when submitted, in this process; its error is the run's."""
     import math as m
@@ -547,7 +576,7 @@ def test_a_codec_that_cannot_be_made_in_a_worker_ends_the_run_in_one_line(tmp_pa
     assert not (tmp_path / "runs" / "eval-memory" / "results-quick.json").exists()
 
 
-def test_cli_eval_refusals_come_before_the_run(tmp_path):
+def test_cli_eval_refusals_come_before_the_run(tmp_path, monkeypatch):
     """What would make a run's end fail is refused at its start, in one line (exit 2): an
     --out that is a directory, an ablation with an invalid setting, a recall model that is not
     one (each of these used to cost the whole run, or end it in a traceback)."""
@@ -555,6 +584,8 @@ def test_cli_eval_refusals_come_before_the_run(tmp_path):
     from typer.testing import CliRunner
 
     from moshi_ttt.cli import app
+
+    monkeypatch.chdir(tmp_path)  # runs/eval-memory lies here
 
     def run(*args: str):
         r = CliRunner().invoke(app, [*args, "--config", str(CONFIGS / "tiny.yaml")])
@@ -569,6 +600,15 @@ def test_cli_eval_refusals_come_before_the_run(tmp_path):
     code, out = run("eval-memory", "--quick", "--set", "ablations={bad: {num_heads: 3}}")
     assert code == 2 and "eval.memory.ablations.bad: invalid TTT setting" in out, out
     assert "ttt.num_heads 3 does not divide the transformer's width lm.dim 64" in out, out
+    # a task's shape, before the codec is made for it (minutes, in a worker)
+    code, out = run("eval-memory", "--quick", "--set", "speech.distractor_vocab=5000")
+    assert code == 2 and "token ids up to" in out and "exceed" in out, out
+    assert not any((tmp_path / "runs" / "eval-memory" / d).exists() for d in ("data", "codec"))
+    # a repeated task, seed or gap would run (and be reported) twice
+    code, out = run("eval-memory", "--quick", "--set", "tasks=[speech,speech]")
+    assert code == 2 and "eval.memory.tasks ['speech', 'speech']: an entry is repeated" in out
+    code, out = run("eval-memory", "--quick", "--set", "seeds=[1,1]")
+    assert code == 2 and "an entry is repeated" in out, out
     code, out = run("eval-stability", "--frames", "40", "--out", str(tmp_path))
     assert code == 2 and "is a directory" in out, out
     garbage, other = tmp_path / "garbage.pt", tmp_path / "other.pt"
@@ -832,28 +872,48 @@ def test_no_worker_outlives_a_stopped_run(how):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
 def test_a_worker_that_dies_ends_the_run_in_one_line(tmp_path):
-    """A worker killed mid-run (`kill -9`, as the kernel's OOM killer does) ends `eval-memory`
-    with a one-line error naming what the pool was running and exit status 2, not
-    concurrent.futures' BrokenProcessPool traceback; the other worker is stopped too and
-    nothing is written."""
+    """A worker killed mid-run (`kill -9`, as the kernel's OOM killer does), while it trains a
+    method, ends `eval-memory` with a one-line error naming what the pool was running and exit
+    status 2, not concurrent.futures' BrokenProcessPool traceback; the other worker is stopped
+    too and no report is written."""
+    import threading
+
     exe = Path(sys.executable).parent / "moshi-ttt"
+    # 400 steps: the jobs train long enough to be killed in the middle
     proc = subprocess.Popen([str(exe), "eval-memory", "--config", str(CONFIGS / "tiny.yaml"),
-                             "--quick", "--set", "tasks=[text]"], cwd=tmp_path,
-                            env=dict(os.environ, NO_TORCH_COMPILE="1"), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--quick", "--steps", "400", "--set", "tasks=[text]"],
+                            cwd=tmp_path, env=dict(os.environ, NO_TORCH_COMPILE="1"), text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    based = threading.Event()  # the base is trained: both workers now train methods
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if "steps of in-window training" in line:
+                based.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     workers: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while len(workers := _pool_workers(proc.pid)) < 2:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the pool's workers never started"
-            time.sleep(0.1)
-        time.sleep(1)
-        os.kill(workers[0], signal.SIGKILL)
-        _, err = proc.communicate(timeout=120)
+        assert based.wait(timeout=180), "".join(lines)
+        # the worker that trained the base now trains a method (the pool starts the second
+        # worker when the jobs come)
+        trainer = _pool_workers(proc.pid)
+        assert len(trainer) == 1, trainer
+        deadline = time.monotonic() + 60
+        while len(workers := _pool_workers(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.kill(trainer[0], signal.SIGKILL)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
+        err = "".join(lines)
         assert proc.returncode == 2, err
-        assert "an eval-memory worker process died (killed, or out of memory?)" in err, err
-        assert "the text base" in err or "text / seed" in err, err
+        assert "an eval-memory worker process died (killed, or out of memory?) while the pool "\
+               "ran text / seed 0 / " in err, err
+        assert "step 100/400" not in err  # killed mid-training
         assert "Traceback" not in err, err
         deadline = time.monotonic() + 15
         while (left := [p for p in workers if _alive(p)]) and time.monotonic() < deadline:
@@ -869,9 +929,11 @@ def test_a_worker_that_dies_ends_the_run_in_one_line(tmp_path):
         proc.wait(timeout=30)
 
 
-def test_eval_codec_is_made_again_for_another_config(tiny_cfg, tmp_path, monkeypatch):
-    """runs/eval-memory/codec is reused only for the config it was made for: the speech
-    figures depend on the codec, and a codec of another model or Mimi was reused silently."""
+def test_eval_codec_is_made_again_for_another_config_or_thread_count(tiny_cfg, tmp_path,
+                                                                    monkeypatch):
+    """runs/eval-memory/codec is reused only for the config and the torch thread count it was
+    made with: the speech figures depend on the codec, its calibration on both (README: another
+    thread count made other word codes), and one made otherwise was reused silently."""
     import moshi_ttt.base as base_mod
     import moshi_ttt.data.synth as synth_mod
     from moshi_ttt.base import CODEC_CALIBRATION_NAME, PROJECT_CONFIG_NAME
@@ -884,9 +946,16 @@ def test_eval_codec_is_made_again_for_another_config(tiny_cfg, tmp_path, monkeyp
     codec.mkdir()
     (codec / CODEC_CALIBRATION_NAME).write_text("{}")
     (codec / PROJECT_CONFIG_NAME).write_text(tiny_cfg.to_yaml())
-    assert mem.reusable_eval_codec(tiny_cfg, tmp_path) == codec  # the same config: reused
+    # made before the thread count was recorded: made again
+    assert mem.reusable_eval_codec(tiny_cfg, tmp_path, 1) is None
+    with mem._threads(2):
+        assert mem.make_eval_codec(tiny_cfg, tmp_path) == codec and made == [tiny_cfg]
+    assert mem.reusable_eval_codec(tiny_cfg, tmp_path, 2) == codec  # the same: reused
+    assert mem.reusable_eval_codec(tiny_cfg, tmp_path, 1) is None  # other threads: made again
     other = tiny_cfg.model_copy(deep=True)
     other.mimi["seanet"]["n_filters"] = 16
-    assert mem.reusable_eval_codec(other, tmp_path) is None  # another Mimi: made again
-    assert mem.make_eval_codec(other, tmp_path) == codec and made == [other]
-    assert mem.reusable_eval_codec(tiny_cfg, tmp_path / "nowhere") is None
+    assert mem.reusable_eval_codec(other, tmp_path, 2) is None  # another Mimi: made again
+    assert mem.make_eval_codec(other, tmp_path) == codec and made == [tiny_cfg, other]
+    (codec / mem.EVAL_CODEC_NAME).write_text("{not json")  # unreadable: made again
+    assert mem.reusable_eval_codec(tiny_cfg, tmp_path, 2) is None
+    assert mem.reusable_eval_codec(tiny_cfg, tmp_path / "nowhere", 1) is None

@@ -160,6 +160,10 @@ class MemoryEvalSettings(BaseModel):
                              f"attention reach (a shorter gap is within reach)")
         if not self.seeds:
             raise ValueError("eval.memory.seeds is empty")
+        for name in ("tasks", "gaps", "seeds", "methods", "ablation_tasks", "ablation_seeds"):
+            items = getattr(self, name)
+            if len(set(items)) != len(items):  # each would run (and be reported) twice
+                raise ValueError(f"eval.memory.{name} {items}: an entry is repeated")
         for name, over in self.ablations.items():
             unknown = sorted(set(over) - set(TTTConfig.model_fields))
             if unknown:
@@ -581,6 +585,12 @@ def inner_updates_off(lm: LMModel) -> Iterator[None]:
 
 # -- the whole comparison -----------------------------------------------------------------------
 
+def _on_threads(n: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) on `n` torch threads (a `then` runs in this process, beside the workers)."""
+    with _threads(n):
+        return fn(*args)
+
+
 @contextmanager
 def _threads(n: int) -> Iterator[None]:
     old = torch.get_num_threads()
@@ -622,10 +632,16 @@ class _Job:
     save_to: Path | None = None
 
 
-def reusable_eval_codec(cfg: ProjectConfig, root: Path) -> Path | None:
+#: Beside the eval codec: the torch threads it was calibrated on. The calibration's sums run in
+#: another order on another thread count and make other word codes (README: "The speech figures
+#: depend on the codec"), so a codec is reused only at the thread count it was made with.
+EVAL_CODEC_NAME = "eval-codec.json"
+
+
+def reusable_eval_codec(cfg: ProjectConfig, root: Path, threads: int) -> Path | None:
     """`root`/codec when it holds a calibrated codec made for `cfg`'s model, Mimi and
-    calibration; None when one must be made (`make_eval_codec`): the speech figures depend on
-    the codec, and one made for another config must not be reused silently."""
+    calibration on `threads` torch threads; None when one must be made (`make_eval_codec`): the
+    speech figures depend on the codec, and one made otherwise must not be reused silently."""
     from ..base import CODEC_CALIBRATION_NAME, PROJECT_CONFIG_NAME
     from ..config import ConfigError, load_config
 
@@ -639,19 +655,33 @@ def reusable_eval_codec(cfg: ProjectConfig, root: Path) -> Path | None:
         same = False
     if not same:
         logger.info("%s was made for another model or codec config: making it again", base)
-    return base if same else None
+        return None
+    try:
+        made_on = json.loads((base / EVAL_CODEC_NAME).read_text())["threads"]
+    except (OSError, ValueError, KeyError, TypeError):
+        made_on = None
+    if made_on != threads:
+        logger.info("%s was calibrated on %s torch threads, this run uses %d (other threads make "
+                    "other word codes): making it again", base,
+                    made_on if made_on is not None else "an unrecorded number of", threads)
+        return None
+    return base
 
 
 def make_eval_codec(cfg: ProjectConfig, root: Path) -> Path:
     """A tiny base under `root`/codec whose codec is calibrated on make-data's speech (made
-    under `root`/data), for the speech task's words; returns its directory."""
+    under `root`/data), for the speech task's words, on this process's torch threads (recorded
+    beside it); returns its directory."""
     from ..base import init_random_base
     from ..data.synth import synthesize_dataset
 
     data, base = root / "data", root / "codec"
     logger.info("the speech task needs a calibrated codec: making one in %s (once)", base)
     synthesize_dataset(data, n_dialogues=16, seed=0)
-    return init_random_base(cfg, base, data / "tokenizer.model", seed=0, calibrate_on=data)
+    (base / EVAL_CODEC_NAME).unlink(missing_ok=True)  # a half-made codec is never reused
+    out = init_random_base(cfg, base, data / "tokenizer.model", seed=0, calibrate_on=data)
+    (out / EVAL_CODEC_NAME).write_text(json.dumps({"threads": torch.get_num_threads()}) + "\n")
+    return out
 
 
 def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | None = None,
@@ -670,6 +700,10 @@ def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | Non
     num_layers = int(cfg.lm["num_layers"])
     if "speech" in s.tasks and codec is None and make_codec is None:
         raise ValueError("the speech task needs a base with a calibrated codec (--codec BASE)")
+    for kind in s.tasks:  # now, not after the codec is made (minutes) in a worker
+        for g in s.gaps:
+            task_at(s.task if kind == "text" else speech_shape(s), g, num_layers).check(
+                num_layers, cfg.text_card)
     t_start = time.perf_counter()
     facts: dict[str, Any] = {}
     done: dict[str, list[Any]] = {}  # task -> its jobs' results, in job order
@@ -731,7 +765,8 @@ def run_memory_eval(cfg: ProjectConfig, s: MemoryEvalSettings, codec: Path | Non
                 first.append(base_work(plan_task("text", None)))
             else:  # the words (and the codec, when it is made) in a worker
                 first.append(_Work(_CODEC_COST, _words_job, (s, codec, make_codec),
-                                   lambda words: [base_work(plan_task("speech", words))],
+                                   lambda words: [base_work(_on_threads(
+                                       s.threads, plan_task, "speech", words))],
                                    "the speech words" + (" and their codec" if make_codec
                                                          else "")))
     with _pool(s) as ex:
@@ -783,10 +818,13 @@ def _run_works(ex: concurrent.futures.Executor, workers: int, first: list[_Work]
                 ready += work.then(result)
     except BrokenProcessPool as e:
         lost = ", ".join(w.label for w in running.values()) or "a job"
+        # the pool also breaks when a worker's result cannot be read back; then it has a cause
+        what = ("an eval-memory worker's result could not be read back "
+                f"({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None
+                else "an eval-memory worker process died (killed, or out of memory?)")
         raise EvalWorkerError(
-            f"an eval-memory worker process died (killed, or out of memory?) while the pool ran "
-            f"{lost}: the run stopped and wrote nothing; run it again, or with --workers 1 to "
-            f"run every job in this process") from e
+            f"{what} while the pool ran {lost}: the run stopped before writing its report; "
+            f"run it again, or with --workers 1 to run every job in this process") from e
 
 
 class EvalWorkerError(RuntimeError):
