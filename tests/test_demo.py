@@ -38,7 +38,7 @@ def test_demo_end_to_end_then_reused(tmp_path, monkeypatch):
     # is kept); before, the first config's run was served and the demo said all was well
     variant = tmp_path / "variant.yaml"
     variant.write_text(packaged_config("tiny.yaml").read_text().replace(
-        "gate_init: 0.5", "gate_init: 0.2"))
+        "gate_init: 2.0", "gate_init: 0.2"))
     out = CliRunner().invoke(app, ["demo", "--workdir", str(work), "--steps", "2", "--mode",
                                    "pcm", "--dialogues", "4", "--config", str(variant)],
                              catch_exceptions=False)

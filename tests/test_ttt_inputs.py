@@ -128,7 +128,7 @@ def test_the_shipped_configs_have_the_same_inner_learner():
     where = {"layers", "depformer_layers", "num_heads", "gate_init"}
     assert {k: v for k, v in tiny.items() if k not in where} == \
         {k: v for k, v in big.items() if k not in where}
-    assert tiny["qkv_init"] == "whitened" and (tiny["gate_init"], big["gate_init"]) == (0.5, 0.1)
+    assert tiny["qkv_init"] == "whitened" and (tiny["gate_init"], big["gate_init"]) == (2.0, 0.1)
 
 
 def test_ttt_num_heads_unset_uses_the_hosts_heads():
