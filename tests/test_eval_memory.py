@@ -836,6 +836,24 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, prctl")
+def _alive_after(pids: list[int], seconds: float) -> list[int]:
+    """The processes of `pids` still running once they had `seconds` to end."""
+    deadline = time.monotonic() + seconds
+    while (left := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _kill_run(proc: subprocess.Popen, workers: list[int]) -> None:
+    """A test's cleanup: SIGKILL the run and its workers, whatever is left of them."""
+    for p in workers + ([] if proc.poll() is not None else [proc.pid]):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize("how", ["sigterm", "sigkill", "ctrl-c"])
 def test_no_worker_outlives_a_stopped_run(how):
     """Stopping `eval-memory --workers N` stops its workers: `kill PID`, `kill -9 PID` and a
@@ -857,17 +875,10 @@ def test_no_worker_outlives_a_stopped_run(how):
         else:
             proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
         assert proc.wait(timeout=30) != 0
-        deadline = time.monotonic() + 15
-        while (left := [p for p in workers if _alive(p)]) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        left = _alive_after(workers, 15)
         assert not left, f"{len(left)} of {len(workers)} workers still running after {how}"
     finally:
-        for p in workers + ([] if proc.poll() is not None else [proc.pid]):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=30)
+        _kill_run(proc, workers)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
@@ -915,18 +926,11 @@ def test_a_worker_that_dies_ends_the_run_in_one_line(tmp_path):
                "ran text / seed 0 / " in err, err
         assert "step 100/400" not in err  # killed mid-training
         assert "Traceback" not in err, err
-        deadline = time.monotonic() + 15
-        while (left := [p for p in workers if _alive(p)]) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        left = _alive_after(workers, 15)
         assert not left
         assert not (tmp_path / "runs" / "eval-memory" / "results-quick.json").exists()
     finally:
-        for p in workers + ([] if proc.poll() is not None else [proc.pid]):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=30)
+        _kill_run(proc, workers)
 
 
 def test_eval_codec_is_made_again_for_another_config_or_thread_count(tiny_cfg, tmp_path,
