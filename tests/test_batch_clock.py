@@ -105,6 +105,33 @@ def test_an_unknown_clock_is_refused():
         _engine("lockstep")
 
 
+class _LatenessProbe:
+    """How late this process's threads wake up while the run goes on: a thread that asks for
+    1 ms sleeps and keeps the worst overshoot. On a machine running other heavy work beside
+    the tests, the engine's thread can wake tens of ms late and then rightly find both
+    sessions' frames in: the clock did what it should, but the batching it was asked to show
+    is not measurable on that run."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            time.sleep(0.001)
+            self.worst = max(self.worst, time.monotonic() - t0 - 0.001)
+
+    def __enter__(self) -> "_LatenessProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _phased_run(eng, inputs: dict[str, np.ndarray], phase: dict[str, float]
                 ) -> tuple[dict[str, np.ndarray], float]:
     """Each session pushes a frame every 80 ms from its own thread, at its own phase; returns
@@ -138,26 +165,49 @@ def _phased_run(eng, inputs: dict[str, np.ndarray], phase: dict[str, float]
     return toks, float(np.mean(per_step))
 
 
+#: The two sessions' phase difference: half the 80 ms period, so that the window clock's
+#: 20 ms window closes 20 ms before the other session's frame and 40 ms after it.
+PHASE_S = 0.04
+#: Wake-up lateness (the probe's worst) beyond which a run cannot show the window clock's
+#: batching: the 20 ms margin above (a thread that wakes that late can find both frames in).
+STARVED_S = 0.02
+
+
 @pytest.mark.parametrize("clock", ["window", "tick"])
 def test_sessions_of_different_phases_equal_each_alone(clock):
-    """Two sessions 30 ms apart in phase, in real time: the tick clock steps them together
+    """Two sessions 40 ms apart in phase, in real time: the tick clock steps them together
     (about 2 sessions a step), the window clock one by one (the other is not in within
-    batch_wait_s); under both every token equals that of the session streamed alone."""
+    batch_wait_s); under both every token equals that of the session streamed alone.
+
+    The window clock's one-by-one needs threads that wake on time: a run during which this
+    process woke more than STARVED_S late (other heavy work on the machine) is tried again, up
+    to 3 runs; the tokens are checked on every run."""
     eng = _engine(clock)
     eng.warmup(1)
     eng.start()
+    inputs = {"A": _codes(1, 14), "B": _codes(2, 14)}
+    tries: list[tuple[float, float]] = []
     try:
-        inputs = {"A": _codes(1, 14), "B": _codes(2, 14)}
         alone = {k: _phased_run(eng, {k: v}, {k: 0.0})[0][k] for k, v in inputs.items()}
-        both, per_step = _phased_run(eng, inputs, {"A": 0.0, "B": 0.03})
+        for _ in range(3):
+            with _LatenessProbe() as probe:
+                both, per_step = _phased_run(eng, inputs, {"A": 0.0, "B": PHASE_S})
+            for k in inputs:
+                np.testing.assert_array_equal(both[k], alone[k], err_msg=k)
+            tries.append((per_step, probe.worst))
+            if clock == "tick" or probe.worst <= STARVED_S:
+                break
     finally:
         eng.stop()
-    for k in inputs:
-        np.testing.assert_array_equal(both[k], alone[k], err_msg=k)
+    per_step, worst = tries[-1]
     if clock == "tick":
         assert per_step >= 1.6, per_step
+    elif worst <= STARVED_S:
+        assert per_step <= 1.4, tries
     else:
-        assert per_step <= 1.4, per_step
+        pytest.skip(f"window clock's batching not measurable: this process woke up to "
+                    f"{1000 * max(w for _, w in tries):.0f} ms late in each of {len(tries)} "
+                    f"runs (sessions per step, lateness: {tries}); the tokens were checked")
 
 
 def test_the_server_setting_reaches_the_engine_and_health():
