@@ -21,10 +21,11 @@ is "down"; the cluster is healthy while at least the deployed number of replicas
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Mapping
 
 from prometheus_client.core import Metric
 from prometheus_client.exposition import generate_latest
@@ -57,6 +58,11 @@ REPLICA_LOST_CODE = 1012  # "service restart": the client may reconnect (to a su
 REPLICA_LOST_REASON = ("the replica serving this session stopped; reconnect to continue on "
                        "another replica (this session's memory is lost)")
 PROXY_MIDDLEWARES = "server.ray_serve:proxy_middlewares"
+#: Ray Serve's own settings, for its controller (and the proxies it starts), where the caller's
+#: environment does not set them. A proxy that is not ready within Ray's 5 s readiness check,
+#: three times running, is killed and the deployment fails to start: on a busy node (measured:
+#: the test suite beside four other processes on 2 cores) the proxy's start-up takes longer.
+RAY_SERVE_ENV_DEFAULTS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 
 
 class ReplicaLossClose:
@@ -283,6 +289,15 @@ def deployment_options(settings: ServeSettings, replicas: int, gpu: bool) -> dic
     }
 
 
+def controller_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of Ray Serve's controller: our proxy middlewares, and Ray Serve's
+    settings from `environ` (default: this process's), else `RAY_SERVE_ENV_DEFAULTS`."""
+    environ = os.environ if environ is None else environ
+    env = {k: environ.get(k, v) for k, v in RAY_SERVE_ENV_DEFAULTS.items()}
+    env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = PROXY_MIDDLEWARES
+    return env
+
+
 def start_deployment(settings: ServeSettings, replicas: int, ray_address: str | None = None,
                      num_cpus: int | None = None) -> None:
     """Start (or join) Ray, the registry and the deployment; returns once every replica is
@@ -308,8 +323,7 @@ def start_deployment(settings: ServeSettings, replicas: int, ray_address: str | 
                        "nodes to join (Ctrl-C stops)", replicas, replicas, gpus)
     open_registry(replicas)
     serve.start(http_options={"host": settings.host, "port": settings.port},
-                controller_options={"runtime_env": {"env_vars": {
-                    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_MIDDLEWARES}}})
+                controller_options={"runtime_env": {"env_vars": controller_env()}})
     settings_json = settings.model_dump(mode="json")
 
     def builder():  # Ray Serve calls a zero-argument function on each replica

@@ -392,3 +392,40 @@ def test_stopping_leaves_other_applications_on_a_shared_cluster(monkeypatch):
         stop_deployment()
         assert calls == [f"delete {APP_NAME}", *(["shutdown"] if shut else []),
                          "kill registry", "disconnect"], calls
+
+
+def test_serve_controller_gets_a_proxy_readiness_timeout_for_busy_nodes(monkeypatch):
+    """Ray kills a proxy that is not ready within 5 s, three checks running, and the deployment
+    fails to start: it did on this machine with the suite beside four other processes (setup
+    errors of every cluster test). The controller now gets 60 s unless the caller's environment
+    sets Ray's own variable, and still gets the proxy middlewares."""
+    import ray
+    from ray import serve
+
+    from server import ray_serve
+    from server.settings import ServeSettings
+
+    class Started(Exception):
+        pass
+
+    seen: list[dict] = []
+
+    def start(**kw):
+        seen.append(kw["controller_options"]["runtime_env"]["env_vars"])
+        raise Started
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray_serve, "open_registry", lambda n: None)
+    monkeypatch.setattr(serve, "start", start)
+    settings = ServeSettings(device="cpu", random_config=CONFIGS / "tiny.yaml")
+    for env, want in ((None, "60"), ("12.5", "12.5")):
+        if env is None:
+            monkeypatch.delenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", raising=False)
+        else:
+            monkeypatch.setenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", env)
+        with pytest.raises(Started):
+            ray_serve.start_deployment(settings, 2)
+        assert seen[-1] == {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": want,
+                            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH":
+                                "server.ray_serve:proxy_middlewares"}, seen[-1]
