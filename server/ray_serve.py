@@ -58,10 +58,11 @@ REPLICA_LOST_CODE = 1012  # "service restart": the client may reconnect (to a su
 REPLICA_LOST_REASON = ("the replica serving this session stopped; reconnect to continue on "
                        "another replica (this session's memory is lost)")
 PROXY_MIDDLEWARES = "server.ray_serve:proxy_middlewares"
-#: Ray Serve's own settings, for its controller (and the proxies it starts), where the caller's
-#: environment does not set them. A proxy that is not ready within Ray's 5 s readiness check,
-#: three times running, is killed and the deployment fails to start: on a busy node (measured:
-#: the test suite beside four other processes on 2 cores) the proxy's start-up takes longer.
+#: Ray Serve's own settings, for its controller (and the proxies it starts), where the
+#: environment of `serve --ray` does not set them (a value set only on a cluster's own
+#: `ray start` is overridden). A proxy that is not ready within Ray's 5 s readiness check, three
+#: times running, is killed and the deployment fails to start: on a busy node (measured: the
+#: Ray tests beside four other busy processes on 2 cores) the proxy's start-up takes longer.
 RAY_SERVE_ENV_DEFAULTS = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 
 
@@ -291,9 +292,11 @@ def deployment_options(settings: ServeSettings, replicas: int, gpu: bool) -> dic
 
 def controller_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of Ray Serve's controller: our proxy middlewares, and Ray Serve's
-    settings from `environ` (default: this process's), else `RAY_SERVE_ENV_DEFAULTS`."""
+    settings from `environ` (default: this process's) where set and not empty, else
+    `RAY_SERVE_ENV_DEFAULTS` (an empty value would stop the controller at import, restarting
+    without end)."""
     environ = os.environ if environ is None else environ
-    env = {k: environ.get(k, v) for k, v in RAY_SERVE_ENV_DEFAULTS.items()}
+    env = {k: environ.get(k) or v for k, v in RAY_SERVE_ENV_DEFAULTS.items()}
     env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = PROXY_MIDDLEWARES
     return env
 

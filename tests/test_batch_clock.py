@@ -179,9 +179,9 @@ def test_sessions_of_different_phases_equal_each_alone(clock):
     (about 2 sessions a step), the window clock one by one (the other is not in within
     batch_wait_s); under both every token equals that of the session streamed alone.
 
-    The window clock's one-by-one needs threads that wake on time: a run during which this
-    process woke more than STARVED_S late (other heavy work on the machine) is tried again, up
-    to 3 runs; the tokens are checked on every run."""
+    The window clock's one-by-one needs threads that wake on time: a run that stepped them
+    together while this process woke more than STARVED_S late (other heavy work on the
+    machine) is tried again, up to 3 runs; the tokens are checked on every run."""
     eng = _engine(clock)
     eng.warmup(1)
     eng.start()
@@ -195,18 +195,19 @@ def test_sessions_of_different_phases_equal_each_alone(clock):
             for k in inputs:
                 np.testing.assert_array_equal(both[k], alone[k], err_msg=k)
             tries.append((per_step, probe.worst))
-            if clock == "tick" or probe.worst <= STARVED_S:
+            # lateness can only merge steps: a starved run that stepped one by one still counts
+            if clock == "tick" or per_step <= 1.4 or probe.worst <= STARVED_S:
                 break
     finally:
         eng.stop()
     per_step, worst = tries[-1]
     if clock == "tick":
         assert per_step >= 1.6, per_step
-    elif worst <= STARVED_S:
+    elif per_step <= 1.4 or worst <= STARVED_S:
         assert per_step <= 1.4, tries
     else:
-        pytest.skip(f"window clock's batching not measurable: this process woke up to "
-                    f"{1000 * max(w for _, w in tries):.0f} ms late in each of {len(tries)} "
+        pytest.skip(f"window clock's batching not measurable: this process woke at least "
+                    f"{1000 * min(w for _, w in tries):.0f} ms late in each of {len(tries)} "
                     f"runs (sessions per step, lateness: {tries}); the tokens were checked")
 
 

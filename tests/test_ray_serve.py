@@ -398,7 +398,8 @@ def test_serve_controller_gets_a_proxy_readiness_timeout_for_busy_nodes(monkeypa
     """Ray kills a proxy that is not ready within 5 s, three checks running, and the deployment
     fails to start: it did on this machine with the suite beside four other processes (setup
     errors of every cluster test). The controller now gets 60 s unless the caller's environment
-    sets Ray's own variable, and still gets the proxy middlewares."""
+    sets Ray's own variable (an empty one would stop the controller at import), and still gets
+    the proxy middlewares."""
     import ray
     from ray import serve
 
@@ -419,7 +420,7 @@ def test_serve_controller_gets_a_proxy_readiness_timeout_for_busy_nodes(monkeypa
     monkeypatch.setattr(ray_serve, "open_registry", lambda n: None)
     monkeypatch.setattr(serve, "start", start)
     settings = ServeSettings(device="cpu", random_config=CONFIGS / "tiny.yaml")
-    for env, want in ((None, "60"), ("12.5", "12.5")):
+    for env, want in ((None, "60"), ("12.5", "12.5"), ("", "60")):
         if env is None:
             monkeypatch.delenv("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", raising=False)
         else:
