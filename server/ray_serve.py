@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any
 
 from prometheus_client.core import Metric
 from prometheus_client.exposition import generate_latest
@@ -290,13 +290,12 @@ def deployment_options(settings: ServeSettings, replicas: int, gpu: bool) -> dic
     }
 
 
-def controller_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def controller_env() -> dict[str, str]:
     """The environment of Ray Serve's controller: our proxy middlewares, and Ray Serve's
-    settings from `environ` (default: this process's) where set and not empty, else
+    settings from this process's environment where set and not empty, else
     `RAY_SERVE_ENV_DEFAULTS` (an empty value would stop the controller at import, restarting
     without end)."""
-    environ = os.environ if environ is None else environ
-    env = {k: environ.get(k) or v for k, v in RAY_SERVE_ENV_DEFAULTS.items()}
+    env = {k: os.environ.get(k) or v for k, v in RAY_SERVE_ENV_DEFAULTS.items()}
     env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = PROXY_MIDDLEWARES
     return env
 

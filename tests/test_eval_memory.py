@@ -835,7 +835,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, prctl")
 def _alive_after(pids: list[int], seconds: float) -> list[int]:
     """The processes of `pids` still running once they had `seconds` to end."""
     deadline = time.monotonic() + seconds
@@ -854,6 +853,7 @@ def _kill_run(proc: subprocess.Popen, workers: list[int]) -> None:
     proc.wait(timeout=30)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, prctl")
 @pytest.mark.parametrize("how", ["sigterm", "sigkill", "ctrl-c"])
 def test_no_worker_outlives_a_stopped_run(how):
     """Stopping `eval-memory --workers N` stops its workers: `kill PID`, `kill -9 PID` and a
