@@ -250,6 +250,9 @@ class TTTBlock(StreamingModule[TTTState]):
         self.forget = cfg.forget
         self.rope = cfg.rope
         self.qk_conv_init = cfg.qk_conv_init
+        self.qkv_init = cfg.qkv_init
+        self.out_init = cfg.out_init
+        self.qk_conv_lr_scale = cfg.qk_conv_lr_scale
         self.position_scale_kind = cfg.position_scale
         self.layer_index = layer_index
         # Streaming only: accumulate each row's inner losses (TTTState.telemetry). Off by
@@ -344,6 +347,30 @@ class TTTBlock(StreamingModule[TTTState]):
             if lin is not None:
                 lin.weight.copy_(W.to(lin.weight.dtype))
                 lin.bias.copy_((-W @ mu).to(lin.bias.dtype))
+
+    @torch.no_grad()
+    def match_output_scale(self, xs: torch.Tensor | list[torch.Tensor]) -> float:
+        """`out_init: matched`: rescale wo so that what this block adds to the residual stream
+        (gate included) has the RMS of the stream itself on the calibration frames xs (this
+        block's input, [..., d_model], one tensor or several). Why: the frozen layers above read
+        a recalled item through wo, which starts random; at the random init's scale the block
+        adds 0.44x the stream's RMS at layer 0 of the tiny model and 0.17x at layer 1, and with
+        that small a read-out some seeds never leave chance in the eval-memory budget (README,
+        "The TTT layer"). Returns the factor applied."""
+        x_sq = y_sq = 0.0
+        for x in [xs] if isinstance(xs, torch.Tensor) else xs:
+            x = x.to(self.wq.weight.dtype)
+            y = self.forward(x) - x
+            x_sq += float(x.float().pow(2).sum())
+            y_sq += float(y.float().pow(2).sum())
+        if not (math.isfinite(x_sq) and math.isfinite(y_sq)) or y_sq <= 0 or x_sq <= 0:
+            raise ValueError(f"TTT layer {self.layer_index}: cannot match the output scale on "
+                             f"these calibration frames (sum of squares: input {x_sq}, block "
+                             f"output {y_sq}; expected finite and positive)")
+        factor = math.sqrt(x_sq / y_sq)
+        self.wo.weight.mul_(factor)
+        self.wo.bias.mul_(factor)
+        return factor
 
     # -- shared projections ------------------------------------------------------------------
     def _qkv_lr(self, x: torch.Tensor):

@@ -741,7 +741,7 @@ def diagnose_ttt(
     from .diagnostics import diagnose
     from .eval.diagnose import dataset_codes, format_diagnosis, random_codes
     from .hub import resolve_checkpoint
-    from .model import build_ttt_lm, whiten_ttt
+    from .model import build_ttt_lm, calibrate_ttt
 
     if config is None and checkpoint is None:
         fail("give --config, --checkpoint or both (a config's TTT on a base directory)")
@@ -765,9 +765,12 @@ def diagnose_ttt(
             lm, where, fresh = build_ttt_lm(cfg), f"random {config}", True
         codes = dataset_codes(loaded, data, frames) if data is not None else \
             random_codes(lm, frames, seed)
-        if fresh and cfg.ttt.qkv_init == "whitened":
-            whiten_ttt(lm, codes)  # as train starts a fresh run: whitened on its first frames
-            where += " (q/k/v whitened on the streamed frames)"
+        if fresh and cfg.ttt.calibrated:
+            calibrate_ttt(lm, codes)  # as train starts a fresh run: calibrated on its first frames
+            where += " (calibrated on the streamed frames: " + ", ".join(
+                w for w, on in (("q/k/v whitened", cfg.ttt.qkv_init == "whitened"),
+                                ("output scale matched", cfg.ttt.out_init == "matched")) if on
+            ) + ")"
         report = diagnose(lm, codes, every=every, seed=seed)
     except (ConfigError, CheckpointError, DimensionMismatch, DataError, ValueError) as e:
         fail(reason(e))

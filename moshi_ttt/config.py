@@ -122,14 +122,33 @@ class TTTConfig(BaseModel):
         "random", description="wq, wk and wv at init (the shipped configs: `whitened`): "
         "`random` (truncated normal); `whitened`: "
         "the ZCA whitening of the block's normalised input, measured on the first training batch "
-        "(`moshi_ttt.model.whiten_ttt`), so that different frames' keys are decorrelated from the "
-        "first step (random projections of hidden states that share a large common direction "
+        "(`moshi_ttt.model.calibrate_ttt`), so that different frames' keys are decorrelated from "
+        "the first step (random projections of hidden states that share a large common direction "
         "give keys of mean cosine ~0.8: a recall query then reads back the mean of all writes)")
+    out_init: Literal["random", "matched"] = Field(
+        "random", description="wo at init: `random` (truncated normal); `matched`: set on "
+        "calibration frames as `qkv_init: whitened` is (after the whitening, when both): rescaled "
+        "so that what the block adds to the residual stream has that stream's RMS there, at "
+        "every TTT layer alike. The outer loop learns to read the recalled item from a random "
+        "read-out that starts at this scale; smaller, some seeds never leave chance in the "
+        "default eval-memory budget (README, 'The TTT layer')")
+    qk_conv_lr_scale: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="outer learning rate of the q/k convs' "
+        "taps and biases, as a multiple of the other TTT parameters' (`moshi-ttt train` and "
+        "`eval-memory` alike): a key that holds the frame before it needs taps to move by about "
+        "1 from their identity init, a few scalars per channel that at the common rate take "
+        "most of a short training to get there")
     share_qk: bool = Field(False, description="q and k from one projection, told apart by their "
                            "own convs (needs qk_conv), as ttt-lm's share_qk")
     position_scale: Literal["mean", "sum"] = Field(
         "sum", description="s_i: `mean` 1/(i+1) (the reference: mini-batch GD on the mean "
         "gradient), `sum` 1 (every frame writes with its own lr, within a mini-batch and after)")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether a fresh model needs `moshi_ttt.model.calibrate_ttt` on frames before it
+        trains (whitened q/k/v or a matched output scale)."""
+        return self.qkv_init == "whitened" or self.out_init == "matched"
 
     @model_validator(mode="after")
     def _share_qk_needs_convs(self) -> "TTTConfig":

@@ -159,18 +159,43 @@ def block_inputs(lm: LMModel, codes: torch.Tensor, blocks: list[AttachedBlock]
 
 
 @torch.no_grad()
-def whiten_ttt(lm: LMModel, batches: torch.Tensor | list[torch.Tensor]) -> list[AttachedBlock]:
-    """`ttt.qkv_init: whitened`: set each TTT block's q/k/v projections to the whitening of its
-    own input on `batches` (codes [B, 17, T], teacher forced: one batch or several, e.g. a
-    training batch), block by block in order, so a block is calibrated on what the blocks
-    before it, already whitened, pass on. Call on a fresh model, before training (it overwrites
-    trained projections). Returns the blocks it set."""
+def calibrate_ttt(lm: LMModel, batches: torch.Tensor | list[torch.Tensor]
+                  ) -> list[AttachedBlock]:
+    """The TTT blocks' data-dependent init on `batches` (codes [B, 17, T], teacher forced: one
+    batch or several, e.g. a training batch): with `ttt.qkv_init: whitened` each block's q/k/v
+    projections become the whitening of its own input and, with `ttt.out_init: matched`, its
+    wo is then rescaled so that what the block adds has the RMS of that input
+    (`TTTBlock.match_output_scale`); block by block in order, so a block is calibrated on what
+    the blocks before it, already calibrated, pass on. Call on a fresh model, before training
+    (it overwrites trained projections). Returns the blocks it calibrated."""
     batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
     done = []
     for a in list(ttt_blocks(lm)):
-        a.block.whiten_projections([block_inputs(lm, codes, [a])[0] for codes in batches])
+        xs = [block_inputs(lm, codes, [a])[0] for codes in batches]
+        if a.block.qkv_init == "whitened":
+            a.block.whiten_projections(xs)
+        if a.block.out_init == "matched":
+            a.block.match_output_scale(xs)
         done.append(a)
     return done
+
+
+def outer_lr_scales(lm: nn.Module) -> dict[str, float]:
+    """Parameter name -> the multiple of its group's outer learning rate it trains at, for the
+    parameters whose rate differs: each TTT block's q/k conv taps and biases
+    (`ttt.qk_conv_lr_scale`). Every optimiser of TTT parameters (`moshi-ttt train`,
+    `eval-memory`) reads this, so one config gives one training."""
+    out: dict[str, float] = {}
+    for mod_name, module in lm.named_modules():
+        if not isinstance(module, TTTBlock) or module.qk_conv_lr_scale == 1.0:
+            continue
+        for conv_name in ("conv_q", "conv_k"):
+            conv = getattr(module, conv_name)
+            if conv is None:
+                continue
+            for p_name, _ in conv.named_parameters():
+                out[f"{mod_name}.{conv_name}.{p_name}"] = module.qk_conv_lr_scale
+    return out
 
 
 def is_ttt_param(name: str) -> bool:

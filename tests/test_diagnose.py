@@ -16,7 +16,7 @@ from moshi_ttt.diagnostics import (
     block_keys, diagnose, input_dependence, key_report, key_selectivity, probe_queries,
 )
 from moshi_ttt.eval.diagnose import random_codes
-from moshi_ttt.model import block_inputs, build_ttt_lm, ttt_blocks, whiten_ttt
+from moshi_ttt.model import block_inputs, build_ttt_lm, ttt_blocks, calibrate_ttt
 
 from conftest import CONFIGS
 
@@ -47,7 +47,7 @@ def test_shipped_init_stays_input_dependent_for_1000_frames(tiny_cfg, head_dim):
     assert next(iter(ttt_blocks(lm))).block.head_dim == head_dim
     codes = random_codes(lm, 1000, 0)
     assert cfg.ttt.qkv_init == "whitened"  # shipped: whitened on the frames, as diagnose-ttt does
-    whiten_ttt(lm, codes)
+    calibrate_ttt(lm, codes)
     rep = diagnose(lm, codes)
     for lay in rep["layers"]:
         first, last = lay["series"][0], lay["series"][-1]

@@ -276,6 +276,30 @@ def test_methods_share_base_weights_and_lora_rank_matches_ttt_count(tiny_cfg):
         tiny_cfg.ttt.position_scale, tiny_cfg.ttt.inner_init)
 
 
+def test_ttt_q_k_convs_train_at_their_lr_scale(tiny_cfg):
+    """eval-memory's training reads `ttt.qk_conv_lr_scale` (10 in the tiny config) as the trainer
+    does: AdamW's first step moves each element by about its group's lr, so the conv taps move
+    10x as far as the other TTT tensors, and LoRA's adapters (no convs) move at the lr."""
+    assert tiny_cfg.ttt.qk_conv_lr_scale == 10.0
+    s = _quick(tiny_cfg).model_copy(update={"steps": 1, "warmup_steps": 0})
+    L = int(tiny_cfg.lm["num_layers"])
+    task = mem.whole_mini_batches(mem.task_at(s.task, 1, L), tiny_cfg.ttt.mini_batch_size)
+    batch = mem.batches("text", int(tiny_cfg.lm["n_q"]), int(tiny_cfg.lm["dep_q"]), None)
+    for method in ("ttt", "lora"):
+        lm = mem.build_method(method, tiny_cfg, s.task.context, 0, 2)
+        before = {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
+        mem.train_method(lm, s, task, batch, data_seed=0)
+        moved = {n: float((p.detach() - before[n]).abs().max())
+                 for n, p in lm.named_parameters() if p.requires_grad}
+        conv = [v for n, v in moved.items() if ".conv_q." in n or ".conv_k." in n]
+        rest = [v for n, v in moved.items() if ".conv_q." not in n and ".conv_k." not in n]
+        assert max(rest) == pytest.approx(s.lr, rel=0.01), method
+        if method == "ttt":
+            assert len(conv) == 8 and max(conv) == pytest.approx(10 * s.lr, rel=0.01)
+        else:
+            assert not conv
+
+
 def test_the_base_keeps_its_own_batch_when_the_methods_change_theirs(tiny_cfg):
     """`batch_size` is the methods' batch; the shared base trains at `pretrain_batch_size`, so a
     budget tried at another batch (e.g. 4 x 1600 steps) is compared on the same base."""

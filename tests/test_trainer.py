@@ -344,6 +344,33 @@ def test_weight_decay_spares_norms_biases_and_gates(env, tmp_path):
         "conv_q.conv.conv.bias", "conv_k.conv.conv.weight", "conv_k.conv.conv.bias"}
 
 
+def test_qk_convs_train_at_their_lr_scale(env, tmp_path):
+    """`ttt.qk_conv_lr_scale` (10 in the tiny config): the q/k convs' taps and biases are in a
+    group of their own whose learning rate is that multiple of the TTT lr, at the peak and at
+    every step of the schedule; every other TTT tensor at the TTT lr, and no decay on the convs
+    (as before: a per-channel filter)."""
+    cfg = _cfg()
+    assert cfg.ttt.qk_conv_lr_scale == 10.0
+    t = Trainer(cfg, _settings(env, weight_decay=0.3, warmup_steps=2), tmp_path / "lr",
+                base_override=BaseModelRef(local_dir=str(env["base"])))
+    t._prepare_params()
+    t._optimizer()
+    names = {id(p): n for n, p in t.lm.named_parameters()}
+    for step in (1, 2, 4):  # warm-up, peak, cosine
+        t._set_lr(step)
+        lr = {names[id(p)]: (g["lr"], g["weight_decay"], g["name"])
+              for g in t.opt.param_groups for p in g["params"]}
+        ttt_lr = lr["transformer.layers.1.ttt.wq.weight"][0]
+        assert ttt_lr == pytest.approx(3e-3 * _lr_lambda(step - 1, 2, 4, t.s.min_lr_ratio))
+        conv = {k: v for k, v in lr.items() if ".conv_q." in k or ".conv_k." in k}
+        assert len(conv) == 8  # 2 layers x (q, k) x (taps, bias)
+        for k, (g_lr, wd, name) in conv.items():
+            assert g_lr == pytest.approx(10.0 * ttt_lr) and wd == 0.0 and name == \
+                "ttt_nodecay_x10", k
+        others = {v[0] for k, v in lr.items() if k not in conv}
+        assert others == {ttt_lr}
+
+
 # -- checkpoints gather only what is trained --------------------------------------------------------
 
 def test_checkpoints_gather_only_trained_tensors(env, tmp_path, monkeypatch):

@@ -58,8 +58,8 @@ from ..config import ProjectConfig, TTTConfig
 from ..diagnostics import key_report
 from ..lora import apply_lora, is_lora_param
 from ..model import (
-    attach_ttt, build_base_lm, carry_fast_weights, delayed_inputs, is_ttt_param, ttt_blocks,
-    whiten_ttt,
+    attach_ttt, build_base_lm, calibrate_ttt, carry_fast_weights, delayed_inputs, is_ttt_param,
+    outer_lr_scales, ttt_blocks,
 )
 from ..process_memory import keep_freed_memory
 from ..ttt_mlp import FastWeights
@@ -351,11 +351,17 @@ def train_method(lm: LMModel, s: MemoryEvalSettings, task: RecallTask, batch: Ba
     first step and the mean over the last tenth of the steps, overall and split into dependent /
     other frames (all None when nothing is trained). `label` names the run in the log (jobs of
     several workers interleave there)."""
-    params = [p for p in lm.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in lm.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params or not s.steps:
         return dict.fromkeys(("loss_first", "loss_last", "dependent_last", "other_last"))
     train_on = train_on or s.train_on
-    opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    scales = outer_lr_scales(lm)  # e.g. the TTT q/k convs' `qk_conv_lr_scale`
+    groups: dict[float, list[torch.Tensor]] = {}
+    for n, p in named:
+        groups.setdefault(scales.get(n, 1.0), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "lr": s.lr * k} for k, ps in groups.items()],
+                            lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: _lr_lambda(i, s.warmup_steps, s.steps, s.min_lr_ratio))
     g = torch.Generator().manual_seed(data_seed)
@@ -964,8 +970,8 @@ def _run_job(cfg: ProjectConfig, s: MemoryEvalSettings, job: _Job,
         tc = ttt_variant(cfg, job.ttt_overrides) if is_ttt else None
         lm = build_method("ttt" if is_ttt else job.method, cfg, plan.shape.context, seed,
                           plan.rank, base, tc, lora_scaling=s.lora_scaling)
-        if tc is not None and tc.qkv_init == "whitened":  # on a batch of its own, as train does
-            whiten_ttt(lm, batch(plan.train_task, s.batch_size,
+        if tc is not None and tc.calibrated:  # on a batch of its own, as train does
+            calibrate_ttt(lm, batch(plan.train_task, s.batch_size,
                                  torch.Generator().manual_seed(seed + WHITEN_SEED))[0])
         probe = held[s.gaps[0]][0][:KEY_ROWS]
         keys = {"init": key_report(lm, probe)} if is_ttt else None

@@ -35,7 +35,7 @@ from moshi.models.lm import LMGen, LMModel
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import ProjectConfig
-from ..model import build_ttt_lm, ttt_blocks, whiten_ttt
+from ..model import build_ttt_lm, calibrate_ttt, ttt_blocks
 from ..process_memory import rss_mb
 from .diagnose import random_codes
 
@@ -143,8 +143,8 @@ def run_stability(cfg: ProjectConfig, s: StabilitySettings,
         torch.manual_seed(s.seed)
         if lm is None:
             lm = build_ttt_lm(cfg)
-            if cfg.ttt.qkv_init == "whitened":  # as train starts a model: whitened on frames
-                whiten_ttt(lm, random_codes(lm, WHITEN_FRAMES, s.seed))
+            if cfg.ttt.calibrated:  # as train starts a model: calibrated on frames
+                calibrate_ttt(lm, random_codes(lm, WHITEN_FRAMES, s.seed))
         if not any(a.component == "transformer" for a in ttt_blocks(lm)):
             raise ValueError("eval-stability needs a model with TTT layers in its transformer")
         lm.eval()

@@ -46,7 +46,7 @@ from ..data.index import DataError
 from ..data.loader import LoaderPosition, SegmentLoader
 from ..dims import count_params
 from ..lora import is_lora_param
-from ..model import is_ttt_param, ttt_blocks, whiten_ttt
+from ..model import calibrate_ttt, is_ttt_param, outer_lr_scales, ttt_blocks
 from . import distributed as dist_util
 from .loss import StreamSums, combine, stream_sums, summarize, weight_totals
 from .settings import TrainSettings
@@ -349,22 +349,34 @@ class Trainer:
 
     def _optimizer(self) -> None:
         decayed = decayed_names(self.lm)
+        scales = outer_lr_scales(self.lm)
         groups: dict[str, list[torch.nn.Parameter]] = {}
+        self._lr_scale: dict[str, float] = {}
         for name, p in self.lm.named_parameters():
             if not p.requires_grad:
                 continue
             kind = "ttt" if is_ttt_param(name) else "lora" if is_lora_param(name) else "base"
-            groups.setdefault(f"{kind}{'' if name in decayed else '_nodecay'}", []).append(p)
+            scale = scales.get(name, 1.0)
+            # e.g. "ttt_nodecay_x10": the TTT q/k convs at ttt.qk_conv_lr_scale 10
+            key = (f"{kind}{'' if name in decayed else '_nodecay'}"
+                   f"{'' if scale == 1.0 else f'_x{scale:g}'}")
+            groups.setdefault(key, []).append(p)
+            self._lr_scale[key] = scale
         self._peak_lr = {"ttt": self.s.lr, "lora": self.s.lora_lr, "base": self.s.base_lr}
         param_groups = [
-            {"params": ps, "lr": self._peak_lr[k.split("_")[0]],
-             "weight_decay": self._group_decay(k), "name": k}
+            {"params": ps, "lr": self._group_lr(k), "weight_decay": self._group_decay(k),
+             "name": k}
             for k, ps in sorted(groups.items())
         ]
         self.opt = torch.optim.AdamW(param_groups, betas=self.s.betas, eps=ADAM_EPS)
 
     def _group_decay(self, group: str) -> float:
-        return 0.0 if group.endswith("_nodecay") else self.s.weight_decay
+        return 0.0 if "_nodecay" in group else self.s.weight_decay
+
+    def _group_lr(self, group: str) -> float:
+        """A group's peak learning rate: its kind's (`lr`, `lora_lr`, `base_lr`) times its scale
+        (`outer_lr_scales`)."""
+        return self._peak_lr[group.split("_")[0]] * self._lr_scale[group]
 
     def _set_lr(self, step: int) -> float:
         """The learning rates of `step` (from 1) set on every group, before its update: a pure
@@ -372,7 +384,7 @@ class Trainer:
         group's, which the metrics log for that step."""
         factor = _lr_lambda(step - 1, self.s.warmup_steps, self.s.max_steps, self.s.min_lr_ratio)
         for g in self.opt.param_groups:
-            g["lr"] = self._peak_lr[g["name"].split("_")[0]] * factor
+            g["lr"] = self._group_lr(g["name"]) * factor
         return float(self.opt.param_groups[0]["lr"])
 
     def _data(self) -> None:
@@ -426,9 +438,10 @@ class Trainer:
             "(checkpoint -> now):\n  " + "\n  ".join(lines) + "\nResume with the same --data "
             "and segment_seconds, or train on the new data in another --out")
 
-    def _whiten_projections(self) -> None:
-        """`ttt.qkv_init: whitened`, on a fresh run only: each TTT block's q/k/v projections
-        start as the whitening of its input on the first training segments, as many as give
+    def _calibrate_ttt(self) -> None:
+        """`ttt.qkv_init: whitened` and `ttt.out_init: matched`, on a fresh run only: each TTT
+        block's q/k/v projections start as the whitening of its input (and its wo at the scale
+        of that input) on the first training segments, as many as give
         WHITEN_FRAMES_PER_DIM x d_model frames (a covariance of d_model dims needs more frames
         than dims; at most WHITEN_MAX_BATCHES micro-batches), the data position untouched. On
         rank 0 before sharding, so every rank starts from the same projections."""
@@ -443,10 +456,13 @@ class Trainer:
         batches = [self.train_data.batch(segs[i:i + bs]).to(self.device)
                    for i in range(0, n, bs)]
         with self.autocast:
-            done = whiten_ttt(self.lm, batches)
-        logger.info("ttt.qkv_init whitened: q/k/v projections of %d TTT block(s) set from the "
-                    "first %d training frames (%d segments)", len(done),
-                    n * self.train_data.seg_frames, n)
+            done = calibrate_ttt(self.lm, batches)
+        what = [w for w, on in (("q/k/v projections (ttt.qkv_init whitened)",
+                                 self.cfg.ttt.qkv_init == "whitened"),
+                                ("output scale (ttt.out_init matched)",
+                                 self.cfg.ttt.out_init == "matched")) if on]
+        logger.info("%s of %d TTT block(s) set from the first %d training frames (%d segments)",
+                    " and ".join(what), len(done), n * self.train_data.seg_frames, n)
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -464,8 +480,8 @@ class Trainer:
         self.lm.train()
         self._data()
         if self.is_main:  # full weights live on rank 0 until sharded
-            if self._resume_state is None and self.cfg.ttt.qkv_init == "whitened":
-                self._whiten_projections()
+            if self._resume_state is None and self.cfg.ttt.calibrated:
+                self._calibrate_ttt()
             self._check_first_batch()
         if self.distributed:
             full = self.lm.state_dict() if self.is_main else {}
