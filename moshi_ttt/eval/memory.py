@@ -972,7 +972,7 @@ def _run_job(cfg: ProjectConfig, s: MemoryEvalSettings, job: _Job,
                           plan.rank, base, tc, lora_scaling=s.lora_scaling)
         if tc is not None and tc.calibrated:  # on a batch of its own, as train does
             calibrate_ttt(lm, batch(plan.train_task, s.batch_size,
-                                 torch.Generator().manual_seed(seed + WHITEN_SEED))[0])
+                                    torch.Generator().manual_seed(seed + WHITEN_SEED))[0])
         probe = held[s.gaps[0]][0][:KEY_ROWS]
         keys = {"init": key_report(lm, probe)} if is_ttt else None
         t0 = time.perf_counter()
