@@ -14,7 +14,11 @@ from fixtures import make_tiny_base, write_random_dataset, write_wav
 from torchrun import metrics, output, run_train
 
 LOSS_TOL = 1e-5  # fp32 on CPU; the sums are reduced in a different order across processes
-WEIGHT_TOL = 1e-4
+# AdamW moves an element by lr x m / sqrt(v): where a gradient is near rounding, that ratio
+# differs between reduction orders. Measured with the tiny config's base_lr 8 (e22d340): one
+# element of 16,384 in layer 0's W2 off by 1.4e-4 after 3 steps, every other below 2e-5 (1e-4
+# held before it)
+WEIGHT_TOL = 2e-4
 
 
 @pytest.fixture(scope="module")

@@ -404,7 +404,7 @@ def test_resume_names_a_changed_model_config(env, run2, tmp_path):
     with pytest.raises(TrainingError, match="another model") as e:
         _run(env, out, cfg=cfg, max_steps=3, eval_data=None, resume=True)
     msg = str(e.value)
-    for line in ("ttt.layers: [0, 1] -> [0, 1, 2]", "ttt.base_lr: 1.0 -> 0.2",
+    for line in ("ttt.layers: [0, 1] -> [0, 1, 2]", "ttt.base_lr: 8.0 -> 0.2",
                  "lm.context: 250 -> 100"):
         assert line in msg, msg
     with pytest.raises(TrainingError, match=r"train\.lora\.enable: False -> True"):
@@ -497,17 +497,20 @@ def test_a_stale_duration_is_caught_on_a_cache_hit(env, tmp_path):
 
 
 def test_first_batch_check_names_a_collapsed_layer(env, tmp_path, caplog):
-    """The trainer streams its first batch before step 1: silent at the shipped init, a
-    warning naming each layer at the reference init (W0 ~ N(0, 0.02), which collapses)."""
+    """The trainer streams its first batch before step 1 (after the calibration, as `run` does):
+    silent at the shipped init, a warning naming each layer at the reference init (W0 ~ N(0,
+    0.02), which collapses)."""
     import logging
 
     from moshi_ttt.train.trainer import Trainer
 
-    def trainer(cfg, out):
+    def trainer(cfg, out):  # as `run` starts a fresh run: calibrated, then checked
         t = Trainer(cfg, _settings(env, max_steps=1), out,
                     base_override=BaseModelRef(local_dir=str(env["base"])))
         t.lm.train()
         t._data()
+        if cfg.ttt.calibrated:
+            t._calibrate_ttt()
         return t
 
     caplog.set_level(logging.INFO, logger="moshi_ttt.train.trainer")
@@ -518,7 +521,8 @@ def test_first_batch_check_names_a_collapsed_layer(env, tmp_path, caplog):
         assert f"TTT layer {layer}, first batch (" in caplog.text and "crosstalk" in caplog.text
     cfg = _cfg()
     cfg.ttt = cfg.ttt.model_copy(update={"inner_init": "reference", "position_scale": "mean",
-                                         "base_lr": 0.1, "forget": "none", "qk_conv": 0})
+                                         "base_lr": 0.1, "forget": "none", "qk_conv": 0,
+                                         "qkv_init": "random", "out_init": "random"})
     bad = trainer(cfg, tmp_path / "bad")
     pos = bad.pos.__dict__.copy()
     bad._check_first_batch()

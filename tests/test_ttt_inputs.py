@@ -123,12 +123,17 @@ def test_no_false_alarm_on_moshi_and_shipped_configs():
 def test_the_shipped_configs_have_the_same_inner_learner():
     """tiny.yaml is where the TTT design is measured (eval-memory, diagnose-ttt); the 7B config
     must ship the same learner, or those measurements say nothing about it. They differ only in
-    where the blocks go, their heads and the output gate (README, "The TTT layer")."""
+    where the blocks go, their heads, and the four settings measured on the tiny base alone,
+    which the 7B keeps at their cautious values until a trained 7B is measured: the output gate,
+    the inner step, the output init and the conv taps' lr (README, "The TTT layer")."""
     tiny, big = (load_config(CONFIGS / n).ttt.model_dump() for n in ("tiny.yaml", "moshi-7b.yaml"))
-    where = {"layers", "depformer_layers", "num_heads", "gate_init"}
-    assert {k: v for k, v in tiny.items() if k not in where} == \
-        {k: v for k, v in big.items() if k not in where}
-    assert tiny["qkv_init"] == "whitened" and (tiny["gate_init"], big["gate_init"]) == (2.0, 0.1)
+    where = {"layers", "depformer_layers", "num_heads"}
+    tiny_only = {"gate_init": (2.0, 0.1), "base_lr": (8.0, 1.0), "out_init": ("matched", "random"),
+                 "qk_conv_lr_scale": (10.0, 1.0)}
+    assert {k: v for k, v in tiny.items() if k not in where | set(tiny_only)} == \
+        {k: v for k, v in big.items() if k not in where | set(tiny_only)}
+    assert {k: (tiny[k], big[k]) for k in tiny_only} == tiny_only
+    assert tiny["qkv_init"] == "whitened"
 
 
 def test_ttt_num_heads_unset_uses_the_hosts_heads():
@@ -147,7 +152,7 @@ def test_inspect_names_a_typo_instead_of_a_traceback(tmp_path):
 
 def test_a_string_number_in_the_ttt_section_still_reads_as_a_number(tmp_path):
     """The ttt section is typed, so pydantic reads YAML's 1e-3 (a string) as the float."""
-    path = _write(tmp_path, text_edit=("  base_lr: 1.0\n", "  base_lr: 1e-3\n"))
+    path = _write(tmp_path, text_edit=("  base_lr: 8.0\n", "  base_lr: 1e-3\n"))
     assert load_config(path).ttt.base_lr == pytest.approx(1e-3)
 
 

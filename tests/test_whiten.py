@@ -320,7 +320,7 @@ def test_train_whitens_a_fresh_run_and_never_a_resumed_one(env, tmp_path, monkey
 
 
 def test_eval_stability_whitens_the_fresh_model_it_builds(tiny_cfg, monkeypatch):
-    """Its fresh model starts as train would start it (whitened, the config says so); a model
+    """Its fresh model starts as train would start it (calibrated, the config says so); a model
     it is given (the trained recall model) is left as it is."""
     from moshi_ttt.eval import stability
     from moshi_ttt.eval.stability import StabilitySettings, run_stability
@@ -336,5 +336,7 @@ def test_eval_stability_whitens_the_fresh_model_it_builds(tiny_cfg, monkeypatch)
     lm = build_ttt_lm(cfg)
     run_stability(cfg, s, lm=lm)
     assert len(calls) == 1
-    run_stability(_qkv_cfg(tiny_cfg, "random"), s)  # `random`: nothing to whiten
+    plain = tiny_cfg.model_copy(update={"ttt": tiny_cfg.ttt.model_copy(
+        update={"qkv_init": "random", "out_init": "random"})})
+    run_stability(plain, s)  # `random` q/k/v and wo: nothing to calibrate
     assert len(calls) == 1
