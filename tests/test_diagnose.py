@@ -16,7 +16,7 @@ from moshi_ttt.diagnostics import (
     block_keys, diagnose, input_dependence, key_report, key_selectivity, probe_queries,
 )
 from moshi_ttt.eval.diagnose import random_codes
-from moshi_ttt.model import block_inputs, build_ttt_lm, ttt_blocks, calibrate_ttt
+from moshi_ttt.model import block_inputs, build_ttt_lm, calibrate_ttt, ttt_blocks
 
 from conftest import CONFIGS
 
