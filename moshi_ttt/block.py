@@ -27,8 +27,8 @@ from moshi.modules.rope import apply_rope
 
 from .config import TTTConfig
 from .ttt_mlp import (
-    FastWeights, MiniBatchBuffer, Settle, augmented_column_norms, position_scale, stream_step,
-    ttt_scan,
+    FastWeights, MiniBatchBuffer, Settle, augmented_column_norms, head_layer_norm, position_scale,
+    stream_step, ttt_scan,
 )
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 #: `whiten_projections`: the ridge added to the calibration covariance, relative to its largest
 #: eigenvalue: no direction is scaled up more than 10x as much as the one of largest variance.
 WHITEN_RIDGE = 1e-2
+
+#: `fit_readout`: the ridge of the least-squares read-out, relative to the mean diagonal of its
+#: normal matrix (so a direction the recalled outputs barely span gets no large weight).
+READOUT_RIDGE = 1e-2
 
 #: Parameter names (relative to the block) of the inner set counted as `ttt_inner`.
 INNER_PARAM_NAMES = (
@@ -371,6 +375,54 @@ class TTTBlock(StreamingModule[TTTState]):
         self.wo.weight.mul_(factor)
         self.wo.bias.mul_(factor)
         return factor
+
+    @torch.no_grad()
+    def fit_readout(self, xs: list[torch.Tensor], targets: list[torch.Tensor],
+                    keep: list[torch.Tensor]) -> float:
+        """`out_init: unembedding`: wo and its bias become the ridge least-squares map from what
+        this block returns when it recalls a frame to `targets`, the text head's unit row for
+        the text token that frame reads ([B, T, D] each, beside the block's inputs xs [B, T, D];
+        only frames where `keep` [B, T] is true count). A recall returns xq + LN(f(xq)); when
+        the query meets frame t's key and the inner model has stored that frame's target
+        xv - xk as far as its LayerNorm allows, that is xk + LN(xv - xk). Why: with a random
+        wo the outer loop must first learn how the frozen layers above read a recalled item,
+        and on the eval-memory text task that wait decided which seeds learn at all (README,
+        "The TTT layer"); fitted, a recall votes for the token it holds from the first step.
+        Call `match_output_scale` after it: only the direction is fitted here. Returns the fit's
+        relative residual (0: every kept frame's row reproduced)."""
+        G = R = None
+        u_sq, n = 0.0, 0
+        for x, u, m in zip(xs, targets, keep, strict=True):
+            x = x.to(self.wq.weight.dtype)
+            if u.shape != x.shape or m.shape != x.shape[:-1]:
+                raise ValueError(f"TTT layer {self.layer_index}: read-out targets {tuple(u.shape)} "
+                                 f"and mask {tuple(m.shape)} do not match the block's input "
+                                 f"{tuple(x.shape)} (expected [B, T, D] and [B, T])")
+            B, T, _ = x.shape
+            _, xk, xv, _ = self._qkv_lr(x)
+            z = xk + head_layer_norm(xv - xk, self.inner.ttt_norm_weight,
+                                     self.inner.ttt_norm_bias, self.ln_eps)
+            z = z.transpose(1, 2).reshape(B, T, self.d_model).to(self.wo.weight.dtype)
+            p = self.post_norm(z)[m].double()
+            p = torch.cat([p, p.new_ones(p.shape[0], 1)], dim=1)  # the bias as a column
+            t = u[m].double()
+            if not (torch.isfinite(p).all() and torch.isfinite(t).all()):
+                raise ValueError(f"TTT layer {self.layer_index}: the calibration frames for the "
+                                 f"read-out fit hold NaN or inf")
+            G = p.T @ p if G is None else G + p.T @ p
+            R = p.T @ t if R is None else R + p.T @ t
+            u_sq += float(t.pow(2).sum())
+            n += p.shape[0]
+        if n < 2 or G is None or R is None:
+            raise ValueError(f"TTT layer {self.layer_index}: the read-out fit needs at least 2 "
+                             f"calibration frames that read a text token (not padding), got {n}")
+        eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        W = torch.linalg.solve(G + READOUT_RIDGE * G.diagonal().mean() * eye, R)  # [D + 1, D]
+        self.wo.weight.copy_(W[:-1].T.to(self.wo.weight.dtype))
+        self.wo.bias.copy_(W[-1].to(self.wo.bias.dtype))
+        # ||U - P W||^2 from the normal equations, without a second pass over the frames
+        resid = u_sq - 2 * float((W * R).sum()) + float((W * (G @ W)).sum())
+        return max(resid, 0.0) / max(u_sq, 1e-30)
 
     # -- shared projections ------------------------------------------------------------------
     def _qkv_lr(self, x: torch.Tensor):

@@ -769,7 +769,10 @@ def diagnose_ttt(
             calibrate_ttt(lm, codes)  # as train starts a fresh run: calibrated on its first frames
             where += " (calibrated on the streamed frames: " + ", ".join(
                 w for w, on in (("q/k/v whitened", cfg.ttt.qkv_init == "whitened"),
-                                ("output scale matched", cfg.ttt.out_init == "matched")) if on
+                                ("read-out fitted to the text head",
+                                 cfg.ttt.out_init == "unembedding"),
+                                ("output scale matched",
+                                 cfg.ttt.out_init in ("matched", "unembedding"))) if on
             ) + ")"
         report = diagnose(lm, codes, every=every, seed=seed)
     except (ConfigError, CheckpointError, DimensionMismatch, DataError, ValueError) as e:

@@ -125,13 +125,17 @@ class TTTConfig(BaseModel):
         "(`moshi_ttt.model.calibrate_ttt`), so that different frames' keys are decorrelated from "
         "the first step (random projections of hidden states that share a large common direction "
         "give keys of mean cosine ~0.8: a recall query then reads back the mean of all writes)")
-    out_init: Literal["random", "matched"] = Field(
+    out_init: Literal["random", "matched", "unembedding"] = Field(
         "random", description="wo at init: `random` (truncated normal); `matched`: set on "
         "calibration frames as `qkv_init: whitened` is (after the whitening, when both): rescaled "
         "so that what the block adds to the residual stream has that stream's RMS there, at "
-        "every TTT layer alike. The outer loop learns to read the recalled item from a random "
-        "read-out that starts at this scale; smaller, some seeds never leave chance in the "
-        "default eval-memory budget (README, 'The TTT layer')")
+        "every TTT layer alike; `unembedding`: first fitted on those frames so that a recalled "
+        "frame adds the direction of the text head's row for the text token it read "
+        "(`TTTBlock.fit_readout`; main-transformer blocks: the depformer's predict audio and "
+        "are only matched), then rescaled as `matched`. With a random read-out the outer "
+        "loop must first learn to read a recalled item, and in the default eval-memory budget "
+        "some seeds never get that far; with the fitted one every seed measured learns the "
+        "order (README, 'The TTT layer')")
     qk_conv_lr_scale: float = Field(
         1.0, gt=0, allow_inf_nan=False, description="outer learning rate of the q/k convs' "
         "taps and biases, as a multiple of the other TTT parameters' (`moshi-ttt train` and "
@@ -147,8 +151,8 @@ class TTTConfig(BaseModel):
     @property
     def calibrated(self) -> bool:
         """Whether a fresh model needs `moshi_ttt.model.calibrate_ttt` on frames before it
-        trains (whitened q/k/v or a matched output scale)."""
-        return self.qkv_init == "whitened" or self.out_init == "matched"
+        trains (whitened q/k/v, a matched output scale or a read-out fitted to the text head)."""
+        return self.qkv_init == "whitened" or self.out_init != "random"
 
     @model_validator(mode="after")
     def _share_qk_needs_convs(self) -> "TTTConfig":

@@ -163,21 +163,46 @@ def calibrate_ttt(lm: LMModel, batches: torch.Tensor | list[torch.Tensor]
                   ) -> list[AttachedBlock]:
     """The TTT blocks' data-dependent init on `batches` (codes [B, 17, T], teacher forced: one
     batch or several, e.g. a training batch): with `ttt.qkv_init: whitened` each block's q/k/v
-    projections become the whitening of its own input and, with `ttt.out_init: matched`, its
-    wo is then rescaled so that what the block adds has the RMS of that input
-    (`TTTBlock.match_output_scale`); block by block in order, so a block is calibrated on what
+    projections become the whitening of its own input; with `ttt.out_init: unembedding` a
+    main-transformer block's wo is then fitted so that a recalled frame adds the text head's row
+    for the token it read (`TTTBlock.fit_readout`, on `readout_targets`); with `matched` or `unembedding` wo is then
+    rescaled so that what the block adds has the RMS of that input
+    (`TTTBlock.match_output_scale`). Block by block in order, so a block is calibrated on what
     the blocks before it, already calibrated, pass on. Call on a fresh model, before training
     (it overwrites trained projections). Returns the blocks it calibrated."""
     batches = [batches] if isinstance(batches, torch.Tensor) else list(batches)
+    targets = None
     done = []
     for a in list(ttt_blocks(lm)):
         xs = [block_inputs(lm, codes, [a])[0] for codes in batches]
         if a.block.qkv_init == "whitened":
             a.block.whiten_projections(xs)
-        if a.block.out_init == "matched":
+        # the text head reads the main transformer only; a depformer block predicts audio
+        if a.block.out_init == "unembedding" and a.component == "transformer":
+            if targets is None:
+                targets = [readout_targets(lm, codes) for codes in batches]
+            resid = a.block.fit_readout(xs, [t for t, _ in targets], [k for _, k in targets])
+            logger.debug("TTT layer %d: read-out fitted to the text head (residual %.3f)",
+                         a.layer, resid)
+        if a.block.out_init in ("matched", "unembedding"):
             a.block.match_output_scale(xs)
         done.append(a)
     return done
+
+
+def readout_targets(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For codes [B, 17, T]: per step, the unit-norm row of the text head (`text_linear`) for the
+    text token that step reads ([B, T, D]), and which steps read a real text token ([B, T]):
+    not the initial token, not moshi's text padding or end-of-padding ids, none out of range.
+    `TTTBlock.fit_readout` fits on those only: Moshi's text stream is mostly padding, and a
+    recalled pad is not what a memory is for."""
+    tok = delayed_inputs(lm, codes)[:, 0, :-1]
+    head = lm.text_linear.weight.detach()
+    keep = (tok >= 0) & (tok < head.shape[0])
+    for pad in (lm.text_padding_token_id, lm.end_of_text_padding_id):
+        keep &= tok != pad
+    rows = head[tok.clamp(0, head.shape[0] - 1)].float()
+    return torch.nn.functional.normalize(rows, dim=-1), keep
 
 
 def outer_lr_scales(lm: nn.Module) -> dict[str, float]:

@@ -196,8 +196,8 @@ def test_a_configs_ttt_on_a_base_is_diagnosed_on_speech(tmp_path):
     rep = json.loads(res.stdout.strip().splitlines()[-1])
     assert [lay["layer"] for lay in rep["layers"]] == [1, 2]
     assert "design.yaml's TTT on" in rep["source"] and "speech of" in rep["source"]
-    assert "calibrated on the streamed frames: q/k/v whitened, output scale matched" in \
-        rep["source"]
+    assert "calibrated on the streamed frames: q/k/v whitened, read-out fitted to the text head, " \
+        "output scale matched" in rep["source"]
     for lay in rep["layers"]:
         assert lay["keys"]["frames"] == 96 and lay["keys"]["key_cosine"] < 0.2, lay["keys"]
     plain = CliRunner().invoke(app, ["diagnose-ttt", "--checkpoint", str(calibrated_base()),

@@ -143,7 +143,7 @@ def _rms(t: torch.Tensor) -> float:
     return float(t.pow(2).mean().sqrt())
 
 
-@pytest.mark.parametrize("out_init", ["matched", "random"])
+@pytest.mark.parametrize("out_init", ["matched", "unembedding", "random"])
 def test_matched_output_scale_adds_as_much_as_the_stream_holds(tiny_cfg, out_init):
     """`out_init: matched` (the tiny config's): after `calibrate_ttt` what each TTT block adds
     to the residual stream (gate included) has the RMS of the stream there, on the calibration
@@ -162,7 +162,7 @@ def test_matched_output_scale_adds_as_much_as_the_stream_holds(tiny_cfg, out_ini
     for a, x in zip(blocks, block_inputs(lm, codes, blocks)):
         with torch.no_grad():
             ratio = _rms(a.block(x) - x) / _rms(x)
-        if out_init == "matched":
+        if out_init != "random":
             assert ratio == pytest.approx(1.0, rel=1e-4), a.layer
             assert not torch.equal(a.block.wo.weight, wo[a.layer])
         else:
@@ -249,8 +249,8 @@ def test_diagnose_ttt_whitens_a_fresh_model_as_train_would():
     res = CliRunner().invoke(app, ["diagnose-ttt", "-c", str(path), "--frames", "48", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.output.strip().splitlines()[-1])
-    assert ("calibrated on the streamed frames: q/k/v whitened, output scale matched"
-            in report["source"])
+    assert ("calibrated on the streamed frames: q/k/v whitened, read-out fitted to the text "
+            "head, output scale matched" in report["source"])
     for lay in report["layers"]:
         assert lay["keys"]["key_cosine"] < 0.2, lay["keys"]
 
@@ -296,7 +296,8 @@ def test_train_whitens_a_fresh_run_and_never_a_resumed_one(env, tmp_path, monkey
         assert float(b.wq.weight.detach().norm()) == pytest.approx(math.sqrt(b.d_model),
                                                                     rel=1e-5)
     # 2 x 64 frames at least (d_model 64), in segments of 25 frames: 6 of them
-    assert "q/k/v projections (ttt.qkv_init whitened) and output scale (ttt.out_init matched) " \
+    assert "q/k/v projections (ttt.qkv_init whitened) and read-out fitted to the text head and " \
+        "output scale (ttt.out_init unembedding) " \
         "of 2 TTT block(s) set from the first 150 training frames (6 segments)" in caplog.text
 
     full, part = tmp_path / "full", tmp_path / "part"

@@ -439,12 +439,13 @@ class Trainer:
             "and segment_seconds, or train on the new data in another --out")
 
     def _calibrate_ttt(self) -> None:
-        """`ttt.qkv_init: whitened` and `ttt.out_init: matched`, on a fresh run only: each TTT
-        block's q/k/v projections start as the whitening of its input (and its wo at the scale
-        of that input) on the first training segments, as many as give
-        WHITEN_FRAMES_PER_DIM x d_model frames (a covariance of d_model dims needs more frames
-        than dims; at most WHITEN_MAX_BATCHES micro-batches), the data position untouched. On
-        rank 0 before sharding, so every rank starts from the same projections."""
+        """`ttt.qkv_init: whitened` and `ttt.out_init: matched` or `unembedding`, on a fresh run
+        only: each TTT block's q/k/v projections start as the whitening of its input (and its wo
+        at the scale of that input, fitted to the text head first with `unembedding`) on the
+        first training segments, as many as give WHITEN_FRAMES_PER_DIM x d_model frames (a
+        covariance of d_model dims needs more frames than dims; at most WHITEN_MAX_BATCHES
+        micro-batches), the data position untouched. On rank 0 before sharding, so every rank
+        starts from the same projections."""
         blocks = list(ttt_blocks(self.lm))
         if not blocks:  # e.g. LoRA alone
             return
@@ -459,6 +460,9 @@ class Trainer:
             done = calibrate_ttt(self.lm, batches)
         what = [w for w, on in (("q/k/v projections (ttt.qkv_init whitened)",
                                  self.cfg.ttt.qkv_init == "whitened"),
+                                ("read-out fitted to the text head and output scale "
+                                 "(ttt.out_init unembedding)",
+                                 self.cfg.ttt.out_init == "unembedding"),
                                 ("output scale (ttt.out_init matched)",
                                  self.cfg.ttt.out_init == "matched")) if on]
         logger.info("%s of %d TTT block(s) set from the first %d training frames (%d segments)",
