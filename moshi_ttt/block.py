@@ -377,29 +377,38 @@ class TTTBlock(StreamingModule[TTTState]):
         return factor
 
     @torch.no_grad()
-    def fit_readout(self, xs: list[torch.Tensor], targets: list[torch.Tensor],
-                    keep: list[torch.Tensor]) -> float:
+    def fit_readout(self, xs: torch.Tensor | list[torch.Tensor],
+                    targets: torch.Tensor | list[torch.Tensor],
+                    keep: torch.Tensor | list[torch.Tensor]) -> float:
         """`out_init: unembedding`: wo and its bias become the ridge least-squares map from what
         this block returns when it recalls a frame to `targets`, the text head's unit row for
         the text token that frame reads ([B, T, D] each, beside the block's inputs xs [B, T, D];
-        only frames where `keep` [B, T] is true count). A recall returns xq + LN(f(xq)); when
-        the query meets frame t's key and the inner model has stored that frame's target
-        xv - xk as far as its LayerNorm allows, that is xk + LN(xv - xk). Why: with a random
-        wo the outer loop must first learn how the frozen layers above read a recalled item,
-        and on the eval-memory text task that wait decided which seeds learn at all (README,
-        "The TTT layer"); fitted, a recall votes for the token it holds from the first step.
-        Call `match_output_scale` after it: only the direction is fitted here. Returns the fit's
-        relative residual (0: every kept frame's row reproduced)."""
+        only frames where the bool `keep` [B, T] is true count; one tensor each or lists). A
+        recall returns xq + LN(f(xq)); when the query meets frame t's key and the inner model
+        has stored that frame's target xv - xk as far as its LayerNorm allows, that is
+        xk + LN(xv - xk). Why: with a random wo the outer loop must first learn how the frozen
+        layers above read a recalled item, and on the eval-memory text task that wait decided
+        which seeds learned the order at all; fitted, a recall votes for the token it holds from
+        the first step (README, "The TTT layer"). Call `match_output_scale` after it: only the
+        direction is fitted here. Returns the fit's relative residual (0: every kept frame's row
+        reproduced)."""
+        if self._streaming_state is not None or self._active_carry() is not None:
+            raise RuntimeError(f"TTT layer {self.layer_index}: fit the read-out outside "
+                               f"streaming and without a carried state (a fresh model)")
+        one = isinstance(xs, torch.Tensor)
+        xs, targets, keep = ([t] if one else list(t) for t in (xs, targets, keep))
         G = R = None
         u_sq, n = 0.0, 0
         for x, u, m in zip(xs, targets, keep, strict=True):
             x = x.to(self.wq.weight.dtype)
-            if u.shape != x.shape or m.shape != x.shape[:-1]:
+            if u.shape != x.shape or m.shape != x.shape[:-1] or m.dtype != torch.bool:
                 raise ValueError(f"TTT layer {self.layer_index}: read-out targets {tuple(u.shape)} "
-                                 f"and mask {tuple(m.shape)} do not match the block's input "
-                                 f"{tuple(x.shape)} (expected [B, T, D] and [B, T])")
+                                 f"and mask {tuple(m.shape)} ({m.dtype}) do not match the "
+                                 f"block's input {tuple(x.shape)} (expected [B, T, D] and a bool "
+                                 f"[B, T])")
             B, T, _ = x.shape
-            _, xk, xv, _ = self._qkv_lr(x)
+            xq, xk, xv, _ = self._qkv_lr(x)
+            _, xk = self._rope(xq, xk)  # the keys as the scan stores them
             z = xk + head_layer_norm(xv - xk, self.inner.ttt_norm_weight,
                                      self.inner.ttt_norm_bias, self.ln_eps)
             z = z.transpose(1, 2).reshape(B, T, self.d_model).to(self.wo.weight.dtype)
@@ -415,14 +424,22 @@ class TTTBlock(StreamingModule[TTTState]):
             n += p.shape[0]
         if n < 2 or G is None or R is None:
             raise ValueError(f"TTT layer {self.layer_index}: the read-out fit needs at least 2 "
-                             f"calibration frames that read a text token (not padding), got {n}")
+                             f"calibration frames that read a text token (not padding), got {n} "
+                             f"(for speech without text, use ttt.out_init 'matched')")
+        if n <= self.d_model:
+            logger.warning("TTT layer %d: the read-out is fitted on %d frames that read a text "
+                           "token, fewer than its %d inputs: the ridge keeps it defined, but "
+                           "calibrate on more text", self.layer_index, n, self.d_model + 1)
         eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         W = torch.linalg.solve(G + READOUT_RIDGE * G.diagonal().mean() * eye, R)  # [D + 1, D]
         self.wo.weight.copy_(W[:-1].T.to(self.wo.weight.dtype))
         self.wo.bias.copy_(W[-1].to(self.wo.bias.dtype))
         # ||U - P W||^2 from the normal equations, without a second pass over the frames
-        resid = u_sq - 2 * float((W * R).sum()) + float((W * (G @ W)).sum())
-        return max(resid, 0.0) / max(u_sq, 1e-30)
+        resid = max(u_sq - 2 * float((W * R).sum()) + float((W * (G @ W)).sum()), 0.0)
+        resid /= max(u_sq, 1e-30)
+        logger.info("TTT layer %d: read-out fitted to the text head on %d frames (residual "
+                    "%.3f)", self.layer_index, n, resid)
+        return resid
 
     # -- shared projections ------------------------------------------------------------------
     def _qkv_lr(self, x: torch.Tensor):

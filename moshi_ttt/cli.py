@@ -770,7 +770,7 @@ def diagnose_ttt(
             where += " (calibrated on the streamed frames: " + ", ".join(
                 w for w, on in (("q/k/v whitened", cfg.ttt.qkv_init == "whitened"),
                                 ("read-out fitted to the text head",
-                                 cfg.ttt.out_init == "unembedding"),
+                                 cfg.ttt.out_init == "unembedding" and bool(cfg.ttt.layers)),
                                 ("output scale matched",
                                  cfg.ttt.out_init in ("matched", "unembedding"))) if on
             ) + ")"

@@ -164,9 +164,9 @@ def calibrate_ttt(lm: LMModel, batches: torch.Tensor | list[torch.Tensor]
     """The TTT blocks' data-dependent init on `batches` (codes [B, 17, T], teacher forced: one
     batch or several, e.g. a training batch): with `ttt.qkv_init: whitened` each block's q/k/v
     projections become the whitening of its own input; with `ttt.out_init: unembedding` a
-    main-transformer block's wo is then fitted so that a recalled frame adds the text head's row
-    for the token it read (`TTTBlock.fit_readout`, on `readout_targets`); with `matched` or `unembedding` wo is then
-    rescaled so that what the block adds has the RMS of that input
+    main-transformer block's wo is then fitted so that a recalled frame adds the text head's
+    row for the token it read (`TTTBlock.fit_readout`, on `readout_targets`); with `matched`
+    or `unembedding` wo is then rescaled so that what the block adds has the RMS of that input
     (`TTTBlock.match_output_scale`). Block by block in order, so a block is calibrated on what
     the blocks before it, already calibrated, pass on. Call on a fresh model, before training
     (it overwrites trained projections). Returns the blocks it calibrated."""
@@ -181,9 +181,7 @@ def calibrate_ttt(lm: LMModel, batches: torch.Tensor | list[torch.Tensor]
         if a.block.out_init == "unembedding" and a.component == "transformer":
             if targets is None:
                 targets = [readout_targets(lm, codes) for codes in batches]
-            resid = a.block.fit_readout(xs, [t for t, _ in targets], [k for _, k in targets])
-            logger.debug("TTT layer %d: read-out fitted to the text head (residual %.3f)",
-                         a.layer, resid)
+            a.block.fit_readout(xs, [t for t, _ in targets], [k for _, k in targets])
         if a.block.out_init in ("matched", "unembedding"):
             a.block.match_output_scale(xs)
         done.append(a)
@@ -196,12 +194,18 @@ def readout_targets(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, tor
     not the initial token, not moshi's text padding or end-of-padding ids, none out of range.
     `TTTBlock.fit_readout` fits on those only: Moshi's text stream is mostly padding, and a
     recalled pad is not what a memory is for."""
+    head = lm.text_linear
+    if not isinstance(head, nn.Linear) or getattr(lm.text_emb, "demux_second_stream", False):
+        raise ValueError("ttt.out_init 'unembedding' needs a text head that is one plain Linear "
+                         "over single text tokens (not quantized, no second text stream muxed "
+                         "in); use out_init 'matched'")
     tok = delayed_inputs(lm, codes)[:, 0, :-1]
-    head = lm.text_linear.weight.detach()
-    keep = (tok >= 0) & (tok < head.shape[0])
-    for pad in (lm.text_padding_token_id, lm.end_of_text_padding_id):
-        keep &= tok != pad
-    rows = head[tok.clamp(0, head.shape[0] - 1)].float()
+    rows_n = head.weight.shape[0]
+    keep = (tok >= 0) & (tok < rows_n)
+    for special in (lm.text_initial_token_id, lm.text_padding_token_id,
+                    lm.end_of_text_padding_id):
+        keep &= tok != special
+    rows = head.weight.detach()[tok.clamp(0, rows_n - 1)].float()
     return torch.nn.functional.normalize(rows, dim=-1), keep
 
 

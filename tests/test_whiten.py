@@ -145,11 +145,11 @@ def _rms(t: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("out_init", ["matched", "unembedding", "random"])
 def test_matched_output_scale_adds_as_much_as_the_stream_holds(tiny_cfg, out_init):
-    """`out_init: matched` (the tiny config's): after `calibrate_ttt` what each TTT block adds
-    to the residual stream (gate included) has the RMS of the stream there, on the calibration
-    frames, where the random init adds whatever its scale gives (0.44 and 0.17 of it at
-    layers 0 and 1 on eval-memory's trained text base, more on this random one); `random`: wo
-    stays as initialised."""
+    """`out_init: matched` and `unembedding` (the tiny config's): after `calibrate_ttt` what
+    each TTT block adds to the residual stream (gate included) has the RMS of the stream there,
+    on the calibration frames, where the random init adds whatever its scale gives (0.44 and
+    0.17 of it at layers 0 and 1 on eval-memory's trained text base, more on this random one);
+    `random`: wo stays as initialised."""
     cfg = tiny_cfg.model_copy(update={"ttt": tiny_cfg.ttt.model_copy(
         update={"out_init": out_init})})
     torch.manual_seed(0)
@@ -296,8 +296,8 @@ def test_train_whitens_a_fresh_run_and_never_a_resumed_one(env, tmp_path, monkey
         assert float(b.wq.weight.detach().norm()) == pytest.approx(math.sqrt(b.d_model),
                                                                     rel=1e-5)
     # 2 x 64 frames at least (d_model 64), in segments of 25 frames: 6 of them
-    assert "q/k/v projections (ttt.qkv_init whitened) and read-out fitted to the text head and " \
-        "output scale (ttt.out_init unembedding) " \
+    assert "q/k/v projections (ttt.qkv_init whitened) and read-out (fitted to the text head) " \
+        "and output scale (ttt.out_init unembedding) " \
         "of 2 TTT block(s) set from the first 150 training frames (6 segments)" in caplog.text
 
     full, part = tmp_path / "full", tmp_path / "part"

@@ -460,7 +460,7 @@ class Trainer:
             done = calibrate_ttt(self.lm, batches)
         what = [w for w, on in (("q/k/v projections (ttt.qkv_init whitened)",
                                  self.cfg.ttt.qkv_init == "whitened"),
-                                ("read-out fitted to the text head and output scale "
+                                ("read-out (fitted to the text head) and output scale "
                                  "(ttt.out_init unembedding)",
                                  self.cfg.ttt.out_init == "unembedding"),
                                 ("output scale (ttt.out_init matched)",
