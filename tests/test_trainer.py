@@ -127,7 +127,8 @@ def test_gradient_accumulation_equals_one_big_batch(env, tmp_path):
     _run(env, tmp_path / "big", max_steps=2, batch_size=4, grad_accum=1)
     _run(env, tmp_path / "acc", max_steps=2, batch_size=2, grad_accum=2)
     for ra, rb in zip(_losses(tmp_path / "big"), _losses(tmp_path / "acc")):
-        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+        # float32 sums in another order: ~1e-6 of the loss (14.26 at the tiny config's init)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=2e-6, abs=1e-5)
     wa = load_model(tmp_path / "big", with_codec=False).lm.state_dict()
     wb = load_model(tmp_path / "acc", with_codec=False).lm.state_dict()
     k = "transformer.layers.1.ttt.wq.weight"
