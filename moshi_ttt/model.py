@@ -192,8 +192,11 @@ def readout_targets(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, tor
     """For codes [B, 17, T]: per step, the unit-norm row of the text head (`text_linear`) for the
     text token that step reads ([B, T, D]), and which steps read a real text token ([B, T]):
     not the initial token, not moshi's text padding or end-of-padding ids, none out of range.
-    `TTTBlock.fit_readout` fits on those only: Moshi's text stream is mostly padding, and a
-    recalled pad is not what a memory is for."""
+    `TTTBlock.fit_readout` fits on those only. With the padded frames fitted too (to the
+    padding row) a fresh model's text loss starts lower on mostly padded speech, but where
+    content arrives as audio under padded text (eval-memory's speech task) its recalls are
+    fitted to "padding", and one seed of three recalled 0.223 instead of 0.598
+    (docs/memory-experiments.md, "A read-out fitted to the text head")."""
     head = lm.text_linear
     if not isinstance(head, nn.Linear) or getattr(lm.text_emb, "demux_second_stream", False):
         raise ValueError("ttt.out_init 'unembedding' needs a text head that is one plain Linear "
