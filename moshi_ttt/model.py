@@ -193,7 +193,7 @@ def readout_targets(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, tor
     text token that step reads ([B, T, D]), and which steps read a real text token ([B, T]):
     not the initial token, not moshi's text padding or end-of-padding ids, none out of range.
     `TTTBlock.fit_readout` fits on those only. With the padded frames fitted too (to the
-    padding row) a fresh model's text loss starts lower on mostly padded speech, but where
+    padding row) a fresh model's training loss starts lower on mostly padded speech, but where
     content arrives as audio under padded text (eval-memory's speech task) its recalls are
     fitted to "padding", and one seed of three recalled 0.223 instead of 0.598
     (docs/memory-experiments.md, "A read-out fitted to the text head")."""
