@@ -159,8 +159,8 @@ def test_readout_targets_are_the_head_rows_of_real_text_tokens(tiny_cfg):
 def test_calibration_fits_main_blocks_and_only_matches_depformer_ones(tiny_cfg):
     """With the tiny config's `unembedding`: a main block's recalls vote for the token read,
     through the text head alone, far more often than its random read-out did (16 text tokens
-    among random audio codes); a depformer block,
-    which predicts audio, keeps its random read-out's direction and gets the matched scale."""
+    among random audio codes); a depformer block, which predicts audio, keeps its random
+    read-out's direction and gets the matched scale."""
     cfg = tiny_cfg.model_copy(update={"ttt": tiny_cfg.ttt.model_copy(
         update={"layers": [0, 1], "depformer_layers": [0]})})
     assert cfg.ttt.out_init == "unembedding"
@@ -171,14 +171,14 @@ def test_calibration_fits_main_blocks_and_only_matches_depformer_ones(tiny_cfg):
     g = torch.Generator().manual_seed(2)
     small = torch.randint(100, 100 + 16, codes[:, 0].shape, generator=g)  # 16 text tokens
     codes[:, 0] = small
-    wo = {(a.component, a.layer): a.block.wo.weight.detach().clone() for a in ttt_blocks(lm)}
     blocks = list(ttt_blocks(lm))
+    wo = {(a.component, a.layer): a.block.wo.weight.detach().clone() for a in blocks}
     main = [a for a in blocks if a.component == "transformer"]
 
     def votes() -> list[float]:
         """Per main block: how often the recall's direct path through the text head ranks the
         token its frame read first among the 16 tokens used."""
-        rows, keep = readout_targets(lm, codes)
+        _, keep = readout_targets(lm, codes)
         tok = delayed_inputs(lm, codes)[:, 0, :-1]
         out = []
         for a, x in zip(main, block_inputs(lm, codes, main)):
